@@ -1,0 +1,1 @@
+"""Triadic split computing for LLaMA-family models: Edge -> Cloud -> Edge."""

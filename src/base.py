@@ -1,0 +1,139 @@
+"""What Edge and Cloud have in common: per-layer KV caches that may lag behind, and how to fill them.
+
+Each side holds some decoder layers (global indices). For every layer i it owns it keeps
+`fill[i]`: positions 0 .. fill[i]-1 are in that layer's KV cache. When the cuts move, a layer may
+lag behind the sequence; running it "up to position n" means running positions fill[i] .. n-1 as
+one chunk. The inputs of that chunk come from `store`: h_i(s), the hidden state entering layer i
+at position s, which the side either computed itself (as the output of layer i-1) or received.
+
+A side also mirrors the other side's fill counts, advanced from the shared schedule, so it knows
+which positions to put in a message (those the receiver lacks at the cut) without a round trip.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from .models import Chunk, SplitLlamaForCausalLM, SplitLlamaModel
+from .schedule import SplitSchedule
+
+
+class HiddenStore:
+    """h_j(s) for the layers and positions a future step may still need, one contiguous run per layer."""
+
+    def __init__(self) -> None:
+        self.runs: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (first position, [count, hidden])
+
+    def put(self, layer: int, start: int, states: torch.Tensor) -> None:
+        """Write positions start .. start+len-1, merging with what is stored when the runs touch."""
+        if layer in self.runs:
+            old_start, old = self.runs[layer]
+            old_end, end = old_start + len(old), start + len(states)
+            if old_start <= end and start <= old_end:
+                before = old[: max(0, start - old_start)]
+                after = old[max(0, end - old_start) :]
+                self.runs[layer] = (min(old_start, start), torch.cat([before, states, after]))
+                return
+        self.runs[layer] = (start, states)
+
+    def get(self, layer: int, start: int, end: int) -> torch.Tensor:
+        run_start, states = self.runs.get(layer, (0, None))
+        if states is None or start < run_start or end > run_start + len(states):
+            held = "nothing" if states is None else f"{run_start}..{run_start + len(states) - 1}"
+            raise RuntimeError(f"internal: h_{layer} at {start}..{end - 1} is needed but the store holds {held}")
+        return states[start - run_start : end - run_start]
+
+    def keep_from(self, layer: int, position: int | None) -> None:
+        """Drop positions before `position`; None drops the layer entirely."""
+        if layer not in self.runs:
+            return
+        run_start, states = self.runs[layer]
+        if position is None or position >= run_start + len(states):
+            del self.runs[layer]
+        elif position > run_start:
+            self.runs[layer] = (position, states[position - run_start :])
+
+    def num_positions(self) -> int:
+        return sum(len(states) for _, states in self.runs.values())
+
+
+class Party:
+    """One side of the split: its layers, its KV caches, its store, and a mirror of the peer's fill counts."""
+
+    def __init__(
+        self,
+        schedule: SplitSchedule,
+        parts: Iterable[SplitLlamaForCausalLM],
+        send_cuts: Iterable[int],
+        peer_layers: Iterable[int],
+    ):
+        self.schedule = schedule
+        self.parts = list(parts)
+        self.layer_owner: dict[int, SplitLlamaModel] = {}
+        for part in self.parts:
+            for index in part.model.owned_layers:
+                self.layer_owner[index] = part.model
+        self.config = self.parts[0].config
+        self.num_layers = self.config.num_hidden_layers
+        self.send_cuts = frozenset(send_cuts)  # layers whose input this side sends to the peer
+        self.peer_layers = frozenset(peer_layers)
+        first = self.parts[0]
+        self.device = next(first.parameters()).device
+        self.dtype = next(first.parameters()).dtype
+        self.layer_evals = 0
+        self.peak_stored = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the sequence: a new session starts from empty caches."""
+        self.cache = DynamicCache(config=self.config)
+        self.fill = [0] * (self.num_layers + 1)
+        self.peer_fill = [0] * (self.num_layers + 1)
+        self.store = HiddenStore()
+        self.end = 0  # positions 0 .. end-1 have been processed by the pipeline
+
+    def run_layers(self, lo: int, hi: int, end: int) -> None:
+        """Bring layers lo .. hi-1 up to position `end`, each from its own fill count."""
+        chunks: dict[int, Chunk] = {}
+        for index in range(lo, hi):
+            start = self.fill[index]
+            if start >= end:
+                continue
+            model = self.layer_owner[index]
+            states = self.store.get(index, start, end).unsqueeze(0)
+            if start not in chunks:
+                chunks[start] = model.make_chunk(states, start, self.cache, index)
+            output = model.run_layer(index, states, chunks[start], self.cache)
+            self.store.put(index + 1, start, output[0])
+            self.fill[index] = end
+            self.layer_evals += end - start
+
+    def outgoing(self, cut: int, end: int) -> tuple[int, torch.Tensor]:
+        """The states at `cut` that the peer lacks: from its fill count there (or just the last one at cut L)."""
+        start = end - 1 if cut == self.num_layers else self.peer_fill[cut]
+        return start, self.store.get(cut, start, end)
+
+    def expected_incoming_start(self, cut: int, end: int) -> int:
+        """First position the peer will send at `cut`, by the same rule as `outgoing` on its side."""
+        return end - 1 if cut == self.num_layers else self.fill[cut]
+
+    def advance_peer(self, layers: Iterable[int], end: int) -> None:
+        """Mirror the peer's step: it ran these layers up to `end`."""
+        for index in layers:
+            self.peer_fill[index] = max(self.peer_fill[index], end)
+
+    def prune(self) -> None:
+        """Keep h_j(s) only while this side may still run layer j at s, or must still send it to the peer."""
+        self.peak_stored = max(self.peak_stored, self.store.num_positions())
+        for layer in list(self.store.runs):
+            keep = []
+            if layer in self.layer_owner:
+                keep.append(self.fill[layer])
+            if layer in self.send_cuts and layer in self.peer_layers:
+                keep.append(self.peer_fill[layer])
+            self.store.keep_from(layer, min(keep) if keep else None)
+
+    def to_compute(self, states: torch.Tensor) -> torch.Tensor:
+        return states.to(device=self.device, dtype=self.dtype)

@@ -1,0 +1,183 @@
+"""The edge: tokenizer, embeddings, the first and last layers, the norm and the head, and greedy decoding.
+
+Prompt and generated tokens never leave this object; what goes to the cloud is the bytes of
+`protocol.encode_hidden`. Per step t (prefill is step 0) with cuts (a, b) from the shared schedule:
+
+    edge:  layers [0, a)  ->  message up (h_a at the positions the cloud lacks)
+    cloud: layers [a, b)  ->  message down (h_b at the positions the edge lacks)
+    edge:  layers [b, L), norm, head  ->  next token
+
+When a == b nothing crosses the link. In the two-part split the cloud returns the token instead.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from . import protocol
+from .base import Party
+from .codec import Codec
+from .models import FirstLlamaForCausalLM, ThirdLlamaForCausalLM
+from .protocol import Kind
+from .schedule import SplitSchedule
+from .utils import ProtocolError, TriadicError
+
+
+class Link(Protocol):
+    """Carries one request to the cloud and brings its reply back: bytes only."""
+
+    def request(self, data: bytes) -> bytes: ...
+
+
+class LocalLink:
+    """Both sides in one process, still talking in bytes: exactly what two machines would exchange."""
+
+    def __init__(self, cloud) -> None:
+        self.cloud = cloud
+
+    def request(self, data: bytes) -> bytes:
+        return self.cloud.handle(bytes(data))
+
+
+@dataclass
+class Generation:
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    splits: list[tuple[int, int]] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    positions_up: int = 0
+    positions_down: int = 0
+    messages_up: int = 0
+    messages_down: int = 0
+    layer_evals: dict[str, int] = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)
+    link_seconds: float = 0.0
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        total = sum(self.step_seconds)
+        return len(self.token_ids) / total if total > 0 else 0.0
+
+
+class Edge(Party):
+    def __init__(
+        self,
+        schedule: SplitSchedule,
+        first: FirstLlamaForCausalLM,
+        third: ThirdLlamaForCausalLM | None,
+        codec: Codec,
+        link: Link | None = None,
+    ):
+        """`third` is None in the two-part split, where the cloud holds the head."""
+        parts = [first] + ([third] if third is not None else [])
+        super().__init__(schedule, parts, send_cuts=schedule.first, peer_layers=schedule.cloud_layers)
+        self.first, self.third, self.codec, self.link = first, third, codec, link
+        self.hidden_size = self.config.hidden_size
+        self.peer_layer_evals = 0
+        if link is None and any(a < b for a in schedule.first for b in schedule.second):
+            raise TriadicError("these split sets need a cloud (a < b is possible) but no link was given")
+
+    def advance_peer(self, layers: Iterable[int], end: int) -> None:
+        """Mirror the cloud's step, counting the layer evaluations it just did."""
+        self.peer_layer_evals += sum(max(0, end - self.peer_fill[i]) for i in layers)
+        super().advance_peer(layers, end)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        eos_token_ids: Iterable[int] = (),
+        on_token: Callable[[int], None] | None = None,
+        keep_logits: bool = False,
+    ) -> Generation:
+        """Greedy decoding, as `generate(do_sample=False)`: stops after an EOS token (kept) or max_new_tokens."""
+        context = self.config.max_position_embeddings
+        if not prompt_ids:
+            raise TriadicError("empty prompt")
+        if len(prompt_ids) + max_new_tokens > context:
+            raise TriadicError(
+                f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens exceeds the model's context of {context}"
+            )
+        eos = set(eos_token_ids)
+        self.reset()
+        self.layer_evals = self.peer_layer_evals = 0
+        result = Generation(prompt_token_ids=list(prompt_ids))
+        if self.link is not None:
+            start = protocol.encode_start(self.schedule.seed, self.schedule.resplit_every, self.schedule.fingerprint(), self.hidden_size)
+            reply = protocol.decode(self.link.request(start), self.hidden_size)
+            if reply.kind is not Kind.START:
+                raise ProtocolError(f"the cloud answered START with {reply.kind.name}")
+
+        tokens = list(prompt_ids)
+        for step in range(max_new_tokens):
+            began = time.perf_counter()
+            token, logits = self._step(step, tokens, result)
+            result.step_seconds.append(time.perf_counter() - began)
+            tokens.append(token)
+            result.token_ids.append(token)
+            if keep_logits and logits is not None:
+                result.logits.append(logits)
+            if on_token is not None:
+                on_token(token)
+            if token in eos:
+                break
+        result.layer_evals = {"edge": self.layer_evals, "cloud": self.peer_layer_evals}
+        return result
+
+    def _step(self, step: int, tokens: list[int], result: Generation) -> tuple[int, torch.Tensor | None]:
+        start, end = self.end, len(tokens)
+        a, b = self.schedule.cuts(step)
+        result.splits.append((a, b))
+        new_ids = torch.tensor([tokens[start:end]], device=self.device)
+        self.store.put(0, start, self.first.model.embed_tokens(new_ids)[0])
+        self.run_layers(0, a, end)
+
+        token = logits = None
+        if a < b:
+            reply = self._exchange(step, a, b, end, result)
+            if reply.kind is Kind.TOKEN:
+                token = reply.token
+            else:
+                self.store.put(b, reply.start, self.to_compute(reply.hidden))
+        if token is None:
+            self.run_layers(b, self.num_layers, end)
+            logits = self.third.head(self.store.get(self.num_layers, end - 1, end))[0]
+            token = int(logits.argmax())
+        self.prune()
+        self.end = end
+        return token, logits
+
+    def _exchange(self, step: int, a: int, b: int, end: int, result: Generation) -> protocol.Message:
+        """Send h_a for the positions the cloud lacks; receive and check h_b (or the token)."""
+        out_start, states = self.outgoing(a, end)
+        request = protocol.encode_hidden(step, out_start, states, self.codec)
+        began = time.perf_counter()
+        raw_reply = self.link.request(request)
+        result.link_seconds += time.perf_counter() - began
+        self.advance_peer(range(a, b), end)
+        reply = protocol.decode(raw_reply, self.hidden_size)
+        result.bytes_up += len(request)
+        result.bytes_down += len(raw_reply)
+        result.positions_up += len(states)
+        result.messages_up += 1
+        result.messages_down += 1
+        if reply.step != step:
+            raise ProtocolError(f"reply for step {reply.step}, expected {step}")
+        if self.third is None:
+            if reply.kind is not Kind.TOKEN:
+                raise ProtocolError(f"expected a TOKEN reply, got {reply.kind.name}")
+            return reply
+        if reply.kind is not Kind.HIDDEN:
+            raise ProtocolError(f"expected a HIDDEN reply, got {reply.kind.name}")
+        expected = self.expected_incoming_start(b, end)
+        if reply.start != expected or reply.start + reply.count != end:
+            raise ProtocolError(f"reply carries positions {reply.start}..{reply.start + reply.count - 1}, expected {expected}..{end - 1}")
+        result.positions_down += reply.count
+        return reply

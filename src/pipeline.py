@@ -1,0 +1,100 @@
+"""Assemble an Edge and a Cloud from a checkpoint: who loads which tensors.
+
+Each side reads only its own weights from the safetensors files. In one process the two sides
+still share nothing: they talk through `LocalLink`, in bytes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_config, load_tokenizer, resolve_model_dir
+from .cloud import Cloud
+from .codec import get_codec
+from .edge import Edge, LocalLink
+from .models import FirstLlamaForCausalLM, SecondLlamaForCausalLM, ThirdLlamaForCausalLM
+from .schedule import SplitSchedule
+from .utils import TriadicError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise TriadicError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}") from None
+
+
+@dataclass
+class SideOptions:
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    load_in_8bit: bool = False
+
+
+def build_edge(
+    model_dir: Path, config, schedule: SplitSchedule, codec_name: str, two_part: bool = False,
+    lora_weights: str | None = None, side: SideOptions = SideOptions(), link=None,
+) -> Edge:
+    first = FirstLlamaForCausalLM.from_checkpoint(
+        model_dir, config, schedule.edge_first_layers, side.dtype, side.device, lora_weights
+    )
+    third = None
+    if not two_part:
+        tied = {"lm_head.weight": first.model.embed_tokens.weight} if config.tie_word_embeddings else None
+        third = ThirdLlamaForCausalLM.from_checkpoint(
+            model_dir, config, schedule.edge_third_layers, side.dtype, side.device, lora_weights, shared=tied
+        )
+    if side.load_in_8bit:
+        from .quantize import quantize_linear_layers_8bit
+
+        for part in [first] + ([third] if third else []):
+            quantize_linear_layers_8bit(part)
+    return Edge(schedule, first, third, get_codec(codec_name), link)
+
+
+def build_cloud(
+    model_dir: Path, config, schedule: SplitSchedule, two_part: bool = False,
+    lora_weights: str | None = None, side: SideOptions = SideOptions(),
+) -> Cloud:
+    part_class = ThirdLlamaForCausalLM if two_part else SecondLlamaForCausalLM
+    part = part_class.from_checkpoint(model_dir, config, schedule.cloud_layers, side.dtype, side.device, lora_weights)
+    if side.load_in_8bit:
+        from .quantize import quantize_linear_layers_8bit
+
+        quantize_linear_layers_8bit(part)
+    return Cloud(schedule, part)
+
+
+@dataclass
+class Pipeline:
+    model_dir: Path
+    config: object
+    tokenizer: object
+    schedule: SplitSchedule
+    edge: Edge
+    cloud: Cloud | None
+
+
+def build_pipeline(
+    base_model: str | None, first: set[int], second: set[int], codec_name: str = "none", seed: int = 0,
+    resplit_every: int = 1, two_part: bool = False, lora_weights: str | None = None,
+    edge_side: SideOptions = SideOptions(), cloud_side: SideOptions = SideOptions(), with_tokenizer: bool = True,
+) -> Pipeline:
+    """Edge and (where some step has a < b) Cloud in one process, linked by bytes."""
+    get_codec(codec_name)  # an unknown codec is refused before any weights are read
+    model_dir = resolve_model_dir(base_model)
+    config = load_config(model_dir)
+    schedule = SplitSchedule(tuple(first), tuple(second), config.num_hidden_layers, seed, resplit_every)
+    tokenizer = load_tokenizer(model_dir) if with_tokenizer else None
+    needs_cloud = any(a < b for a in schedule.first for b in schedule.second)
+    if two_part and needs_cloud and schedule.first[-1] == schedule.num_layers:
+        raise TriadicError(f"two-part split: first may contain {schedule.num_layers} (= L) only alone, as the unsplit baseline")
+    two_part = two_part and needs_cloud  # first = {L}: the edge runs everything and keeps the head
+    cloud = build_cloud(model_dir, config, schedule, two_part, lora_weights, cloud_side) if needs_cloud else None
+    link = LocalLink(cloud) if cloud is not None else None
+    edge = build_edge(model_dir, config, schedule, codec_name, two_part, lora_weights, edge_side, link)
+    return Pipeline(model_dir, config, tokenizer, schedule, edge, cloud)

@@ -1,0 +1,87 @@
+"""Small shared helpers: the user-facing error type, set parsing, prompt templates, logging."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+
+
+class TriadicError(Exception):
+    """An error caused by the user's input or by a peer's message.
+
+    Entry scripts print it as one line and exit with code 2; nothing else is caught that way,
+    so a real bug still shows its traceback.
+    """
+
+
+class ProtocolError(TriadicError):
+    """A message that cannot be decoded or does not fit the receiver's state."""
+
+
+def log(*parts: object) -> None:
+    """Progress and streamed text go to stderr so that `--json` leaves stdout to one JSON line."""
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def parse_layer_set(text: str, name: str) -> set[int]:
+    """Parse '1,2,3' into {1, 2, 3}; an empty or non-integer list is a user error."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise TriadicError(f"{name}: empty set of split layers")
+    values = set()
+    for item in items:
+        try:
+            values.add(int(item))
+        except ValueError:
+            raise TriadicError(f"{name}: {item!r} is not an integer layer index") from None
+    return values
+
+
+def validate_split_sets(first: Iterable[int], second: Iterable[int], num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Check both sets against the model and return them sorted.
+
+    Every pair drawn from the sets must satisfy 0 <= a <= b <= L, so max(first) <= min(second).
+    """
+    checked = []
+    for name, values in (("first", first), ("second", second)):
+        if isinstance(values, (str, bytes)):
+            raise TriadicError(f"{name}: expected a set of integers, got {values!r}")
+        values = list(values)
+        if not values:
+            raise TriadicError(f"{name}: empty set of split layers")
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TriadicError(f"{name}: {v!r} is not an integer layer index")
+            if not 0 <= v <= num_layers:
+                raise TriadicError(f"{name}: split index {v} is outside [0, {num_layers}] for this {num_layers}-layer model")
+        checked.append(tuple(sorted(set(values))))
+    first_sorted, second_sorted = checked
+    if first_sorted[-1] > second_sorted[0]:
+        raise TriadicError(
+            f"max(first) = {first_sorted[-1]} > min(second) = {second_sorted[0]}: "
+            f"the pair ({first_sorted[-1]}, {second_sorted[0]}) would put the second cut before the first"
+        )
+    return first_sorted, second_sorted
+
+
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def format_prompt(tokenizer, prompt: str, prompt_format: str) -> list[int]:
+    """Token ids of the prompt: chat template, Alpaca template (as Alpaca-LoRA), or raw text."""
+    if prompt_format == "auto":
+        prompt_format = "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+    if prompt_format == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise TriadicError("--prompt-format chat: this tokenizer has no chat template")
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(encoded["input_ids"])
+    if prompt_format == "alpaca":
+        return list(tokenizer(ALPACA_TEMPLATE.format(instruction=prompt))["input_ids"])
+    if prompt_format == "raw":
+        return list(tokenizer(prompt)["input_ids"])
+    raise TriadicError(f"unknown prompt format {prompt_format!r}")
