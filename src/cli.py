@@ -1,0 +1,152 @@
+"""The command line shared by main_1_split.py, main_2_split.py and main_3_split.py."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from .pipeline import SideOptions, build_pipeline, parse_dtype
+from .utils import TriadicError, format_prompt, log, parse_layer_set
+
+MODES = {"one": "unsplit baseline", "two": "two-part split (edge -> cloud with head)", "three": "triadic split (edge -> cloud -> edge)"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def make_parser(prog: str, mode: str) -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=prog, description=f"{MODES[mode]} of a LLaMA-family model, greedy decoding")
+    parser.add_argument("--prompt", default="Tell me about Japan.")
+    parser.add_argument("--prompt-format", choices=["auto", "chat", "alpaca", "raw"], default="auto")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--first", help="first split layer indices, e.g. 1,2,3 (overrides the script's set)")
+    parser.add_argument("--second", help="second split layer indices, e.g. 28,29 (overrides the script's set)")
+    parser.add_argument("--codec", default="none", help="link codec: none (lossless), fp16, bf16, int8, ...")
+    parser.add_argument("--seed", type=int, default=0, help="shared seed of the split schedule")
+    parser.add_argument("--resplit-every", type=int, default=1, help="draw new cuts every N tokens; 0 = once per request")
+    parser.add_argument("--base-model", default=None, help="LLaMA-family folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--lora-weights", default=None, help="PEFT LoRA adapter folder or hub id")
+    parser.add_argument("--edge-device", default="cpu")
+    parser.add_argument("--cloud-device", default="cpu")
+    parser.add_argument("--edge-dtype", default="float32")
+    parser.add_argument("--cloud-dtype", default="float32")
+    parser.add_argument("--load-in-8bit", action="store_true", help="8-bit weights through bitsandbytes on both sides")
+    parser.add_argument("--json", action="store_true", help="print one JSON line on stdout; text goes to stderr")
+    return parser
+
+
+def resolve_sets(mode: str, args, first: set[int] | None, second: set[int] | None, num_layers: int) -> tuple[set[int], set[int]]:
+    """The script's sets, overridden by --first/--second; the baseline and two-part modes pin what they must."""
+    first = parse_layer_set(args.first, "--first") if args.first else first
+    second = parse_layer_set(args.second, "--second") if args.second else second
+    if mode == "one":
+        first = first if args.first else {num_layers}
+        second = second if args.second else first
+        if len(first) != 1 or first != second:
+            raise TriadicError("main_1_split.py runs unsplit: --first and --second must be one and the same index")
+    elif mode == "two":
+        if args.second and second != {num_layers}:
+            log(f"note: the two-part split runs the cloud to the last layer; --second {args.second} is ignored")
+        second = {num_layers}
+    return first, second
+
+
+def run(mode: str, first: set[int] | None, second: set[int] | None, argv: list[str] | None = None) -> int:
+    prog = {"one": "main_1_split.py", "two": "main_2_split.py", "three": "main_3_split.py"}[mode]
+    args = make_parser(prog, mode).parse_args(argv)
+    try:
+        return _run(mode, args, first, second)
+    except TriadicError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> int:
+    from .checkpoint import load_config, resolve_model_dir
+    from .codec import get_codec
+
+    if args.max_new_tokens < 1:
+        raise TriadicError("--max-new-tokens must be at least 1")
+    if args.resplit_every < 0:
+        raise TriadicError("--resplit-every must be >= 0")
+    get_codec(args.codec)
+    num_layers = load_config(resolve_model_dir(args.base_model)).num_hidden_layers
+    first, second = resolve_sets(mode, args, first, second, num_layers)
+    edge_side = SideOptions(args.edge_device, parse_dtype(args.edge_dtype), args.load_in_8bit)
+    cloud_side = SideOptions(args.cloud_device, parse_dtype(args.cloud_dtype), args.load_in_8bit)
+    torch.manual_seed(0)
+    pipeline = build_pipeline(
+        args.base_model, first, second, args.codec, args.seed, args.resplit_every, two_part=mode == "two",
+        lora_weights=args.lora_weights, edge_side=edge_side, cloud_side=cloud_side,
+    )
+    tokenizer = pipeline.tokenizer
+    prompt_ids = format_prompt(tokenizer, args.prompt, args.prompt_format)
+    log(f"[{prog_label(mode)}] first={sorted(pipeline.schedule.first)} second={sorted(pipeline.schedule.second)} "
+        f"codec={args.codec} seed={args.seed} prompt={len(prompt_ids)} tokens")
+
+    out = sys.stderr if args.json else sys.stdout
+    generated: list[int] = []
+    shown = ""
+
+    def stream(token: int) -> None:
+        nonlocal shown
+        generated.append(token)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+
+    eos = _eos_ids(tokenizer, pipeline.config)
+    result = pipeline.edge.generate(prompt_ids, args.max_new_tokens, eos, on_token=stream)
+    out.write("\n")
+    text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    steps = max(1, len(result.token_ids))
+    report = {
+        "text": text,
+        "prompt_token_ids": result.prompt_token_ids,
+        "token_ids": result.token_ids,
+        "splits": [list(pair) for pair in result.splits],
+        "bytes_up": result.bytes_up,
+        "bytes_down": result.bytes_down,
+        "positions_up": result.positions_up,
+        "positions_down": result.positions_down,
+        "messages_up": result.messages_up,
+        "messages_down": result.messages_down,
+        "mean_positions_per_message_up": result.positions_up / max(1, result.messages_up),
+        "mean_positions_per_message_down": result.positions_down / max(1, result.messages_down),
+        "layer_evals": result.layer_evals,
+        "layer_evals_per_token": {k: v / (len(prompt_ids) + steps - 1) for k, v in result.layer_evals.items()},
+        "tokens_per_second": result.tokens_per_second,
+        "link_seconds": result.link_seconds,
+        "mode": mode,
+        "codec": args.codec,
+        "seed": args.seed,
+        "resplit_every": args.resplit_every,
+        "first": sorted(pipeline.schedule.first),
+        "second": sorted(pipeline.schedule.second),
+        "model": str(pipeline.model_dir),
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        log(f"[{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s, "
+            f"{result.bytes_up} bytes up, {result.bytes_down} bytes down]")
+    return 0
+
+
+def prog_label(mode: str) -> str:
+    return MODES[mode]
+
+
+def _eos_ids(tokenizer, config) -> list[int]:
+    ids = config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids

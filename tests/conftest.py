@@ -1,0 +1,42 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny import make_tiny_checkpoint  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_tied"), seed=0, num_layers=4, tie=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_untied(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_untied"), seed=1, num_layers=4, tie=False)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct: its folder, the unsplit HF model and the tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from src.checkpoint import embedded_model_dir
+
+    folder = embedded_model_dir()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return folder, model, AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def japan_ids(embedded):
+    from src.utils import format_prompt
+
+    return format_prompt(embedded[2], "Tell me about Japan.", "auto")

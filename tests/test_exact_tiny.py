@@ -1,0 +1,71 @@
+"""Lossless transport reproduces unsplit HF generate(do_sample=False), for every fixed split of tiny models."""
+import pytest
+import torch
+
+from src.pipeline import build_pipeline
+from tiny import hf_greedy
+
+PROMPT = [1, 5, 9, 33, 17, 80, 3, 41]
+NEW = 16
+
+
+def max_logit_gap(logits, reference):
+    assert len(logits) == len(reference)
+    return max((x - y).abs().max().item() for x, y in zip(logits, reference))
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_tied", "tiny_untied"])
+def test_every_fixed_three_part_split_matches_generate(checkpoint, request):
+    folder, model = request.getfixturevalue(checkpoint)
+    reference, reference_logits = hf_greedy(model, PROMPT, NEW)
+    assert len(set(reference)) > 3  # the reference is not degenerate
+    L = model.config.num_hidden_layers
+    for a in range(L + 1):
+        for b in range(a, L + 1):
+            pipeline = build_pipeline(str(folder), {a}, {b}, with_tokenizer=False)
+            result = pipeline.edge.generate(PROMPT, NEW, keep_logits=True)
+            assert result.token_ids == reference, (a, b)
+            assert max_logit_gap(result.logits, reference_logits) < 1e-5, (a, b)
+            assert result.splits == [(a, b)] * NEW
+            if a < b:  # prefill carries the whole prompt, then one position per step each way
+                assert result.positions_up == len(PROMPT) + NEW - 1
+                down_prefill = 1 if b == L else len(PROMPT)
+                assert result.positions_down == down_prefill + NEW - 1
+            else:
+                assert pipeline.cloud is None and result.bytes_up == 0
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_tied", "tiny_untied"])
+def test_two_part_split_matches_generate(checkpoint, request):
+    folder, model = request.getfixturevalue(checkpoint)
+    reference, _ = hf_greedy(model, PROMPT, NEW)
+    L = model.config.num_hidden_layers
+    for a in range(L + 1):
+        pipeline = build_pipeline(str(folder), {a}, {L}, two_part=True, with_tokenizer=False)
+        result = pipeline.edge.generate(PROMPT, NEW)
+        assert result.token_ids == reference, a
+        if a < L:  # tokens come back from the cloud: 4-byte payload after the header
+            assert result.bytes_down == NEW * (24 + 4)
+            assert pipeline.edge.third is None
+
+
+def test_generation_stops_after_eos(tiny_tied):
+    folder, model = tiny_tied
+    reference, _ = hf_greedy(model, PROMPT, NEW)
+    eos = reference[5]
+    first_eos = reference.index(eos)
+    pipeline = build_pipeline(str(folder), {1}, {3}, with_tokenizer=False)
+    result = pipeline.edge.generate(PROMPT, NEW, eos_token_ids=[eos])
+    assert result.token_ids == reference[: first_eos + 1]
+
+
+def test_cloud_and_edge_dtypes_may_differ(tiny_tied):
+    """Edge in float32, cloud in bfloat16: the states are cast on receipt and decoding still runs."""
+    from src.pipeline import SideOptions
+
+    folder, model = tiny_tied
+    reference, reference_logits = hf_greedy(model, PROMPT, NEW)
+    pipeline = build_pipeline(str(folder), {1}, {3}, cloud_side=SideOptions(dtype=torch.bfloat16), with_tokenizer=False)
+    assert next(pipeline.cloud.part.parameters()).dtype == torch.bfloat16
+    result = pipeline.edge.generate(PROMPT, 4, keep_logits=True)
+    assert 0 < max_logit_gap(result.logits, reference_logits[:4]) < 0.5
