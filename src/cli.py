@@ -42,15 +42,15 @@ def make_parser(prog: str, mode: str) -> argparse.ArgumentParser:
 
 def resolve_sets(mode: str, args, first: set[int] | None, second: set[int] | None, num_layers: int) -> tuple[set[int], set[int]]:
     """The script's sets, overridden by --first/--second; the baseline and two-part modes pin what they must."""
-    first = parse_layer_set(args.first, "--first") if args.first else first
-    second = parse_layer_set(args.second, "--second") if args.second else second
+    first = parse_layer_set(args.first, "--first") if args.first is not None else first
+    second = parse_layer_set(args.second, "--second") if args.second is not None else second
     if mode == "one":
-        first = first if args.first else {num_layers}
-        second = second if args.second else first
+        first = first if args.first is not None else {num_layers}
+        second = second if args.second is not None else first
         if len(first) != 1 or first != second:
             raise TriadicError("main_1_split.py runs unsplit: --first and --second must be one and the same index")
     elif mode == "two":
-        if args.second and second != {num_layers}:
+        if args.second is not None and second != {num_layers}:
             log(f"note: the two-part split runs the cloud to the last layer; --second {args.second} is ignored")
         second = {num_layers}
     return first, second

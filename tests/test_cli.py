@@ -1,0 +1,49 @@
+"""Bad input on the command line: one line on stderr, exit code 2, no traceback."""
+import subprocess
+import sys
+
+import pytest
+
+from src.cli import run
+from tests.conftest import ROOT
+
+THREE = ({1}, {29})
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--first", "31"], "split index 31 is outside [0, 30]"),
+        (["--second", "-1"], "split index -1 is outside [0, 30]"),
+        (["--first", "20", "--second", "10"], "max(first) = 20 > min(second) = 10"),
+        (["--first", "1,8", "--second", "5,29"], "max(first) = 8 > min(second) = 5"),
+        (["--first", ""], "empty set"),
+        (["--first", "1,x"], "'x' is not an integer"),
+        (["--codec", "zip"], "unknown codec 'zip'"),
+        (["--base-model", "/no/such/model"], "no such model folder"),
+        (["--prompt", "word " * 9000], "exceeds the model's context of 8192"),
+        (["--edge-dtype", "float8"], "unknown dtype 'float8'"),
+        (["--max-new-tokens", "0"], "at least 1"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(argv, expected, capsys):
+    assert run("three", *THREE, argv + ["--json"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert expected in lines[-1] and lines[-1].startswith("main_3_split.py: error:")
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_main_1_refuses_sets_that_need_a_cloud(capsys):
+    assert run("one", None, None, ["--first", "3", "--second", "5"]) == 2
+    assert "runs unsplit" in capsys.readouterr().err
+
+
+def test_a_real_process_prints_no_traceback():
+    process = subprocess.run(
+        [sys.executable, "main_3_split.py", "--first", "4,9", "--second", "7", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert process.returncode == 2
+    assert process.stderr.strip().splitlines() == ["main_3_split.py: error: max(first) = 9 > min(second) = 7: the pair (9, 7) would put the second cut before the first"]
+    assert process.stdout == ""

@@ -1,0 +1,61 @@
+"""On the embedded SmolLM2-135M-Instruct: split decoding gives exactly the tokens of unsplit HF generate."""
+import pytest
+import torch
+
+from src.pipeline import build_pipeline
+
+NEW = 40
+L = 30
+
+
+@pytest.fixture(scope="module")
+def reference(embedded, japan_ids):
+    _, model, _ = embedded
+    out = model.generate(torch.tensor([japan_ids]), max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=2)
+    tokens = out[0, len(japan_ids):].tolist()
+    assert len(set(tokens)) > 15  # a real response, not a repetition
+    return tokens
+
+
+@pytest.mark.parametrize("a,b", [(0, 0), (0, L), (L, L), (1, L - 1), (L // 2, L // 2), (4, 26), (8, 22), (0, 1), (29, 30), (12, 20)])
+def test_fixed_splits_match_generate(embedded, japan_ids, reference, a, b):
+    pipeline = build_pipeline(str(embedded[0]), {a}, {b}, with_tokenizer=False)
+    assert pipeline.edge.generate(japan_ids, NEW).token_ids == reference
+
+
+@pytest.mark.parametrize("first,second", [(set(range(1, 7)), set(range(24, 30))), ({0, 2, 9}, {15, 21, 30}), (set(range(10, 16)), set(range(15, 21)))])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_splits_match_generate(embedded, japan_ids, reference, first, second, seed):
+    pipeline = build_pipeline(str(embedded[0]), first, second, seed=seed, with_tokenizer=False)
+    result = pipeline.edge.generate(japan_ids, NEW)
+    assert result.token_ids == reference
+    assert len(set(result.splits)) > 3  # the cuts really moved
+
+
+@pytest.mark.parametrize("a", [1, 15, 29])
+def test_two_part_split_matches_generate(embedded, japan_ids, reference, a):
+    pipeline = build_pipeline(str(embedded[0]), {a}, {L}, two_part=True, with_tokenizer=False)
+    assert pipeline.edge.generate(japan_ids, NEW).token_ids == reference
+
+
+def test_main_scripts_match_generate(embedded, japan_ids, reference, capsys):
+    """The three entry scripts, through their real command line, with --json."""
+    import json
+
+    from src.cli import run
+
+    outputs = {}
+    for mode, first, second in [("one", None, None), ("two", {15}, None), ("three", {1, 2, 3, 4, 5, 6}, {24, 25, 26, 27, 28, 29})]:
+        assert run(mode, first, second, ["--json", "--max-new-tokens", str(NEW), "--codec", "none"]) == 0
+        stdout = capsys.readouterr().out.strip().splitlines()
+        assert len(stdout) == 1
+        outputs[mode] = json.loads(stdout[0])
+    for mode, report in outputs.items():
+        assert report["prompt_token_ids"] == japan_ids
+        assert report["token_ids"] == reference[: len(report["token_ids"])], mode
+        assert "Japan" in report["text"]
+    three = outputs["three"]
+    assert len(three["splits"]) == len(three["token_ids"])
+    assert three["bytes_up"] > 0 and three["bytes_down"] > 0 and three["positions_up"] >= len(japan_ids)
+    assert set(three["layer_evals"]) == {"edge", "cloud"} and three["tokens_per_second"] > 0
+    assert outputs["one"]["bytes_up"] == 0

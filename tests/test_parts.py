@@ -1,0 +1,79 @@
+"""Each part holds only its own weights; LoRA adapters apply to each part's own layers."""
+import pytest
+import torch
+from torch import nn
+
+from src.checkpoint import load_config
+from src.models import FirstLlamaForCausalLM, SecondLlamaForCausalLM, ThirdLlamaForCausalLM
+from src.pipeline import build_pipeline
+from tiny import hf_greedy
+
+PROMPT = [1, 5, 9, 33, 17, 80, 3, 41]
+
+
+def layer_params(model, index):
+    return sum(p.numel() for p in model.model.layers[index].parameters())
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_tied", "tiny_untied"])
+@pytest.mark.parametrize("a,b", [(0, 0), (1, 3), (2, 2), (0, 4), (4, 4)])
+def test_parts_hold_only_their_own_parameters(checkpoint, a, b, request):
+    folder, full = request.getfixturevalue(checkpoint)
+    config = load_config(folder)
+    L = config.num_hidden_layers
+    first = FirstLlamaForCausalLM.from_checkpoint(folder, config, range(0, a))
+    second = SecondLlamaForCausalLM.from_checkpoint(folder, config, range(a, b))
+    tied = {"lm_head.weight": first.model.embed_tokens.weight} if config.tie_word_embeddings else None
+    third = ThirdLlamaForCausalLM.from_checkpoint(folder, config, range(b, L), shared=tied)
+
+    vocab, hidden = config.vocab_size, config.hidden_size
+    per_layer = layer_params(full, 0)
+    assert first.parameter_count() == vocab * hidden + a * per_layer
+    assert second.parameter_count() == (b - a) * per_layer
+    third_own = third.parameter_count(exclude=[first.model.embed_tokens.weight])
+    assert third_own == (L - b) * per_layer + hidden + (0 if config.tie_word_embeddings else vocab * hidden)
+    full_count = sum(p.numel() for p in full.parameters())  # tied weights counted once
+    assert first.parameter_count() + second.parameter_count() + third_own == full_count
+
+    assert second.model.embed_tokens is None and second.model.norm is None and not hasattr(second, "lm_head")
+    for index in range(L):
+        assert isinstance(second.model.layers[index], nn.Identity) == (index not in range(a, b))
+        assert isinstance(first.model.layers[index], nn.Identity) == (index >= a)
+    assert all(p.device.type == "cpu" for part in (first, second, third) for p in part.parameters())
+    if config.tie_word_embeddings:  # the edge holds the tied matrix once
+        assert third.lm_head.weight is first.model.embed_tokens.weight
+
+
+def test_cloud_of_the_default_sets_has_no_embeddings_or_head(tiny_tied):
+    folder, _ = tiny_tied
+    pipeline = build_pipeline(str(folder), {0, 1}, {2, 3}, with_tokenizer=False)
+    names = [name for name, _ in pipeline.cloud.part.named_parameters()]
+    assert names and all(name.startswith(("model.layers.0.", "model.layers.1.", "model.layers.2.")) for name in names)
+
+
+def make_adapter(folder, model, path):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)  # PEFT initialises B to zero: make the adapter matter
+    peft_model.save_pretrained(path)
+    return peft_model.merge_and_unload()
+
+
+def test_lora_adapter_gives_the_same_tokens_split_and_unsplit(tmp_path):
+    from tiny import make_tiny_checkpoint
+
+    folder, base = make_tiny_checkpoint(tmp_path / "base", seed=3, num_layers=4)
+    plain, _ = hf_greedy(base, PROMPT, 16)
+    merged = make_adapter(folder, base, tmp_path / "adapter")
+    reference, reference_logits = hf_greedy(merged, PROMPT, 16)
+    assert reference != plain  # the adapter changes the output
+    for first, second in [({1}, {3}), ({0, 1, 2}, {2, 3, 4}), ({4}, {4})]:
+        pipeline = build_pipeline(str(folder), first, second, seed=1, lora_weights=str(tmp_path / "adapter"), with_tokenizer=False)
+        result = pipeline.edge.generate(PROMPT, 16, keep_logits=True)
+        assert result.token_ids == reference, (first, second)
+        assert max((x - y).abs().max().item() for x, y in zip(result.logits, reference_logits)) < 1e-4

@@ -1,0 +1,178 @@
+"""The wire format: round trips, and malformed messages rejected with a clear error and no state change."""
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from src import protocol
+from src.codec import CODECS, get_codec
+from src.pipeline import build_pipeline
+from src.protocol import HEADER_SIZE, Kind
+from src.utils import ProtocolError, TriadicError
+
+HIDDEN = 32
+
+
+def hidden_message(codec="none", count=3, start=5, step=2):
+    states = torch.randn(count, HIDDEN) * 10
+    return states, protocol.encode_hidden(step, start, states, get_codec(codec))
+
+
+@pytest.mark.parametrize("codec", list(CODECS))
+def test_round_trip_keeps_header_fields_and_values(codec):
+    states, raw = hidden_message(codec)
+    message = protocol.decode(raw, HIDDEN)
+    assert (message.kind, message.step, message.start, message.count) == (Kind.HIDDEN, 2, 5, 3)
+    assert message.codec_id == get_codec(codec).codec_id
+    tolerance = {"none": 0.0, "fp16": 1e-2, "bf16": 1e-1}.get(codec, 0.5)
+    assert torch.allclose(message.hidden.float(), states, atol=tolerance, rtol=0.01)
+
+
+def test_start_and_token_round_trip():
+    start = protocol.decode(protocol.encode_start(123456789012, 3, 0xDEADBEEF, HIDDEN), HIDDEN)
+    assert (start.kind, start.seed, start.resplit_every, start.fingerprint) == (Kind.START, 123456789012, 3, 0xDEADBEEF)
+    token = protocol.decode(protocol.encode_token(7, 40, 49151, HIDDEN), HIDDEN)
+    assert (token.kind, token.step, token.start, token.token) == (Kind.TOKEN, 7, 40, 49151)
+
+
+def reseal(raw: bytes) -> bytes:
+    """Recompute the CRC so that only the field we changed is wrong."""
+    import zlib
+
+    header = raw[: HEADER_SIZE - 4] + b"\0\0\0\0"
+    crc = zlib.crc32(raw[HEADER_SIZE:], zlib.crc32(header))
+    return raw[: HEADER_SIZE - 4] + struct.pack("<I", crc) + raw[HEADER_SIZE:]
+
+
+def patch(raw: bytes, offset: int, fmt: str, value) -> bytes:
+    data = bytearray(raw)
+    struct.pack_into(fmt, data, offset, value)
+    return reseal(bytes(data))
+
+
+def test_malformed_messages_are_rejected_with_a_reason():
+    _, raw = hidden_message()
+    cases = {
+        "truncated message": raw[:10],
+        "checksum mismatch": raw[:-1],
+        "bad magic": patch(raw, 0, "<2s", b"XX"),
+        "protocol version": patch(raw, 2, "<B", 9),
+        "unknown message kind": patch(raw, 3, "<B", 77),
+        "unknown codec id": patch(raw, 4, "<B", 200),
+        "unknown dtype code": patch(raw, 5, "<B", 9),
+        "hidden size": patch(raw, 6, "<H", HIDDEN + 1),
+        "wrong payload length": patch(raw, 16, "<I", 4),
+    }
+    corrupted = bytearray(raw)
+    corrupted[HEADER_SIZE + 3] ^= 0xFF
+    cases["checksum"] = bytes(corrupted)
+    for reason, bad in cases.items():
+        with pytest.raises(ProtocolError, match=reason):
+            protocol.decode(bad, HIDDEN)
+
+
+def test_non_finite_values_are_rejected():
+    states = torch.randn(2, HIDDEN)
+    states[1, 3] = float("nan")
+    with pytest.raises(ProtocolError, match="NaN or Inf"):
+        protocol.decode(protocol.encode_hidden(0, 0, states, get_codec("none")), HIDDEN)
+    states[1, 3] = float("inf")
+    with pytest.raises(ProtocolError, match="NaN or Inf"):
+        protocol.decode(protocol.encode_hidden(0, 0, states, get_codec("bf16")), HIDDEN)
+
+
+def test_unknown_codec_name_is_a_user_error():
+    with pytest.raises(TriadicError, match="unknown codec 'zip'"):
+        get_codec("zip")
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_only_ever_raise_protocol_error(data):
+    try:
+        protocol.decode(data, HIDDEN)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_bit_flips_in_valid_messages_are_caught(data):
+    _, raw = hidden_message(data.draw(st.sampled_from(list(CODECS))))
+    position = data.draw(st.integers(0, len(raw) - 1))
+    flipped = bytearray(raw)
+    flipped[position] ^= 1 << data.draw(st.integers(0, 7))
+    with pytest.raises(ProtocolError):
+        protocol.decode(bytes(flipped), HIDDEN)
+
+
+def cloud_snapshot(cloud):
+    keys = [(layer.keys.clone() if layer.is_initialized else None) for layer in cloud.cache.layers]
+    store = {j: (s, t.clone()) for j, (s, t) in cloud.store.runs.items()}
+    return keys, list(cloud.fill), list(cloud.peer_fill), store, cloud.last_step, cloud.end
+
+
+def assert_same_state(before, after):
+    keys0, *rest0 = before
+    keys1, *rest1 = after
+    assert [k is None for k in keys0] == [k is None for k in keys1]
+    assert all(torch.equal(x, y) for x, y in zip(keys0, keys1) if x is not None)
+    fill0, peer0, store0, step0, end0 = rest0
+    fill1, peer1, store1, step1, end1 = rest1
+    assert (fill0, peer0, step0, end0) == (fill1, peer1, step1, end1)
+    assert store0.keys() == store1.keys() and all(torch.equal(store0[j][1], store1[j][1]) for j in store0)
+
+
+class RecordingLink:
+    def __init__(self, cloud):
+        self.cloud, self.requests = cloud, []
+
+    def request(self, data):
+        self.requests.append(data)
+        return self.cloud.handle(data)
+
+
+def test_cloud_rejects_bad_requests_and_keeps_its_caches(tiny_tied):
+    folder, _ = tiny_tied
+    pipeline = build_pipeline(str(folder), {1}, {3}, with_tokenizer=False)
+    link = RecordingLink(pipeline.cloud)
+    pipeline.edge.link = link
+    prompt = [1, 5, 9, 33, 17]
+    pipeline.edge.generate(prompt, 3)
+    cloud = pipeline.cloud
+    good_next = link.requests[-1]  # step 2's request: replaying it is out of order
+    before = cloud_snapshot(cloud)
+    states = torch.randn(1, 32)
+    nan_states = states.clone()
+    nan_states[0, 0] = float("nan")
+    bad_requests = {
+        "does not follow step": good_next,
+        "positions start at": protocol.encode_hidden(3, 2, torch.randn(6, 32), get_codec("none")),
+        "expected 7": protocol.encode_hidden(3, 7, torch.randn(2, 32), get_codec("none")),
+        "NaN or Inf": protocol.encode_hidden(3, 7, nan_states, get_codec("none")),
+        "truncated": good_next[:20],
+        "wrong payload length": patch(protocol.encode_hidden(3, 7, states, get_codec("none")), 16, "<I", 2),
+        "unknown dtype code": patch(protocol.encode_hidden(3, 7, states, get_codec("none")), 5, "<B", 7),
+        "hidden size": protocol.encode_hidden(3, 7, torch.randn(1, 16), get_codec("none")),
+        "accepts START and HIDDEN": protocol.encode_token(3, 7, 5, 32),
+    }
+    for reason, request in bad_requests.items():
+        with pytest.raises(ProtocolError, match=reason):
+            cloud.handle(request)
+        assert_same_state(before, cloud_snapshot(cloud))
+    # The session is intact: the next valid step is accepted.
+    reply = protocol.decode(cloud.handle(protocol.encode_hidden(3, 7, states, get_codec("none"))), 32)
+    assert (reply.step, reply.start, reply.count) == (3, 7, 1)
+
+
+def test_cloud_refuses_a_session_with_other_split_sets(tiny_tied):
+    folder, _ = tiny_tied
+    pipeline = build_pipeline(str(folder), {1}, {3}, with_tokenizer=False)
+    other = build_pipeline(str(folder), {1}, {2}, with_tokenizer=False)
+    other.edge.link = pipeline.edge.link
+    with pytest.raises(ProtocolError, match="fingerprint"):
+        other.edge.generate([1, 5, 9], 2)
+    with pytest.raises(ProtocolError, match="no session"):
+        build_pipeline(str(folder), {1}, {3}, with_tokenizer=False).cloud.handle(protocol.encode_hidden(0, 0, torch.randn(3, 32), get_codec("none")))
