@@ -22,10 +22,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 summaries: $(STAMP)
-	$(PY) -m bench.summaries
+	$(PY) -m tools.summaries
 
 seed-table: $(STAMP)
-	$(PY) -m bench.seed_table
+	$(PY) -m tools.seed_table
 
 clean:
 	rm -rf $(VENV)
