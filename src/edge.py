@@ -96,8 +96,14 @@ class Edge(Party):
         eos_token_ids: Iterable[int] = (),
         on_token: Callable[[int], None] | None = None,
         keep_logits: bool = False,
+        forced_tokens: list[int] | None = None,
+        on_logits: Callable[[int, torch.Tensor], None] | None = None,
     ) -> Generation:
-        """Greedy decoding, as `generate(do_sample=False)`: stops after an EOS token (kept) or max_new_tokens."""
+        """Greedy decoding, as `generate(do_sample=False)`: stops after an EOS token (kept) or max_new_tokens.
+
+        With `forced_tokens` the next token is taken from that list instead (teacher forcing, for
+        fidelity measurements); `on_logits(step, logits)` sees the edge's logits at every step.
+        """
         context = self.config.max_position_embeddings
         if not prompt_ids:
             raise TriadicError("empty prompt")
@@ -120,6 +126,12 @@ class Edge(Party):
             began = time.perf_counter()
             token, logits = self._step(step, tokens, result)
             result.step_seconds.append(time.perf_counter() - began)
+            if on_logits is not None and logits is not None:
+                on_logits(step, logits)
+            if forced_tokens is not None:
+                if step == len(forced_tokens):
+                    break
+                token = forced_tokens[step]
             tokens.append(token)
             result.token_ids.append(token)
             if keep_logits and logits is not None:

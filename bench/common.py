@@ -1,0 +1,30 @@
+"""Helpers shared by the benchmarks: machine description and set parsing."""
+from __future__ import annotations
+
+import os
+import platform
+
+
+def machine() -> str:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads"
+
+
+def parse_list(text: str) -> set[int]:
+    """'1,2,3' or a range '1-6'."""
+    values = set()
+    for item in text.split(","):
+        if "-" in item.strip()[1:]:
+            lo, hi = item.split("-")
+            values.update(range(int(lo), int(hi) + 1))
+        else:
+            values.add(int(item))
+    return values

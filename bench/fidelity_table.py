@@ -1,0 +1,87 @@
+"""The codec table for the README: every codec at the acceptance splits, on the shipped text.
+
+    python -m bench.fidelity_table [--text-file ...] [--codecs fp16,bf16,int8,bnb8]
+      -> results/fidelity.jsonl, results/fidelity.md, results/fidelity.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bench.common import machine
+from bench.fidelity import load_text_ids, measure
+from src.checkpoint import load_config, resolve_model_dir
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+SPLITS = [("1", "29"), ("4", "26"), ("8", "22"), ("15", "16"), ("1,2,3,4,5,6", "24,25,26,27,28,29")]
+
+
+def label(first: str, second: str) -> str:
+    return "{1..6},{24..29}" if "," in first else f"({first},{second})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text-file", default=str(Path(__file__).parent / "data" / "fidelity_river_town.txt"))
+    parser.add_argument("--codecs", default="fp16,bf16,int8,bnb8")
+    parser.add_argument("--out", default="fidelity")
+    args = parser.parse_args()
+    model_dir = resolve_model_dir(None)
+    token_ids = load_text_ids(model_dir, args.text_file)
+    context = load_config(model_dir).max_position_embeddings
+    codecs = args.codecs.split(",")
+    rows = []
+    with open(RESULTS / f"{args.out}.jsonl", "w") as jsonl:
+        for first, second in SPLITS:
+            results = measure(model_dir, token_ids, {int(x) for x in first.split(",")}, {int(x) for x in second.split(",")}, codecs, 0, context)
+            for codec, report in results.items():
+                report.update(codec=codec, split=label(first, second), text=Path(args.text_file).name)
+                jsonl.write(json.dumps(report) + "\n")
+                jsonl.flush()
+                rows.append(report)
+                print(json.dumps(report), flush=True)
+    write_table(rows, args.out, Path(args.text_file).name, len(token_ids))
+
+
+def write_table(rows: list[dict], out: str, text: str, tokens: int) -> None:
+    lines = [
+        f"Teacher-forced over `{text}` ({tokens} tokens), split pipeline with each codec against lossless transport "
+        f"(`python -m bench.fidelity_table`). Machine: {machine()}.",
+        "",
+        "| split | codec | top-1 agreement | mean KL (nats) | ppl / ppl lossless - 1 | bytes per position per hop |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['split']} | {r['codec']} | {100 * r['top1_agreement']:.2f}% | {r['kl']:.2e} | "
+            f"{100 * (r['ppl'] / r['ppl_lossless'] - 1):+.3f}% | {r['bytes_per_position']:.1f} |"
+        )
+    (RESULTS / f"{out}.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    codecs = list(dict.fromkeys(r["codec"] for r in rows))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(codecs)
+    for i, codec in enumerate(codecs):
+        values = [next(r for r in rows if r["split"] == s and r["codec"] == codec) for s in splits]
+        xs = [j + i * width for j in range(len(splits))]
+        left.bar(xs, [100 * v["top1_agreement"] for v in values], width, label=codec)
+        right.bar(xs, [v["bytes_per_position"] for v in values], width, label=codec)
+    for axis, title in ((left, "top-1 agreement with lossless (%)"), (right, "bytes per position per hop")):
+        axis.set_xticks([j + 0.4 - width / 2 for j in range(len(splits))], splits, rotation=20, fontsize=8)
+        axis.set_title(title)
+    left.set_ylim(98.5, 100.05)
+    left.axhline(99.5, color="gray", linestyle="--", linewidth=0.8)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{out}.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
