@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from transformers.cache_utils import DynamicCache
 
+from .kv_cache import growing_cache
 from .models import Chunk, SplitLlamaForCausalLM, SplitLlamaModel
 from .schedule import SplitSchedule
 
@@ -88,7 +88,7 @@ class Party:
 
     def reset(self) -> None:
         """Forget the sequence: a new session starts from empty caches."""
-        self.cache = DynamicCache(config=self.config)
+        self.cache = growing_cache(self.config)
         self.fill = [0] * (self.num_layers + 1)
         self.peer_fill = [0] * (self.num_layers + 1)
         self.store = HiddenStore()

@@ -1,0 +1,45 @@
+"""A KV cache whose appends cost O(new positions), not O(length).
+
+transformers' DynamicLayer appends with torch.cat, which copies the whole cache at every step:
+quadratic memory traffic over a long generation. This layer keeps a buffer with spare capacity,
+doubling it when full, and exposes the filled part as a view.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import PretrainedConfig
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+class GrowingLayer(DynamicLayer):
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._key_buffer = self._value_buffer = None
+        self.length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if self._key_buffer is None or end > self._key_buffer.shape[-2]:
+            capacity = max(end, 64, 2 * (0 if self._key_buffer is None else self._key_buffer.shape[-2]))
+            self._key_buffer = self._grow(self._key_buffer, key_states, capacity)
+            self._value_buffer = self._grow(self._value_buffer, value_states, capacity)
+        self._key_buffer[..., self.length : end, :] = key_states
+        self._value_buffer[..., self.length : end, :] = value_states
+        self.length = end
+        self.keys = self._key_buffer[..., :end, :]
+        self.values = self._value_buffer[..., :end, :]
+        return self.keys, self.values
+
+    def _grow(self, buffer: torch.Tensor | None, like: torch.Tensor, capacity: int) -> torch.Tensor:
+        grown = like.new_empty(*like.shape[:-2], capacity, like.shape[-1])
+        if buffer is not None:
+            grown[..., : self.length, :] = buffer[..., : self.length, :]
+        return grown
+
+
+def growing_cache(config: PretrainedConfig) -> DynamicCache:
+    cache = DynamicCache(config=config)
+    cache.layers = [GrowingLayer() for _ in cache.layers]
+    return cache
