@@ -11,7 +11,10 @@ which positions to put in a message (those the receiver lacks at the cut) withou
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -84,7 +87,16 @@ class Party:
         self.dtype = next(first.parameters()).dtype
         self.layer_evals = 0
         self.peak_stored = 0
+        self.seconds: Counter[str] = Counter()  # where the time goes: compute, encode, decode
         self.reset()
+
+    @contextmanager
+    def timed(self, what: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[what] += time.perf_counter() - began
 
     def reset(self) -> None:
         """Forget the sequence: a new session starts from empty caches."""
@@ -96,6 +108,10 @@ class Party:
 
     def run_layers(self, lo: int, hi: int, end: int) -> None:
         """Bring layers lo .. hi-1 up to position `end`, each from its own fill count."""
+        with self.timed("compute"):
+            self._run_layers(lo, hi, end)
+
+    def _run_layers(self, lo: int, hi: int, end: int) -> None:
         chunks: dict[int, Chunk] = {}
         for index in range(lo, hi):
             start = self.fill[index]

@@ -36,6 +36,7 @@ def make_parser(prog: str, mode: str) -> argparse.ArgumentParser:
     parser.add_argument("--edge-dtype", default="float32")
     parser.add_argument("--cloud-dtype", default="float32")
     parser.add_argument("--load-in-8bit", action="store_true", help="8-bit weights through bitsandbytes on both sides")
+    parser.add_argument("--uplink-noise", type=float, default=0.0, help="privacy mitigation: noise (x typical |h|) on edge-to-cloud states")
     parser.add_argument("--json", action="store_true", help="print one JSON line on stdout; text goes to stderr")
     return parser
 
@@ -84,6 +85,9 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
         args.base_model, first, second, args.codec, args.seed, args.resplit_every, two_part=mode == "two",
         lora_weights=args.lora_weights, edge_side=edge_side, cloud_side=cloud_side,
     )
+    if args.uplink_noise < 0:
+        raise TriadicError("--uplink-noise must be >= 0")
+    pipeline.edge.uplink_noise = args.uplink_noise
     tokenizer = pipeline.tokenizer
     prompt_ids = format_prompt(tokenizer, args.prompt, args.prompt_format)
     log(f"[{prog_label(mode)}] first={sorted(pipeline.schedule.first)} second={sorted(pipeline.schedule.second)} "

@@ -36,7 +36,8 @@ class Cloud(Party):
 
     def handle(self, request: bytes) -> bytes:
         """One request, one reply. Raises ProtocolError (state unchanged) on a bad request."""
-        message = protocol.decode(request, self.hidden_size)
+        with self.timed("decode"):
+            message = protocol.decode(request, self.hidden_size)
         if message.kind is Kind.START:
             return self._start(message)
         if message.kind is not Kind.HIDDEN:
@@ -75,11 +76,13 @@ class Cloud(Party):
         self.store.put(a, start, self.to_compute(message.hidden))
         self.run_layers(a, b, end)
         if self.with_head:
-            logits = self.part.head(self.store.get(b, end - 1, end))
-            reply = protocol.encode_token(step, end - 1, int(logits.argmax(-1)), self.hidden_size)
+            with self.timed("compute"):
+                token = int(self.part.head(self.store.get(b, end - 1, end)).argmax(-1))
+            reply = protocol.encode_token(step, end - 1, token, self.hidden_size)
         else:
             out_start, states = self.outgoing(b, end)
-            reply = protocol.encode_hidden(step, out_start, states, CODECS_BY_ID[message.codec_id])
+            with self.timed("encode"):
+                reply = protocol.encode_hidden(step, out_start, states, CODECS_BY_ID[message.codec_id])
         self.advance_peer([i for i in self.peer_layers if i < a or i >= b], end)
         self.prune()
         self.last_step, self.end = step, end

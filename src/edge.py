@@ -80,6 +80,8 @@ class Edge(Party):
         self.first, self.third, self.codec, self.link = first, third, codec, link
         self.hidden_size = self.config.hidden_size
         self.peer_layer_evals = 0
+        self.uplink_noise = 0.0  # privacy mitigation, off by default: see `protect`
+        self._noise = torch.Generator().manual_seed(0)
         if link is None and any(a < b for a in schedule.first for b in schedule.second):
             raise TriadicError("these split sets need a cloud (a < b is possible) but no link was given")
 
@@ -114,6 +116,7 @@ class Edge(Party):
         eos = set(eos_token_ids)
         self.reset()
         self.layer_evals = self.peer_layer_evals = 0
+        self.seconds.clear()
         result = Generation(prompt_token_ids=list(prompt_ids))
         if self.link is not None:
             start = protocol.encode_start(self.schedule.seed, self.schedule.resplit_every, self.schedule.fingerprint(), self.hidden_size)
@@ -148,7 +151,8 @@ class Edge(Party):
         a, b = self.schedule.cuts(step)
         result.splits.append((a, b))
         new_ids = torch.tensor([tokens[start:end]], device=self.device)
-        self.store.put(0, start, self.first.model.embed_tokens(new_ids)[0])
+        with self.timed("compute"):
+            self.store.put(0, start, self.first.model.embed_tokens(new_ids)[0])
         self.run_layers(0, a, end)
 
         token = logits = None
@@ -160,21 +164,36 @@ class Edge(Party):
                 self.store.put(b, reply.start, self.to_compute(reply.hidden))
         if token is None:
             self.run_layers(b, self.num_layers, end)
-            logits = self.third.head(self.store.get(self.num_layers, end - 1, end))[0]
-            token = int(logits.argmax())
+            with self.timed("compute"):
+                logits = self.third.head(self.store.get(self.num_layers, end - 1, end))[0]
+                token = int(logits.argmax())
         self.prune()
         self.end = end
         return token, logits
 
+    def protect(self, states: torch.Tensor) -> torch.Tensor:
+        """Optional mitigation: Gaussian noise of `uplink_noise` times each position's typical magnitude.
+
+        The scale is a robust one (1.4826 x median |h|), so that the massive outlier channels do not
+        set it. The noise is added to what leaves the edge only; the edge's own states stay clean.
+        """
+        if self.uplink_noise <= 0:
+            return states
+        sigma = 1.4826 * states.abs().median(dim=-1, keepdim=True).values
+        noise = torch.randn(states.shape, generator=self._noise).to(states)
+        return states + self.uplink_noise * sigma * noise
+
     def _exchange(self, step: int, a: int, b: int, end: int, result: Generation) -> protocol.Message:
         """Send h_a for the positions the cloud lacks; receive and check h_b (or the token)."""
         out_start, states = self.outgoing(a, end)
-        request = protocol.encode_hidden(step, out_start, states, self.codec)
+        with self.timed("encode"):
+            request = protocol.encode_hidden(step, out_start, self.protect(states), self.codec)
         began = time.perf_counter()
         raw_reply = self.link.request(request)
         result.link_seconds += time.perf_counter() - began
         self.advance_peer(range(a, b), end)
-        reply = protocol.decode(raw_reply, self.hidden_size)
+        with self.timed("decode"):
+            reply = protocol.decode(raw_reply, self.hidden_size)
         result.bytes_up += len(request)
         result.bytes_down += len(raw_reply)
         result.positions_up += len(states)
