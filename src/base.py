@@ -82,9 +82,9 @@ class Party:
         self.num_layers = self.config.num_hidden_layers
         self.send_cuts = frozenset(send_cuts)  # layers whose input this side sends to the peer
         self.peer_layers = frozenset(peer_layers)
-        first = self.parts[0]
-        self.device = next(first.parameters()).device
-        self.dtype = next(first.parameters()).dtype
+        # The compute dtype: int8 weights (--load-in-8bit) do not count, the norms' weights do.
+        reference = next(p for part in self.parts for p in part.parameters() if p.is_floating_point())
+        self.device, self.dtype = reference.device, reference.dtype
         self.layer_evals = 0
         self.peak_stored = 0
         self.seconds: Counter[str] = Counter()  # where the time goes: compute, encode, decode

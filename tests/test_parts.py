@@ -77,3 +77,20 @@ def test_lora_adapter_gives_the_same_tokens_split_and_unsplit(tmp_path):
         result = pipeline.edge.generate(PROMPT, 16, keep_logits=True)
         assert result.token_ids == reference, (first, second)
         assert max((x - y).abs().max().item() for x, y in zip(result.logits, reference_logits)) < 1e-4
+
+
+def test_load_in_8bit_quantizes_each_sides_own_layers(tiny_tied):
+    """LLM.int8() weights through bitsandbytes: int8 storage, logits close to full precision."""
+    from src.pipeline import SideOptions
+
+    folder, model = tiny_tied
+    _, reference_logits = hf_greedy(model, PROMPT, 4)
+    side = SideOptions(load_in_8bit=True)
+    pipeline = build_pipeline(str(folder), {1}, {3}, edge_side=side, cloud_side=side, with_tokenizer=False)
+    cloud_weights = [p for name, p in pipeline.cloud.part.named_parameters() if name.endswith("q_proj.weight")]
+    assert cloud_weights and all(w.dtype == torch.int8 for w in cloud_weights)
+    assert pipeline.edge.first.model.embed_tokens.weight.dtype == torch.float32
+    result = pipeline.edge.generate(PROMPT, 4, keep_logits=True)
+    scale = max(x.abs().max().item() for x in reference_logits)
+    gap = max((x - y).abs().max().item() for x, y in zip(result.logits, reference_logits))
+    assert 0 < gap < 0.1 * scale
