@@ -36,6 +36,10 @@ def make_parser(prog: str, mode: str) -> argparse.ArgumentParser:
     parser.add_argument("--edge-dtype", default="float32")
     parser.add_argument("--cloud-dtype", default="float32")
     parser.add_argument("--load-in-8bit", action="store_true", help="8-bit weights through bitsandbytes on both sides")
+    parser.add_argument("--cloud", default=None, help="grpc://host:port of a cloud server (python -m src.cloud_server); default: in this process")
+    parser.add_argument("--tls-ca", default=None, help="with --cloud: PEM CA certificate of the server (turns TLS on)")
+    parser.add_argument("--token-file", default=None, help="with --cloud: file holding the server's bearer token")
+    parser.add_argument("--cloud-timeout", type=float, default=120.0, help="with --cloud: seconds to wait for each reply")
     parser.add_argument("--uplink-noise", type=float, default=0.0, help="privacy mitigation: noise (x typical |h|) on edge-to-cloud states")
     parser.add_argument("--json", action="store_true", help="print one JSON line on stdout; text goes to stderr")
     return parser
@@ -76,6 +80,12 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
     if args.resplit_every < 0:
         raise TriadicError("--resplit-every must be >= 0")
     get_codec(args.codec)
+    if args.uplink_noise < 0:
+        raise TriadicError("--uplink-noise must be >= 0")
+    if args.cloud is None and (args.tls_ca or args.token_file):
+        raise TriadicError("--tls-ca and --token-file go with --cloud")
+    if args.cloud is not None and mode == "one":
+        raise TriadicError("--cloud: main_1_split.py runs unsplit, without a cloud")
     num_layers = load_config(resolve_model_dir(args.base_model)).num_hidden_layers
     first, second = resolve_sets(mode, args, first, second, num_layers)
     edge_side = SideOptions(args.edge_device, parse_dtype(args.edge_dtype), args.load_in_8bit)
@@ -84,9 +94,8 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
     pipeline = build_pipeline(
         args.base_model, first, second, args.codec, args.seed, args.resplit_every, two_part=mode == "two",
         lora_weights=args.lora_weights, edge_side=edge_side, cloud_side=cloud_side,
+        cloud_url=args.cloud, tls_ca_path=args.tls_ca, token_file_path=args.token_file, timeout=args.cloud_timeout,
     )
-    if args.uplink_noise < 0:
-        raise TriadicError("--uplink-noise must be >= 0")
     pipeline.edge.uplink_noise = args.uplink_noise
     tokenizer = pipeline.tokenizer
     prompt_ids = format_prompt(tokenizer, args.prompt, args.prompt_format)
@@ -107,7 +116,12 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
             shown = text
 
     eos = _eos_ids(tokenizer, pipeline.config)
-    result = pipeline.edge.generate(prompt_ids, args.max_new_tokens, eos, on_token=stream)
+    try:
+        result = pipeline.edge.generate(prompt_ids, args.max_new_tokens, eos, on_token=stream)
+    finally:
+        close = getattr(pipeline.edge.link, "close", None)
+        if close is not None:  # a remote session is freed at once
+            close()
     out.write("\n")
     text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
     steps = max(1, len(result.token_ids))

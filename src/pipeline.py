@@ -83,8 +83,14 @@ def build_pipeline(
     base_model: str | None, first: set[int], second: set[int], codec_name: str = "none", seed: int = 0,
     resplit_every: int = 1, two_part: bool = False, lora_weights: str | None = None,
     edge_side: SideOptions = SideOptions(), cloud_side: SideOptions = SideOptions(), with_tokenizer: bool = True,
+    cloud_url: str | None = None, tls_ca_path: str | None = None, token_file_path: str | None = None, timeout: float = 120.0,
 ) -> Pipeline:
-    """Edge and (where some step has a < b) Cloud in one process, linked by bytes."""
+    """Edge and (where some step has a < b) Cloud, linked by bytes.
+
+    Without `cloud_url` the cloud is built in this process (LocalLink); with it, only the edge is
+    built here and talks to a cloud server over gRPC (see cloud_server.py), which must run the same
+    model, split sets and mode.
+    """
     get_codec(codec_name)  # an unknown codec is refused before any weights are read
     model_dir = resolve_model_dir(base_model)
     config = load_config(model_dir)
@@ -94,7 +100,13 @@ def build_pipeline(
     if two_part and needs_cloud and schedule.first[-1] == schedule.num_layers:
         raise TriadicError(f"two-part split: first may contain {schedule.num_layers} (= L) only alone, as the unsplit baseline")
     two_part = two_part and needs_cloud  # first = {L}: the edge runs everything and keeps the head
-    cloud = build_cloud(model_dir, config, schedule, two_part, lora_weights, cloud_side) if needs_cloud else None
-    link = LocalLink(cloud) if cloud is not None else None
+    cloud = link = None
+    if needs_cloud and cloud_url is not None:
+        from .grpc_link import make_link
+
+        link = make_link(cloud_url, tls_ca_path, token_file_path, timeout)
+    elif needs_cloud:
+        cloud = build_cloud(model_dir, config, schedule, two_part, lora_weights, cloud_side)
+        link = LocalLink(cloud)
     edge = build_edge(model_dir, config, schedule, codec_name, two_part, lora_weights, edge_side, link)
     return Pipeline(model_dir, config, tokenizer, schedule, edge, cloud)
