@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from bench.common import machine
 from bench.fidelity import load_text_ids, measure
 from src.checkpoint import load_config, resolve_model_dir
@@ -27,6 +29,7 @@ def main() -> None:
     parser.add_argument("--codecs", default="fp16,bf16,int8,bnb8")
     parser.add_argument("--out", default="fidelity")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # no timings here; one thread never thrashes on a shared machine
     model_dir = resolve_model_dir(None)
     token_ids = load_text_ids(model_dir, args.text_file)
     context = load_config(model_dir).max_position_embeddings
