@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test summaries seed-table fidelity bench clean
+.PHONY: run test summaries seed-table bench fidelity privacy grpc-soak clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,20 @@ summaries: $(STAMP)
 
 seed-table: $(STAMP)
 	$(PY) -m tools.seed_table
+
+# Benchmarks: not part of `make test`; each writes figures under results/.
+bench: $(STAMP)
+	$(PY) -m bench.speed
+
+fidelity: $(STAMP)
+	$(PY) -m bench.fidelity_table
+	$(PY) -m bench.free_running
+
+privacy: $(STAMP)
+	$(PY) -m bench.privacy
+
+grpc-soak: $(STAMP)
+	$(PY) -m bench.grpc_soak
 
 clean:
 	rm -rf $(VENV)
