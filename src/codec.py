@@ -139,7 +139,8 @@ class RotatedInt8Codec(Codec):
 class BlockwiseInt8Codec(Codec):
     """bitsandbytes' blockwise dynamic 8-bit quantization (as Petals/hivemind send activations).
 
-    One float32 absmax per block of 64 values, no outlier handling: 612 bytes per position at hidden 576.
+    The message's values are taken as one flat run in blocks of 64, each with a float32 absmax;
+    no outlier handling: 612 bytes per position at hidden 576.
     """
 
     block = 64
@@ -147,24 +148,23 @@ class BlockwiseInt8Codec(Codec):
     def __init__(self, name: str, codec_id: int):
         self.name, self.codec_id = name, codec_id
 
+    def _blocks(self, count: int, hidden: int) -> int:
+        return -(-count * hidden // self.block)
+
     def payload_size(self, count: int, hidden: int, dtype_code: int) -> int:
-        if hidden % self.block:
-            raise ProtocolError(f"codec {self.name}: hidden size must be a multiple of {self.block}")
-        return count * hidden + 4 * count * hidden // self.block
+        return count * hidden + 4 * self._blocks(count, hidden)
 
     def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
         import bitsandbytes.functional as bnb
 
         x = x.detach().to("cpu", torch.float32)
-        if x.shape[1] % self.block:
-            raise TriadicError(f"codec {self.name}: hidden size must be a multiple of {self.block}")
         quantized, state = bnb.quantize_blockwise(x.flatten(), blocksize=self.block)
         return tensor_bytes(state.absmax.float()) + tensor_bytes(quantized), DTYPE_CODES[torch.float32]
 
     def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int) -> torch.Tensor:
         import bitsandbytes.functional as bnb
 
-        blocks = count * hidden // self.block
+        blocks = self._blocks(count, hidden)
         absmax = bytes_tensor(payload[: 4 * blocks], torch.float32, (blocks,))
         if not torch.isfinite(absmax).all():
             raise ProtocolError(f"codec {self.name}: non-finite scale")
