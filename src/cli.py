@@ -139,7 +139,7 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
         "mean_positions_per_message_up": result.positions_up / max(1, result.messages_up),
         "mean_positions_per_message_down": result.positions_down / max(1, result.messages_down),
         "layer_evals": result.layer_evals,
-        "layer_evals_per_token": {k: v / (len(prompt_ids) + steps - 1) for k, v in result.layer_evals.items()},
+        "layer_evals_per_position": {k: v / (len(prompt_ids) + steps - 1) for k, v in result.layer_evals.items()},
         "tokens_per_second": result.tokens_per_second,
         "link_seconds": result.link_seconds,
         "mode": mode,

@@ -1,0 +1,111 @@
+"""Speed on a GPU with a random-init LLaMA-7B-shaped model in fp16 (optional; not part of the tests).
+
+    python -m bench.gpu_speed [--tiny] [--new-tokens 128]  ->  prints a markdown table (and $OUT/gpu.md if set)
+
+The weights are random (no 7B checkpoint is reachable offline), so the figures are about speed,
+not text. Both sides run on the same GPU in one process, linked by bytes as always.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from src.pipeline import SideOptions, build_pipeline
+
+
+def config(tiny: bool) -> LlamaConfig:
+    if tiny:  # a smoke test of this script on a CPU machine
+        return LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
+    return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
+                       tie_word_embeddings=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    cfg = config(args.tiny)
+    L = cfg.num_hidden_layers
+    torch.manual_seed(0)
+    folder = Path(tempfile.mkdtemp(prefix="llama7b-random-"))
+    began = time.perf_counter()
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    model.save_pretrained(folder)
+    setup = time.perf_counter() - began
+    prompt = list(range(5, 5 + 35))
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def hf() -> float:
+        ids = torch.tensor([prompt], device=device)
+        sync()
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+        sync()
+        return args.new_tokens / (time.perf_counter() - t)
+
+    rates = {"HF generate, unsplit": [hf() for _ in range(args.repeats + 1)][1:]}
+    with torch.no_grad():
+        reference = model.generate(torch.tensor([prompt], device=device), max_new_tokens=32, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    side = SideOptions(device=device, dtype=dtype)
+    w = min(6, L // 2)  # the default sets' width
+    configs = [
+        ("main_1_split loop (unsplit)", {L}, {L}, "none"),
+        (f"three-part fixed (1, {L - 1}), lossless", {1}, {L - 1}, "none"),
+        (f"three-part fixed (1, {L - 1}), int8", {1}, {L - 1}, "int8"),
+        (f"three-part random {{1..{w}}},{{{L - w}..{L - 1}}}, int8", set(range(1, w + 1)), set(range(L - w, L)), "int8"),
+    ]
+    same = {}
+    for label, first, second, codec in configs:
+        pipeline = build_pipeline(str(folder), first, second, codec, edge_side=side, cloud_side=side, with_tokenizer=False)
+        runs = []
+        for _ in range(args.repeats + 1):
+            sync()
+            t = time.perf_counter()
+            result = pipeline.edge.generate(prompt, args.new_tokens)
+            sync()
+            runs.append(len(result.token_ids) / (time.perf_counter() - t))
+        rates[label] = runs[1:]
+        same[label] = pipeline.edge.generate(prompt, 32).token_ids == reference
+        del pipeline
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    hf_rate = statistics.median(rates["HF generate, unsplit"])
+    lines = [
+        f"Random-init LLaMA-7B-shaped model ({L} layers, hidden {cfg.hidden_size}), {dtype}, on {name}, torch {torch.__version__}; "
+        f"both sides on the one GPU; {args.new_tokens} new tokens, median of {args.repeats} after a warm-up; set-up {setup:.0f} s "
+        "(`python -m bench.gpu_speed`).\n",
+        "| configuration | tokens/s | vs HF generate | first 32 tokens equal HF's |", "|---|---|---|---|",
+    ]
+    for label, values in rates.items():
+        rate = statistics.median(values)
+        lines.append(f"| {label} | {rate:.1f} | {rate / hf_rate:.2f}x | {same.get(label, '-')} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
