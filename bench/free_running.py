@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--codec", default="int8")
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
+    torch.set_num_threads(1)  # no timings here; one thread never thrashes on a shared machine
     model_dir = resolve_model_dir(None)
     tokenizer = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

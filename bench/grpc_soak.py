@@ -30,7 +30,7 @@ FIRST, SECOND = set(range(1, 7)), set(range(24, 30))
 
 def start_server() -> tuple[subprocess.Popen, str]:
     server = subprocess.Popen(
-        [sys.executable, "-m", "src.cloud_server", "--port", "0", "--max-sessions", "8"],
+        [sys.executable, "-m", "src.cloud_server", "--port", "0", "--max-sessions", "8", "--threads", "1"],
         cwd=ROOT, stderr=subprocess.PIPE, text=True,
     )
     for line in server.stderr:
@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=50)
     parser.add_argument("--soak-tokens", type=int, default=8)
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # the server has its own thread; two per process thrash on 2 cores
     model_dir = resolve_model_dir(None)
     prompt = format_prompt(load_tokenizer(model_dir), "Tell me about Japan.", "chat")
     server, url = start_server()

@@ -97,7 +97,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--long", type=int, default=1024, help="tokens of the step-time-against-position runs")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: two threads thrash on a busy 2-core machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
     model_dir = resolve_model_dir(None)
