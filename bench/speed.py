@@ -75,7 +75,7 @@ model_dir = resolve_model_dir(None); config = load_config(model_dir)
 schedule = SplitSchedule(tuple(range(1, 7)), tuple(range(24, 30)), config.num_hidden_layers)
 role = {role!r}
 if role == "edge":
-    part = build_edge(model_dir, config, schedule, "int8"); params = part.parts
+    part = build_edge(model_dir, config, schedule, "int8", link=object()); params = part.parts  # never called
 elif role == "cloud":
     part = build_cloud(model_dir, config, schedule); params = part.parts
 else:
@@ -83,7 +83,7 @@ else:
 seen = set(); nbytes = 0
 for p in params:
     for t in p.parameters():
-        if id(t) not in seen: seen.add(id(t)); nbytes += t.numel() * t.element_size()
+        if id(t) not in seen: seen.add(id(t)); nbytes += t.numel() * t.element_size(); float(t.float().sum())  # touch every page
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps(dict(role=role, base=base, peak=peak, param_bytes=nbytes)))
 """
@@ -108,6 +108,15 @@ def main() -> None:
     lines = [f"# Benchmarks\n\nMachine: {machine()}. Prompt: `Tell me about Japan.` ({len(prompt_ids)} tokens), "
              f"{args.new_tokens} new tokens, EOS ignored, median of {args.repeats} after a warm-up, all in one process "
              "(`make bench`).\n"]
+
+    # Memory first (fresh processes, before this one loads anything), each side alone in a fresh process.
+    if not args.no_memory:
+        lines.append("## Peak resident memory, each built alone in a fresh process (default sets)\n\n"
+                     "| process | RSS after imports (MB) | peak RSS (MB) | peak - imports (MB) | parameter bytes (MB) | ratio |\n|---|---|---|---|---|---|")
+        for role in ("edge", "cloud", "full"):
+            m = memory_probe(role)
+            grown = m["peak"] - m["base"]
+            lines.append(f"| {role} | {m['base'] / 1e6:.0f} | {m['peak'] / 1e6:.0f} | {grown / 1e6:.0f} | {m['param_bytes'] / 1e6:.0f} | {grown / m['param_bytes']:.2f} |")
 
     # 1. Tokens per second.
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -191,14 +200,6 @@ def main() -> None:
     lines.append("\nPer message: a 24-byte header. Per position: `none` 4 x hidden (fp32), `fp16` 2 x hidden, "
                  "`int8` hidden + 26 (602 at 576, 4122 at 4096), `bnb8` hidden + hidden/16 (612 at 576, 4352 at 4096).\n")
 
-    # 5. Memory, each side alone in a fresh process.
-    if not args.no_memory:
-        lines.append("## Peak resident memory, each built alone in a fresh process (default sets)\n\n"
-                     "| process | RSS after imports (MB) | peak RSS (MB) | peak - imports (MB) | parameter bytes (MB) | ratio |\n|---|---|---|---|---|---|")
-        for role in ("edge", "cloud", "full"):
-            m = memory_probe(role)
-            grown = m["peak"] - m["base"]
-            lines.append(f"| {role} | {m['base'] / 1e6:.0f} | {m['peak'] / 1e6:.0f} | {grown / 1e6:.0f} | {m['param_bytes'] / 1e6:.0f} | {grown / m['param_bytes']:.2f} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
