@@ -23,7 +23,7 @@ def make_parser(prog: str, mode: str) -> argparse.ArgumentParser:
     parser = OneLineParser(prog=prog, description=f"{MODES[mode]} of a LLaMA-family model, greedy decoding")
     parser.add_argument("--prompt", default="Tell me about Japan.")
     parser.add_argument("--prompt-format", choices=["auto", "chat", "alpaca", "raw"], default="auto")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--first", help="first split layer indices, e.g. 1,2,3 (overrides the script's set)")
     parser.add_argument("--second", help="second split layer indices, e.g. 28,29 (overrides the script's set)")
     parser.add_argument("--codec", default="int8", help="link codec: int8 (default, outlier-aware), none (lossless), fp16, bf16, bnb8")
