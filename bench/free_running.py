@@ -45,7 +45,8 @@ def main() -> None:
     prompts = [format_prompt(tokenizer, p, "chat") for p in PROMPTS]
     references = []
     for ids in prompts:
-        out = model.generate(torch.tensor([ids]), max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None, pad_token_id=2)
+        tensor = torch.tensor([ids])  # all-ones mask: else generate masks the prompt's <|im_end|> (= pad id)
+        out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None, pad_token_id=2)
         references.append(out[0, len(ids):].tolist())
     rows = []
     for first, second in SETTINGS:

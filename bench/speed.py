@@ -33,7 +33,8 @@ L = 30
 def hf_tokens_per_second(model, prompt_ids, new_tokens, use_cache=True) -> float:
     ids = torch.tensor([prompt_ids])
     began = time.perf_counter()
-    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=use_cache, pad_token_id=2)
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                   do_sample=False, use_cache=use_cache, pad_token_id=2)
     return new_tokens / (time.perf_counter() - began)
 
 

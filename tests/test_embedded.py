@@ -11,7 +11,10 @@ L = 30
 @pytest.fixture(scope="module")
 def reference(embedded, japan_ids):
     _, model, _ = embedded
-    out = model.generate(torch.tensor([japan_ids]), max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=2)
+    ids = torch.tensor([japan_ids])
+    # An explicit all-ones mask: otherwise generate masks every prompt token equal to pad_token_id
+    # (here <|im_end|>, id 2, which the chat template puts in the prompt).
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=2)
     tokens = out[0, len(japan_ids):].tolist()
     assert len(set(tokens)) > 15  # a real response, not a repetition
     return tokens
@@ -59,3 +62,17 @@ def test_main_scripts_match_generate(embedded, japan_ids, reference, capsys):
     assert three["bytes_up"] > 0 and three["bytes_down"] > 0 and three["positions_up"] >= len(japan_ids)
     assert set(three["layer_evals"]) == {"edge", "cloud"} and three["tokens_per_second"] > 0
     assert outputs["one"]["bytes_up"] == 0
+
+
+@pytest.mark.parametrize("prompt", ["Describe a sunset over the sea.", "Plan a one-day trip to Paris."])
+def test_chat_prompts_whose_greedy_start_is_a_near_tie(embedded, prompt):
+    """These prompts' first tokens are close calls (0.06 and 0.6 logits apart); all splits still agree."""
+    from src.utils import format_prompt
+
+    folder, model, tokenizer = embedded
+    ids = format_prompt(tokenizer, prompt, "chat")
+    tensor = torch.tensor([ids])
+    reference = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=2)
+    reference = reference[0, len(ids):].tolist()
+    for first, second in [({1}, {29}), ({0, 2, 9}, {15, 21, 30})]:
+        assert build_pipeline(str(folder), first, second, with_tokenizer=False).edge.generate(ids, 16).token_ids == reference

@@ -34,8 +34,9 @@ def make_tiny_checkpoint(folder: Path, seed: int = 0, **config_overrides) -> tup
 
 def hf_greedy(model: LlamaForCausalLM, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
     """Reference: unsplit Hugging Face generate(do_sample=False), with its per-step logits."""
-    out = model.generate(
-        torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(  # an all-ones mask: never let generate mask prompt tokens equal to the pad id
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
         output_logits=True, return_dict_in_generate=True, eos_token_id=None, pad_token_id=0,
     )
     return out.sequences[0, len(prompt_ids):].tolist(), [l[0] for l in out.logits]
