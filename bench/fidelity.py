@@ -44,7 +44,7 @@ class Stats:
         }
 
 
-def teacher_forced_logprobs(pipeline, chunk: list[int], prefix: int, on_step) -> object:
+def teacher_force(pipeline, chunk: list[int], prefix: int, on_step) -> object:
     """Run the chunk through the pipeline: `prefix` tokens as prompt, the rest forced one per step."""
     return pipeline.edge.generate(chunk[:prefix], len(chunk) - prefix, forced_tokens=chunk[prefix:], on_logits=on_step)
 
@@ -57,9 +57,9 @@ def measure(model_dir, token_ids, first, second, codecs: list[str], seed, contex
     for begin in range(0, len(token_ids) - prefix - 1, context):
         chunk = token_ids[begin : begin + context]
         reference: list[torch.Tensor] = []
-        teacher_forced_logprobs(lossless, chunk, prefix, lambda step, logits: reference.append(logits.float().log_softmax(-1)))
+        teacher_force(lossless, chunk, prefix, lambda step, logits: reference.append(logits.float().log_softmax(-1)))
         for codec, pipeline in lossy.items():
-            result = teacher_forced_logprobs(pipeline, chunk, prefix, comparer(stats[codec], chunk, prefix, reference))
+            result = teacher_force(pipeline, chunk, prefix, comparer(stats[codec], chunk, prefix, reference))
             stats[codec].bytes += result.bytes_up + result.bytes_down
             stats[codec].positions += result.positions_up + result.positions_down
     return {codec: s.as_dict() for codec, s in stats.items()}

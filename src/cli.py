@@ -99,7 +99,7 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
     pipeline.edge.uplink_noise = args.uplink_noise
     tokenizer = pipeline.tokenizer
     prompt_ids = format_prompt(tokenizer, args.prompt, args.prompt_format)
-    log(f"[{prog_label(mode)}] first={sorted(pipeline.schedule.first)} second={sorted(pipeline.schedule.second)} "
+    log(f"[{MODES[mode]}] first={sorted(pipeline.schedule.first)} second={sorted(pipeline.schedule.second)} "
         f"codec={args.codec} seed={args.seed} prompt={len(prompt_ids)} tokens")
 
     out = sys.stderr if args.json else sys.stdout
@@ -156,10 +156,6 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
         log(f"[{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s, "
             f"{result.bytes_up} bytes up, {result.bytes_down} bytes down]")
     return 0
-
-
-def prog_label(mode: str) -> str:
-    return MODES[mode]
 
 
 def _eos_ids(tokenizer, config) -> list[int]:
