@@ -8,7 +8,6 @@ which the tests show equal to lossless split decoding.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch

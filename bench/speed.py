@@ -186,7 +186,6 @@ def main() -> None:
     lines.append("## Bytes on the link per generated token (default random sets, decode steps)\n\n"
                  "| codec | up | down | at hidden 4096 (LLaMA-7B), up+down | est. tokens/s over 20 Mbit/s, 30 ms RTT (7B-sized messages, this machine's compute) |\n|---|---|---|---|---|")
     compute_per_token = 1 / rates[random_]
-    positions_per_message = None
     for codec in ("none", "fp16", "int8", "bnb8"):
         pipeline = build_pipeline(str(model_dir), DEFAULT_FIRST, DEFAULT_SECOND, codec, seed=0, with_tokenizer=False)
         result = pipeline.edge.generate(prompt_ids, args.new_tokens)

@@ -8,15 +8,9 @@ import sys
 import torch
 
 from .pipeline import SideOptions, build_pipeline, parse_dtype
-from .utils import TriadicError, format_prompt, log, parse_layer_set
+from .utils import OneLineParser, TriadicError, format_prompt, log, parse_layer_set
 
 MODES = {"one": "unsplit baseline", "two": "two-part split (edge -> cloud with head)", "three": "triadic split (edge -> cloud -> edge)"}
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def make_parser(prog: str, mode: str) -> argparse.ArgumentParser:

@@ -36,11 +36,10 @@ import threading
 import time
 import traceback
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 
-from .utils import ProtocolError, TriadicError, parse_layer_set
+from .utils import OneLineParser, ProtocolError, TriadicError, parse_layer_set, read_file, read_token
 
 SERVICE = "triadic.Cloud"
 SESSION_METHOD = f"/{SERVICE}/Session"
@@ -215,14 +214,8 @@ class CloudService:
 
 
 # -- command line ----------------------------------------------------------------------------
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def make_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog=PROG, description="Serve the cloud part of the triadic split over gRPC.")
+    p = OneLineParser(prog=PROG, description="Serve the cloud part of the triadic split over gRPC.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed in the 'listening on' line)")
     p.add_argument("--base-model", default=None, help="LLaMA-family folder or hub id (default: embedded SmolLM2-135M-Instruct)")
@@ -241,20 +234,6 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=float, default=300.0, help="seconds a session may wait for its next message")
     p.add_argument("--max-message-mb", type=float, default=64.0, help="largest request accepted, in MiB")
     return p
-
-
-def _read_file(path: str, what: str) -> bytes:
-    try:
-        return Path(path).expanduser().read_bytes()
-    except OSError as error:
-        raise TriadicError(f"{what} {path}: cannot read ({error.strerror or type(error).__name__})") from None
-
-
-def read_token(path: str, what: str = "--token-file") -> str:
-    token = _read_file(path, what).decode("utf-8", "replace").strip()
-    if not token or any(c.isspace() for c in token):
-        raise TriadicError(f"{what} {path}: expected one token without spaces")
-    return token
 
 
 def _check_args(args) -> None:
@@ -303,7 +282,7 @@ def build_server(args) -> tuple[grpc.Server, CloudService, int]:
     token = read_token(args.token_file) if args.token_file else None
     credentials = None
     if args.tls_cert:
-        cert, key = _read_file(args.tls_cert, "--tls-cert"), _read_file(args.tls_key, "--tls-key")
+        cert, key = read_file(args.tls_cert, "--tls-cert"), read_file(args.tls_key, "--tls-key")
         if b"-----BEGIN" not in cert or b"-----BEGIN" not in key:
             raise TriadicError("--tls-cert/--tls-key: expected PEM files")
         credentials = grpc.ssl_server_credentials([(key, cert)])

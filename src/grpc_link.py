@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import grpc
 
 from .protocol import MAGIC, Kind
-from .utils import ProtocolError, TriadicError, log
+from .utils import ProtocolError, TriadicError, log, read_file, read_token
 
 SESSION_METHOD = "/triadic.Cloud/Session"
 STATS_METHOD = "/triadic.Cloud/Stats"
@@ -119,7 +119,7 @@ class GrpcLink:
         when it is given or the URL is grpcs://. `timeout`: seconds to wait for each reply."""
         self.target, tls = parse_url(url)
         if isinstance(tls_ca, str):
-            tls_ca = _read(tls_ca, "--tls-ca")
+            tls_ca = read_file(tls_ca, "--tls-ca")
         self.tls = tls or tls_ca is not None
         self.timeout = float(timeout)
         if not self.timeout > 0:
@@ -250,24 +250,12 @@ class GrpcLink:
         return LinkError(f"cloud at {self.target} failed ({name}): {details}", name)
 
 
-def _read(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as error:
-        raise TriadicError(f"{what} {path}: cannot read ({error.strerror or type(error).__name__})") from None
-
-
 def make_link(url: str, tls_ca_path: str | None = None, token_file_path: str | None = None, timeout: float = 120.0) -> GrpcLink:
     """A GrpcLink from command-line values: CA and token are read from files (TriadicError if unreadable)."""
-    tls_ca = _read(tls_ca_path, "--tls-ca") if tls_ca_path else None
+    tls_ca = read_file(tls_ca_path, "--tls-ca") if tls_ca_path else None
     if tls_ca is not None and b"-----BEGIN CERTIFICATE-----" not in tls_ca:
         raise TriadicError(f"--tls-ca {tls_ca_path}: expected a PEM certificate")
-    token = None
-    if token_file_path:
-        token = _read(token_file_path, "--token-file").decode("utf-8", "replace").strip()
-        if not token or any(c.isspace() for c in token):
-            raise TriadicError(f"--token-file {token_file_path}: expected one token without spaces")
+    token = read_token(token_file_path) if token_file_path else None
     link = GrpcLink(url, tls_ca=tls_ca, token=token, timeout=timeout)
     host = link.target.rsplit(":", 1)[0].strip("[]")
     if token and not link.tls and host not in ("127.0.0.1", "localhost", "::1"):

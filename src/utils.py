@@ -1,6 +1,7 @@
 """Small shared helpers: the user-facing error type, set parsing, prompt templates, logging."""
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Iterable
 
@@ -15,6 +16,31 @@ class TriadicError(Exception):
 
 class ProtocolError(TriadicError):
     """A message that cannot be decoded or does not fit the receiver's state."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (exit code 2), like every other bad input."""
+
+    def error(self, message: str) -> None:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def read_file(path: str, what: str) -> bytes:
+    """A file named on the command line (`what` is the flag), or a one-line TriadicError."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as error:
+        raise TriadicError(f"{what} {path}: cannot read ({error.strerror or type(error).__name__})") from None
+
+
+def read_token(path: str, what: str = "--token-file") -> str:
+    """A bearer token file: one token, no spaces."""
+    token = read_file(path, what).decode("utf-8", "replace").strip()
+    if not token or any(c.isspace() for c in token):
+        raise TriadicError(f"{what} {path}: expected one token without spaces")
+    return token
 
 
 def log(*parts: object) -> None:
