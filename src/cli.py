@@ -80,13 +80,14 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
         raise TriadicError("--tls-ca and --token-file go with --cloud")
     if args.cloud is not None and mode == "one":
         raise TriadicError("--cloud: main_1_split.py runs unsplit, without a cloud")
-    num_layers = load_config(resolve_model_dir(args.base_model)).num_hidden_layers
+    model_dir = str(resolve_model_dir(args.base_model))  # once: a hub id is downloaded here, not again below
+    num_layers = load_config(model_dir).num_hidden_layers
     first, second = resolve_sets(mode, args, first, second, num_layers)
     edge_side = SideOptions(args.edge_device, parse_dtype(args.edge_dtype), args.load_in_8bit)
     cloud_side = SideOptions(args.cloud_device, parse_dtype(args.cloud_dtype), args.load_in_8bit)
     torch.manual_seed(0)
     pipeline = build_pipeline(
-        args.base_model, first, second, args.codec, args.seed, args.resplit_every, two_part=mode == "two",
+        model_dir, first, second, args.codec, args.seed, args.resplit_every, two_part=mode == "two",
         lora_weights=args.lora_weights, edge_side=edge_side, cloud_side=cloud_side,
         cloud_url=args.cloud, tls_ca_path=args.tls_ca, token_file_path=args.token_file, timeout=args.cloud_timeout,
     )

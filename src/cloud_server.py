@@ -293,7 +293,7 @@ def build_server(args) -> tuple[grpc.Server, CloudService, int]:
     if args.two_part:
         second = {L}
     schedule = SplitSchedule(tuple(first), tuple(second), L)  # validates the sets (TriadicError)
-    if not any(a < b for a in schedule.first for b in schedule.second):
+    if not schedule.needs_cloud:
         raise TriadicError("these split sets give the cloud no layers (a == b at every step): nothing to serve")
     if args.two_part and schedule.first[-1] == L:
         raise TriadicError(f"two-part split: first may not contain {L} (= L)")

@@ -82,7 +82,7 @@ class Edge(Party):
         self.peer_layer_evals = 0
         self.uplink_noise = 0.0  # privacy mitigation, off by default: see `protect`
         self._noise = torch.Generator().manual_seed(0)
-        if link is None and any(a < b for a in schedule.first for b in schedule.second):
+        if link is None and schedule.needs_cloud:
             raise TriadicError("these split sets need a cloud (a < b is possible) but no link was given")
 
     def advance_peer(self, layers: Iterable[int], end: int) -> None:

@@ -35,6 +35,15 @@ class SideOptions:
     load_in_8bit: bool = False
 
 
+def _maybe_quantize(parts, side: SideOptions) -> None:
+    """--load-in-8bit: LLM.int8() weights for the decoder layers a side holds."""
+    if side.load_in_8bit:
+        from .quantize import quantize_linear_layers_8bit
+
+        for part in parts:
+            quantize_linear_layers_8bit(part)
+
+
 def build_edge(
     model_dir: Path, config, schedule: SplitSchedule, codec_name: str, two_part: bool = False,
     lora_weights: str | None = None, side: SideOptions = SideOptions(), link=None,
@@ -48,11 +57,7 @@ def build_edge(
         third = ThirdLlamaForCausalLM.from_checkpoint(
             model_dir, config, schedule.edge_third_layers, side.dtype, side.device, lora_weights, shared=tied
         )
-    if side.load_in_8bit:
-        from .quantize import quantize_linear_layers_8bit
-
-        for part in [first] + ([third] if third else []):
-            quantize_linear_layers_8bit(part)
+    _maybe_quantize([first] + ([third] if third else []), side)
     return Edge(schedule, first, third, get_codec(codec_name), link)
 
 
@@ -62,10 +67,7 @@ def build_cloud(
 ) -> Cloud:
     part_class = ThirdLlamaForCausalLM if two_part else SecondLlamaForCausalLM
     part = part_class.from_checkpoint(model_dir, config, schedule.cloud_layers, side.dtype, side.device, lora_weights)
-    if side.load_in_8bit:
-        from .quantize import quantize_linear_layers_8bit
-
-        quantize_linear_layers_8bit(part)
+    _maybe_quantize([part], side)
     return Cloud(schedule, part)
 
 
@@ -96,7 +98,7 @@ def build_pipeline(
     config = load_config(model_dir)
     schedule = SplitSchedule(tuple(first), tuple(second), config.num_hidden_layers, seed, resplit_every)
     tokenizer = load_tokenizer(model_dir) if with_tokenizer else None
-    needs_cloud = any(a < b for a in schedule.first for b in schedule.second)
+    needs_cloud = schedule.needs_cloud
     if two_part and needs_cloud and schedule.first[-1] == schedule.num_layers:
         raise TriadicError(f"two-part split: first may contain {schedule.num_layers} (= L) only alone, as the unsplit baseline")
     two_part = two_part and needs_cloud  # first = {L}: the edge runs everything and keeps the head

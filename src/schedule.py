@@ -48,6 +48,11 @@ class SplitSchedule:
     def cloud_layers(self) -> range:
         return range(self.first[0], self.second[-1])
 
+    @property
+    def needs_cloud(self) -> bool:
+        """Whether some step has a < b, i.e. the cloud has layers to run at all."""
+        return len(self.cloud_layers) > 0
+
     def fingerprint(self) -> int:
         """A checksum of the configuration both sides must share (checked when a session starts)."""
         text = f"{self.first}|{self.second}|{self.num_layers}"
