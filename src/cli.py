@@ -20,7 +20,7 @@ def make_parser(prog: str, mode: str) -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--first", help="first split layer indices, e.g. 1,2,3 (overrides the script's set)")
     parser.add_argument("--second", help="second split layer indices, e.g. 28,29 (overrides the script's set)")
-    parser.add_argument("--codec", default="int8", help="link codec: int8 (default, outlier-aware), none (lossless), fp16, bf16, bnb8")
+    parser.add_argument("--codec", default="int8", help="link codec: int8 (default: outlier-aware, about 8 bits per value), int8-fixed, none (lossless), fp16, bf16, bnb8")
     parser.add_argument("--seed", type=int, default=0, help="shared seed of the split schedule")
     parser.add_argument("--resplit-every", type=int, default=1, help="draw new cuts every N tokens; 0 = once per request")
     parser.add_argument("--base-model", default=None, help="LLaMA-family folder or hub id (default: embedded SmolLM2-135M-Instruct)")
