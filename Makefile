@@ -33,6 +33,7 @@ bench: $(STAMP)
 
 fidelity: $(STAMP)
 	$(PY) -m bench.fidelity_table
+	$(PY) -m bench.codec_texts
 	$(PY) -m bench.free_running
 
 privacy: $(STAMP)

@@ -43,6 +43,7 @@ def main() -> None:
     with open(RESULTS / f"{args.out}.jsonl", "w") as jsonl:
         for report in rows:
             jsonl.write(json.dumps(report) + "\n")
+        jsonl.flush()  # an interrupted run keeps the rows it did not measure
         for first, second in SPLITS:
             results = measure(model_dir, token_ids, {int(x) for x in first.split(",")}, {int(x) for x in second.split(",")}, codecs, 0, context)
             for codec, report in results.items():

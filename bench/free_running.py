@@ -1,6 +1,6 @@
 """Free-running check of a lossy codec: greedy tokens that match lossless before the first divergence.
 
-    python -m bench.free_running [--codec int8] [--new-tokens 64]  ->  results/free_running.md
+    python -m bench.free_running [--codecs int8-fixed,int8] [--new-tokens 64]  ->  results/free_running.md
 
 20 prompts x 4 split settings; the lossless reference is unsplit HF generate(do_sample=False),
 which the tests show equal to lossless split decoding.
@@ -34,7 +34,7 @@ OUT = Path(__file__).resolve().parent.parent / "results" / "free_running.md"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--codec", default="int8")
+    parser.add_argument("--codecs", default="int8-fixed,int8", help="comma list")
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(1)  # no timings here; one thread never thrashes on a shared machine
@@ -49,20 +49,21 @@ def main() -> None:
         references.append(out[0, len(ids):].tolist())
     rows = []
     for first, second in SETTINGS:
-        pipeline = build_pipeline(str(model_dir), first, second, args.codec, seed=0, with_tokenizer=False)
-        matched = []
-        for ids, reference in zip(prompts, references):
-            tokens = pipeline.edge.generate(ids, args.new_tokens).token_ids
-            prefix = next((i for i, (x, y) in enumerate(zip(tokens, reference)) if x != y), len(reference))
-            matched.append(prefix)
-        name = "{1..6},{24..29}" if len(first) > 1 else f"({min(first)},{min(second)})"
-        full = sum(m == args.new_tokens for m in matched)
-        rows.append(f"| {name} | {full}/20 | {sum(matched) / len(matched):.1f} | {min(matched)} | {' '.join(map(str, matched))} |")
-        print(rows[-1], flush=True)
+        for codec in args.codecs.split(","):
+            pipeline = build_pipeline(str(model_dir), first, second, codec, seed=0, with_tokenizer=False)
+            matched = []
+            for ids, reference in zip(prompts, references):
+                tokens = pipeline.edge.generate(ids, args.new_tokens).token_ids
+                prefix = next((i for i, (x, y) in enumerate(zip(tokens, reference)) if x != y), len(reference))
+                matched.append(prefix)
+            name = "{1..6},{24..29}" if len(first) > 1 else f"({min(first)},{min(second)})"
+            full = sum(m == args.new_tokens for m in matched)
+            rows.append(f"| {name} | {codec} | {full}/20 | {sum(matched) / len(matched):.1f} | {min(matched)} | {' '.join(map(str, matched))} |")
+            print(rows[-1], flush=True)
     OUT.write_text(
-        f"Greedy tokens of `--codec {args.codec}` that match lossless before the first divergence, "
+        "Greedy tokens of each codec that match lossless before the first divergence, "
         f"{args.new_tokens} new tokens, 20 chat prompts (`python -m bench.free_running`). Machine: {machine()}.\n\n"
-        "| split | identical to the end | mean matched | min | per prompt |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+        "| split | codec | identical to the end | mean matched | min | per prompt |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
 
 
