@@ -83,7 +83,7 @@ def main() -> None:
         f"Teacher-forced prefill of each text (at most {MAX_TOKENS} tokens) with the codec at both cuts, "
         f"against the same model without it (`python -m bench.codec_texts`). Machine: {machine()}.",
         "",
-        "Top-1 agreement per text, lowest first; the worst text is what a target must hold on.",
+        "Top-1 agreement per text, and the worst of them: the figure a target must hold on.",
         "",
         "| split | codec | worst text | " + " | ".join(corpus) + " | all | mean KL (nats) |",
         "|---|---|---|" + "---|" * len(corpus) + "---|---|",

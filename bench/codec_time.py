@@ -1,0 +1,49 @@
+"""What encoding and decoding cost, as a share of the split step: int8 against int8-fixed.
+
+    python -m bench.codec_time -> results/codec_time.md
+
+Greedy decoding of 64 tokens after a 40-token prompt, one torch thread, each configuration twice
+(the second run counts). Times come from the sides' own timers (`Party.timed`): encode and decode
+on both sides, per position carried per hop, against the mean step time of the same run.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bench.common import machine
+from src.checkpoint import resolve_model_dir
+from src.pipeline import build_pipeline
+
+OUT = Path(__file__).resolve().parent.parent / "results" / "codec_time.md"
+SETTINGS = [("(1,29)", {1}, {29}), ("{1..6},{24..29}", set(range(1, 7)), set(range(24, 30)))]
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    model_dir = str(resolve_model_dir(None))
+    prompt = list(range(100, 140))
+    lines = [
+        f"Encode + decode against the step time, 64 greedy tokens (`python -m bench.codec_time`). Machine: {machine()}.",
+        "",
+        "| split | codec | mean step (ms) | encode+decode per position per hop (ms) | share of the step | per step, both hops (ms) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, first, second in SETTINGS:
+        for codec in ("int8-fixed", "int8"):
+            for _ in range(2):  # the first run warms up
+                pipeline = build_pipeline(model_dir, first, second, codec, seed=0, with_tokenizer=False)
+                result = pipeline.edge.generate(prompt, 64)
+            edge, cloud = pipeline.edge.seconds, pipeline.cloud.seconds
+            codec_seconds = edge["encode"] + edge["decode"] + cloud["encode"] + cloud["decode"]
+            step = sum(result.step_seconds) / len(result.step_seconds)
+            per_position = codec_seconds / (result.positions_up + result.positions_down)
+            per_step = codec_seconds / len(result.step_seconds)
+            lines.append(f"| {label} | {codec} | {1e3 * step:.1f} | {1e3 * per_position:.3f} | {100 * per_position / step:.2f}% | {1e3 * per_step:.2f} |")
+            print(lines[-1], flush=True)
+    OUT.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
