@@ -3,8 +3,9 @@
     python -m bench.codec_time -> results/codec_time.md
 
 Greedy decoding of 64 tokens after a 40-token prompt, one torch thread, each configuration twice
-(the second run counts). Times come from the sides' own timers (`Party.timed`): encode and decode
-on both sides, per position carried per hop, against the mean step time of the same run.
+(the second run counts). Times come from the sides' own per-session timers (`Party.timed`):
+encode and decode on both sides, per position carried per hop, against the mean step time of the
+same run.
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ def main() -> None:
     ]
     for label, first, second in SETTINGS:
         for codec in ("int8-fixed", "int8"):
-            for _ in range(2):  # the first run warms up
-                pipeline = build_pipeline(model_dir, first, second, codec, seed=0, with_tokenizer=False)
+            pipeline = build_pipeline(model_dir, first, second, codec, seed=0, with_tokenizer=False)
+            for _ in range(2):  # the first run warms up; timers reset with each session
                 result = pipeline.edge.generate(prompt, 64)
             edge, cloud = pipeline.edge.seconds, pipeline.cloud.seconds
             codec_seconds = edge["encode"] + edge["decode"] + cloud["encode"] + cloud["decode"]

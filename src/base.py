@@ -87,7 +87,6 @@ class Party:
         self.device, self.dtype = reference.device, reference.dtype
         self.layer_evals = 0
         self.peak_stored = 0
-        self.seconds: Counter[str] = Counter()  # where the time goes: compute, encode, decode
         self.reset()
 
     @contextmanager
@@ -99,7 +98,8 @@ class Party:
             self.seconds[what] += time.perf_counter() - began
 
     def reset(self) -> None:
-        """Forget the sequence: a new session starts from empty caches."""
+        """Forget the sequence: a new session starts from empty caches and timers."""
+        self.seconds: Counter[str] = Counter()  # where this session's time goes: compute, encode, decode
         self.cache = growing_cache(self.config)
         self.fill = [0] * (self.num_layers + 1)
         self.peer_fill = [0] * (self.num_layers + 1)

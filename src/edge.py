@@ -116,7 +116,6 @@ class Edge(Party):
         eos = set(eos_token_ids)
         self.reset()
         self.layer_evals = self.peer_layer_evals = 0
-        self.seconds.clear()
         result = Generation(prompt_token_ids=list(prompt_ids))
         if self.link is not None:
             start = protocol.encode_start(self.schedule.seed, self.schedule.resplit_every, self.schedule.fingerprint(), self.hidden_size)
