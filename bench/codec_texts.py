@@ -75,18 +75,20 @@ def run_with_codec(model, token_ids: torch.Tensor, cuts: tuple[int, ...], codec:
             handle.remove()
 
 
-def measure(model, corpus: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], cuts: tuple[int, int], codec: Codec, sizes: list[int] | None = None) -> tuple[dict[str, float], float, float]:
-    """Top-1 agreement per text, over all texts, and the mean KL(reference || codec) per token."""
-    agree, kl, total = {}, 0.0, 0
+def measure(model, corpus: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], cuts: tuple[int, int], codec: Codec, sizes: list[int] | None = None) -> tuple[dict[str, int], float]:
+    """Tokens whose top-1 differs from the reference, per text, and the mean KL(reference || codec) per token."""
+    flips, kl = {}, 0.0
     for name, ids in corpus.items():
         logits = run_with_codec(model, ids, cuts, codec, sizes)
         ref = reference[name]
-        agree[name] = float((logits.argmax(-1) == ref.argmax(-1)).float().mean())
+        flips[name] = int((logits.argmax(-1) != ref.argmax(-1)).sum())
         logp, ref_logp = logits.log_softmax(-1), ref.log_softmax(-1)
         kl += float((ref_logp.exp() * (ref_logp - logp)).sum())
-        total += ids.shape[1]
-    overall = sum(agree[n] * corpus[n].shape[1] for n in corpus) / total
-    return agree, overall, kl / total
+    return flips, kl / tokens(corpus)
+
+
+def tokens(corpus: dict[str, torch.Tensor]) -> int:
+    return sum(ids.shape[1] for ids in corpus.values())
 
 
 def below_threshold_chance(flip_rate: float, tokens: int = 1200, threshold: float = 0.995) -> float:
@@ -104,8 +106,10 @@ def codec_table(model, corpus, reference, codecs: list[str]) -> list[str]:
     ]
     for a, b in SPLITS:
         for codec in codecs:
-            agree, overall, kl = measure(model, corpus, reference, (a, b), get_codec(codec))
+            flips, kl = measure(model, corpus, reference, (a, b), get_codec(codec))
+            agree = {n: 1 - flips[n] / ids.shape[1] for n, ids in corpus.items()}
             cells = " | ".join(f"{100 * agree[n]:.2f}%" for n in corpus)
+            overall = 1 - sum(flips.values()) / tokens(corpus)
             lines.append(f"| ({a},{b}) | {codec} | {100 * min(agree.values()):.2f}% | {cells} | {100 * overall:.2f}% | {kl:.1e} |")
             print(lines[-1], flush=True)
     return lines
@@ -127,10 +131,10 @@ def rate_table(model, corpus, reference, rates: list[float]) -> list[str]:
         codec = RiceCodec("int8", default.codec_id, default.outliers, rate, k)
         worst, flips, kls, sizes = 1.0, 0, [], []
         for cuts in SPLITS:
-            agree, _, kl = measure(model, corpus, reference, cuts, codec, sizes)
-            worst, kls = min(worst, *agree.values()), kls + [kl]
-            flips += sum(round((1 - agree[n]) * ids.shape[1]) for n, ids in corpus.items())
-        agreement = 1 - flips / (len(SPLITS) * sum(ids.shape[1] for ids in corpus.values()))
+            per_text, kl = measure(model, corpus, reference, cuts, codec, sizes)
+            worst = min(worst, *(1 - per_text[n] / ids.shape[1] for n, ids in corpus.items()))
+            flips, kls = flips + sum(per_text.values()), kls + [kl]
+        agreement = 1 - flips / (len(SPLITS) * tokens(corpus))
         size = sum(sizes) / len(sizes)
         lines.append(
             f"| {rate:g} | {size:.1f} | {size / hidden:.3f} | {100 * worst:.2f}% | {100 * agreement:.2f}% | {flips} | "
