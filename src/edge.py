@@ -151,7 +151,7 @@ class Edge(Party):
         result.splits.append((a, b))
         new_ids = torch.tensor([tokens[start:end]], device=self.device)
         with self.timed("compute"):
-            self.store.put(0, start, self.first.model.embed_tokens(new_ids)[0])
+            self.store.put(0, start, self.first.model.embed(new_ids)[0])
         self.run_layers(0, a, end)
 
         token = logits = None

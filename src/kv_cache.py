@@ -2,7 +2,8 @@
 
 transformers' DynamicLayer appends with torch.cat, which copies the whole cache at every step:
 quadratic memory traffic over a long generation. This layer keeps a buffer with spare capacity,
-doubling it when full, and exposes the filled part as a view.
+doubling it when full, and exposes the filled part as a view. Sliding-window layers are bounded by
+their window and stay transformers' own.
 """
 from __future__ import annotations
 
@@ -40,6 +41,11 @@ class GrowingLayer(DynamicLayer):
 
 
 def growing_cache(config: PretrainedConfig) -> DynamicCache:
+    """transformers' cache for this config, with full-attention layers that grow without copying.
+
+    Sliding-window layers keep transformers' own layer, which holds only the last `window - 1`
+    positions: its append copies at most the window, and its mask sizes follow the window.
+    """
     cache = DynamicCache(config=config)
-    cache.layers = [GrowingLayer() for _ in cache.layers]
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache

@@ -1,14 +1,18 @@
-"""What each part of the split model computes.
+"""What each part of the split model computes, for every supported model family.
 
-The three parts are LlamaModel subclasses that keep the full list of decoder layers, so that each
-layer keeps its global index (and its KV-cache slot), but put `nn.Identity` in place of the layers
-the part never runs. All of them run a layer the same way, `SplitLlamaModel.run_layer`: one chunk of
-consecutive positions on top of that layer's own KV cache. That is the only forward code here; the
-decoder layers, rotary embedding and mask are transformers' own.
+A part holds the modules of the family's own base model (`LlamaModel`, `Qwen3Model`,
+`Gemma3TextModel`, ... built from the checkpoint's config): the full list of decoder layers, so that
+each layer keeps its global index and KV-cache slot, with `nn.Identity` in place of the layers the
+part never runs. Every part runs a layer the same way, `SplitLlamaModel.run_layer`: one chunk of
+consecutive positions on top of that layer's own KV cache, with the family's rotary embedding and
+transformers' mask for that layer's attention type (full or sliding window). That is the only forward
+code here; what a family does differently is declared in src/families.py.
 
     First  : embeddings + layers [0, a)
     Second : layers [a, b)
     Third  : layers [b, L) + final norm + LM head
+
+The class names are the original design's; they serve every family, not only LLaMA.
 """
 from __future__ import annotations
 
@@ -17,21 +21,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
-from transformers import LlamaConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.cache_utils import Cache
-from transformers.masking_utils import create_causal_mask
-from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrainedModel, LlamaRotaryEmbedding
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_utils import local_torch_dtype
 
 from .checkpoint import load_lora_deltas, read_tensors
+from .families import Family, attention_layer_types, family_for
+from .utils import TriadicError
+
+MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
 @dataclass
 class Chunk:
     """Positions [start, start + length) with their rotary embedding and attention mask.
 
-    The mask depends only on the start (the layer's cache holds exactly `start` positions), so one
-    Chunk serves every layer whose cache is filled up to the same position.
+    The mask depends only on the start (the layer's cache holds exactly `start` positions) and the
+    layer's attention type, so one Chunk serves every layer of that type filled up to the same position.
     """
 
     start: int
@@ -41,49 +50,56 @@ class Chunk:
     mask: torch.Tensor | None
 
 
-class SplitLlamaModel(LlamaModel):
-    """A LlamaModel that holds only the decoder layers in `owned_layers`, and optionally no embeddings or norm."""
+class SplitLlamaModel(nn.Module):
+    """The family's base-model modules that one part holds: some decoder layers, maybe embeddings and norm."""
 
-    def __init__(self, config: LlamaConfig, owned_layers: Iterable[int], with_embeddings: bool, with_norm: bool):
-        super().__init__(config)
+    def __init__(self, base: nn.Module, family: Family, owned_layers: Iterable[int], with_embeddings: bool, with_norm: bool):
+        super().__init__()
+        self.config: PretrainedConfig = base.config
+        self.family = family
         self.owned_layers = frozenset(owned_layers)
-        self.replace_unused_layers_with_identity()
-        if not with_embeddings:
-            self.embed_tokens = None
-        if not with_norm:
-            self.norm = None
+        self.layer_types = attention_layer_types(self.config)
+        self.embed_tokens = base.embed_tokens if with_embeddings else None
+        self.layers = nn.ModuleList(
+            layer if index in self.owned_layers else nn.Identity() for index, layer in enumerate(base.layers)
+        )
+        self.norm = getattr(base, family.norm) if with_norm else None
+        self.rotary_emb = base.rotary_emb
 
-    def replace_unused_layers_with_identity(self) -> None:
-        """Drop the weights of every layer this part never runs; indices of the others stay global."""
-        for index in range(len(self.layers)):
-            if index not in self.owned_layers:
-                self.layers[index] = nn.Identity()
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings as the family's forward() makes them (Gemma scales inside its module, Granite here)."""
+        return self.family.scale_embeddings(self.config, self.embed_tokens(input_ids))
 
     def make_chunk(self, hidden_states: torch.Tensor, start: int, cache: Cache | None, layer_idx: int) -> Chunk:
         length = hidden_states.shape[1]
+        layer_type = self.layer_types[layer_idx]
         position_ids = torch.arange(start, start + length, device=hidden_states.device).unsqueeze(0)
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        if length == 1:
-            mask = None  # one query attends to every cached key: no mask needed
+        if self.family.rotary_per_layer_type:
+            position_embeddings = self.rotary_emb(hidden_states, position_ids, layer_type)
         else:
-            # Sized from this layer's own cache (layer_idx): caches of different layers hold different lengths.
-            # Several queries on top of a non-empty cache always get an explicit mask, never sdpa's
-            # top-left-aligned is_causal.
-            mask = create_causal_mask(
-                config=self.config,
-                inputs_embeds=hidden_states,
-                attention_mask=None,
-                past_key_values=cache,
-                position_ids=position_ids,
-                layer_idx=layer_idx if cache is not None else None,
-            )
+            position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        # Sized from this layer's own cache (layer_idx): caches of different layers hold different lengths,
+        # and sliding layers keep only their window. Several queries on top of a non-empty cache always get
+        # an explicit mask, never sdpa's top-left-aligned is_causal.
+        mask = MASK_FUNCTIONS[layer_type](
+            config=self.config,
+            inputs_embeds=hidden_states,
+            attention_mask=None,
+            past_key_values=cache,
+            position_ids=position_ids,
+            layer_idx=layer_idx if cache is not None else None,
+        )
         return Chunk(start, length, position_ids, position_embeddings, mask)
+
+    def chunk_key(self, start: int, layer_idx: int) -> tuple[int, str]:
+        """Layers with equal keys can share one Chunk."""
+        return start, self.layer_types[layer_idx]
 
     def run_layer(self, index: int, hidden_states: torch.Tensor, chunk: Chunk, cache: Cache | None) -> torch.Tensor:
         """Run decoder layer `index` over one chunk, appending its keys and values to the cache."""
         if index not in self.owned_layers:
             raise RuntimeError(f"layer {index} is not held by this part")
-        return self.layers[index](
+        output = self.layers[index](
             hidden_states,
             attention_mask=chunk.mask,
             position_ids=chunk.position_ids,
@@ -91,31 +107,34 @@ class SplitLlamaModel(LlamaModel):
             use_cache=cache is not None,
             position_embeddings=chunk.position_embeddings,
         )
+        return output[0] if isinstance(output, tuple) else output
 
     def run_owned_layers(self, hidden_states: torch.Tensor, start: int = 0, cache: Cache | None = None) -> torch.Tensor:
         """All owned layers on one chunk, for a fixed split where every layer's cache has the same length."""
-        chunk = None
+        chunks: dict[tuple[int, str], Chunk] = {}
         for index in sorted(self.owned_layers):
-            chunk = chunk or self.make_chunk(hidden_states, start, cache, index)
-            hidden_states = self.run_layer(index, hidden_states, chunk, cache)
+            key = self.chunk_key(start, index)
+            if key not in chunks:
+                chunks[key] = self.make_chunk(hidden_states, start, cache, index)
+            hidden_states = self.run_layer(index, hidden_states, chunks[key], cache)
         return hidden_states
 
 
 class FirstLlamaModel(SplitLlamaModel):
     """Embeddings + layers [0, a): runs on the edge."""
 
-    def __init__(self, config: LlamaConfig, owned_layers: Iterable[int]):
-        super().__init__(config, owned_layers, with_embeddings=True, with_norm=False)
+    def __init__(self, base: nn.Module, family: Family, owned_layers: Iterable[int]):
+        super().__init__(base, family, owned_layers, with_embeddings=True, with_norm=False)
 
     def forward(self, input_ids: torch.LongTensor, start: int = 0, cache: Cache | None = None) -> torch.Tensor:
-        return self.run_owned_layers(self.embed_tokens(input_ids), start, cache)
+        return self.run_owned_layers(self.embed(input_ids), start, cache)
 
 
 class SecondLlamaModel(SplitLlamaModel):
     """Layers [a, b) only: runs in the cloud, which never holds embeddings, norm or head."""
 
-    def __init__(self, config: LlamaConfig, owned_layers: Iterable[int]):
-        super().__init__(config, owned_layers, with_embeddings=False, with_norm=False)
+    def __init__(self, base: nn.Module, family: Family, owned_layers: Iterable[int]):
+        super().__init__(base, family, owned_layers, with_embeddings=False, with_norm=False)
 
     def forward(self, hidden_states: torch.Tensor, start: int = 0, cache: Cache | None = None) -> torch.Tensor:
         return self.run_owned_layers(hidden_states, start, cache)
@@ -124,38 +143,51 @@ class SecondLlamaModel(SplitLlamaModel):
 class ThirdLlamaModel(SplitLlamaModel):
     """Layers [b, L) + final norm: runs on the edge (or, in the two-part split, in the cloud)."""
 
-    def __init__(self, config: LlamaConfig, owned_layers: Iterable[int]):
-        super().__init__(config, owned_layers, with_embeddings=False, with_norm=True)
+    def __init__(self, base: nn.Module, family: Family, owned_layers: Iterable[int]):
+        super().__init__(base, family, owned_layers, with_embeddings=False, with_norm=True)
 
     def forward(self, hidden_states: torch.Tensor, start: int = 0, cache: Cache | None = None) -> torch.Tensor:
         return self.norm(self.run_owned_layers(hidden_states, start, cache))
 
 
-class SplitLlamaForCausalLM(LlamaPreTrainedModel):
-    """Shared loading for the three parts: built on the meta device, then only the part's own tensors are read."""
+class SplitLlamaForCausalLM(nn.Module):
+    """Shared loading for the three parts: parameters on the meta device, then only the part's own tensors are read.
+
+    Parameter names are the checkpoint's (`model.layers.3.mlp.up_proj.weight`, `lm_head.weight`), so a
+    part's state dict is a subset of the full model's.
+    """
 
     model_class: type[SplitLlamaModel]
+    with_head = False
 
-    def __init__(self, config: LlamaConfig, owned_layers: Iterable[int]):
-        super().__init__(config)
-        self.model = self.model_class(config, owned_layers)
+    def __init__(self, config: PretrainedConfig, owned_layers: Iterable[int]):
+        super().__init__()
+        self.config = config
+        self.family = family_for(config)
+        # The family's own CausalLM, its parameters on meta (nothing allocated), its buffers (rotary
+        # frequencies, Gemma's embedding scale) computed for real as transformers computes them.
+        with init_empty_weights(include_buffers=False):
+            full = AutoModelForCausalLM.from_config(config)
+        self.model = self.model_class(full.model, self.family, owned_layers)
+        if self.with_head:
+            self.lm_head = full.lm_head
 
     @classmethod
     def from_checkpoint(
         cls,
         model_dir: Path,
-        config: LlamaConfig,
+        config: PretrainedConfig,
         owned_layers: Iterable[int],
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         lora_weights: str | None = None,
         shared: dict[str, torch.Tensor] | None = None,
     ) -> "SplitLlamaForCausalLM":
-        """Build on meta, drop unused layers, then read exactly the tensors this part holds.
+        """Build without weights, drop unused layers, then read exactly the tensors this part holds.
 
         `shared` hands in tensors this side already holds (the edge's tied embedding, used again as LM head).
         """
-        with torch.device("meta"):
+        with local_torch_dtype(dtype):  # buffers in the model's dtype, as from_pretrained(dtype=...) makes them
             part = cls(config, owned_layers)
         shared = shared or {}
         wanted = {name: cls.checkpoint_name(name, config) for name, _ in part.named_parameters() if name not in shared}
@@ -163,17 +195,24 @@ class SplitLlamaForCausalLM(LlamaPreTrainedModel):
         if lora_weights:
             for name, delta in load_lora_deltas(lora_weights, part.model.owned_layers).items():
                 if name in tensors:
+                    if delta.shape != tensors[name].shape:
+                        raise TriadicError(f"--lora-weights {lora_weights}: {name} is {tuple(tensors[name].shape)}, its update {tuple(delta.shape)}")
                     tensors[name] = (tensors[name].float() + delta.to(device)).to(dtype)
         tensors.update(shared)
-        part.load_state_dict(tensors, strict=True, assign=True)
-        # Non-persistent buffers (rotary inv_freq) are not in the checkpoint: build them for real.
-        part.model.rotary_emb = LlamaRotaryEmbedding(config=config).to(device)
+        part.load_state_dict(tensors, strict=False, assign=True)
+        still_empty = [name for name, p in part.named_parameters() if p.is_meta]
+        if still_empty:
+            raise RuntimeError(f"internal: {still_empty[0]} was not loaded")
+        part.to(device)  # the buffers; parameters are there already
         return part.eval().requires_grad_(False)
 
     @staticmethod
-    def checkpoint_name(name: str, config: LlamaConfig) -> str:
+    def checkpoint_name(name: str, config: PretrainedConfig) -> str:
+        """The checkpoint's name of a part's parameter: the tied head is the embedding, the norm the family's."""
         if name == "lm_head.weight" and config.tie_word_embeddings:
             return "model.embed_tokens.weight"
+        if name.startswith("model.norm."):
+            return f"model.{family_for(config).norm}." + name.removeprefix("model.norm.")
         return name
 
     def parameter_count(self, exclude: Iterable[torch.Tensor] = ()) -> int:
@@ -199,15 +238,15 @@ class SecondLlamaForCausalLM(SplitLlamaForCausalLM):
 
 class ThirdLlamaForCausalLM(SplitLlamaForCausalLM):
     model_class = ThirdLlamaModel
-
-    def __init__(self, config: LlamaConfig, owned_layers: Iterable[int]):
-        super().__init__(config, owned_layers)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    with_head = True
 
     def forward(self, hidden_states: torch.Tensor, start: int = 0, cache: Cache | None = None) -> torch.Tensor:
         """Logits for every position of the chunk."""
-        return self.lm_head(self.model(hidden_states, start, cache))
+        return self.logits(self.model(hidden_states, start, cache))
 
     def head(self, last_hidden: torch.Tensor) -> torch.Tensor:
         """Logits from the hidden state after the last decoder layer (before the final norm)."""
-        return self.lm_head(self.model.norm(last_hidden))
+        return self.logits(self.model.norm(last_hidden))
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        return self.family.process_logits(self.config, self.lm_head(normed))

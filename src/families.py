@@ -1,0 +1,112 @@
+"""Model families: what each one does outside its decoder layers, declared once.
+
+The split path (src/models.py) runs a family's own transformers modules: its embedding, its decoder
+layers, its final norm, its rotary embedding, and transformers' mask functions. What differs between
+dense decoder-only families is small and lives here, one `Family` entry each:
+
+- which rotary embedding a layer uses (one shared, or one per layer type as in Gemma 3's local and
+  global RoPE);
+- factors the family's `forward` applies around the modules (Granite's embedding multiplier and logit
+  divisor, Cohere's logit scale, Gemma 2's final logit soft-capping);
+- module names that are not LLaMA's (Phi's `final_layernorm`).
+
+Which mask a layer uses follows from the config's layer types (full or sliding attention), for every
+family alike. To add a family: make a tiny random-init checkpoint of it (tests/families.py), add its
+model type to an entry below (or a new entry for what it does differently), and run
+tests/test_families.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig
+
+from .utils import TriadicError
+
+# Attention layer types the split path runs: full causal attention and sliding-window attention.
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclass(frozen=True)
+class Family:
+    """The declared differences of one model family; the defaults are LLaMA's."""
+
+    model_types: tuple[str, ...]  # config.model_type values this entry serves
+    rotary_per_layer_type: bool = False  # rotary_emb(h, positions, layer_type): a RoPE per layer type (Gemma 3)
+    embedding_multiplier: str | None = None  # config field the token embeddings are multiplied by in forward()
+    logit_softcap: str | None = None  # config field c (may be None in a config): logits = c * tanh(logits / c)
+    logit_divisor: str | None = None  # config field the logits are divided by
+    logit_multiplier: str | None = None  # config field the logits are multiplied by
+    norm: str = "norm"  # attribute of the base model holding the final norm
+
+    def scale_embeddings(self, config: PretrainedConfig, embeddings: torch.Tensor) -> torch.Tensor:
+        if self.embedding_multiplier is None:
+            return embeddings
+        return embeddings * getattr(config, self.embedding_multiplier)
+
+    def process_logits(self, config: PretrainedConfig, logits: torch.Tensor) -> torch.Tensor:
+        """What the family's *ForCausalLM.forward does to the LM head's output, in the same order."""
+        if self.logit_multiplier is not None:
+            logits = logits * getattr(config, self.logit_multiplier)
+        if self.logit_divisor is not None:
+            logits = logits / getattr(config, self.logit_divisor)
+        cap = getattr(config, self.logit_softcap, None) if self.logit_softcap else None
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+FAMILIES = (
+    # LLaMA's shape: embeddings, layers, norm, one rotary embedding, plain logits. The layers
+    # differ (GQA, biases, q/k norms, fused projections, post-norms, sliding windows) but are the
+    # family's own modules, so they need no entry of their own.
+    Family((
+        "llama", "mistral", "ministral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "glm", "glm4",
+        "helium", "starcoder2", "stablelm", "apertus", "arcee", "seed_oss", "smollm3", "exaone4",
+        "nemotron", "gemma",  # Gemma scales its embeddings inside its own embedding module
+    )),
+    Family(("gemma2",), logit_softcap="final_logit_softcapping"),
+    Family(("gemma3_text",), rotary_per_layer_type=True, logit_softcap="final_logit_softcapping"),
+    Family(("olmo3",), rotary_per_layer_type=True),
+    Family(("granite",), embedding_multiplier="embedding_multiplier", logit_divisor="logits_scaling"),
+    Family(("cohere", "cohere2"), logit_multiplier="logit_scale"),
+    Family(("phi",), norm="final_layernorm"),
+)
+FAMILY_BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
+SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILY_BY_MODEL_TYPE))
+
+
+def family_for(config: PretrainedConfig, source: str = "") -> Family:
+    """The family of a checkpoint's config, or a one-line TriadicError that names its model type and why."""
+    model_type = getattr(config, "model_type", None)
+    where = f"{source}: " if source else ""
+    if model_type in FAMILY_BY_MODEL_TYPE:
+        family = FAMILY_BY_MODEL_TYPE[model_type]
+        layer_types = attention_layer_types(config)
+        unsupported = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
+        if unsupported:
+            raise TriadicError(f"{where}model type {model_type!r} has {unsupported[0]} layers; the split runs full and sliding attention only")
+        return family
+    raise TriadicError(f"{where}model type {model_type!r} is not supported: {_why_not(config)}")
+
+
+def _why_not(config: PretrainedConfig) -> str:
+    """The reason a config is refused, in the words of the field."""
+    model_type = str(getattr(config, "model_type", ""))
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder models are not split (decoder-only models are)"
+    if any(getattr(config, name, None) for name in ("vision_config", "audio_config", "vision_tower", "image_token_id")):
+        return "multimodal models are not split (use a text-only checkpoint)"
+    if any(getattr(config, name, None) for name in ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")):
+        return "mixture-of-experts models are not split (dense decoder-only models are)"
+    if any(word in model_type for word in ("mamba", "rwkv", "jamba", "zamba", "bamba", "hybrid", "xlstm", "lfm2")):
+        return "state-space and recurrent models are not split (attention decoders are)"
+    return f"the split covers the dense decoder-only families {', '.join(SUPPORTED_MODEL_TYPES)}"
+
+
+def attention_layer_types(config: PretrainedConfig) -> list[str]:
+    """Each layer's attention type, as transformers' own caches read it (full unless a window is set)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    return list(get_layer_types_and_kwargs(config)[0])

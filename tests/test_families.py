@@ -1,0 +1,177 @@
+"""Every supported family, from tiny random-init checkpoints made by transformers alone: the split's
+tokens equal HF generate(do_sample=False) at every fixed split and under moving cuts, sliding-window
+layers included with prompts longer than the window; LoRA merges exactly or is refused; anything
+else is refused in one line."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from families import CANNOT_UNTIE, FAMILY_CONFIGS, WINDOW, make_family_checkpoint
+from src.checkpoint import load_config
+from src.families import SUPPORTED_MODEL_TYPES, attention_layer_types
+from src.pipeline import build_pipeline
+from src.utils import TriadicError
+from tests.conftest import ROOT
+from tiny import hf_greedy
+
+PROMPT = [1, 5, 9, 33, 17, 80, 3, 41, 7, 12, 50]  # longer than the sliding window
+NEW = 10
+FAMILIES = sorted(FAMILY_CONFIGS)
+_checkpoints: dict[tuple[str, bool], tuple] = {}
+
+
+def checkpoint(model_type: str, tie: bool, tmp_path_factory) -> tuple:
+    """One checkpoint and its reference generation per (family, tie), shared by the tests of this file."""
+    key = (model_type, tie)
+    if key not in _checkpoints:
+        folder, model = make_family_checkpoint(tmp_path_factory.mktemp(f"{model_type}-{tie}"), model_type, tie=tie)
+        _checkpoints[key] = (folder, model, *hf_greedy(model, PROMPT, NEW))
+    return _checkpoints[key]
+
+
+def max_logit_gap(logits, reference) -> float:
+    assert len(logits) == len(reference)
+    return max((x - y).abs().max().item() for x, y in zip(logits, reference))
+
+
+def test_every_family_is_tested():
+    assert set(FAMILIES) == set(SUPPORTED_MODEL_TYPES)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_every_fixed_split_matches_generate(model_type, tmp_path_factory):
+    """Tied embeddings at every 0 <= a <= b <= L; untied at the splits that touch the ends."""
+    for tie in (True, False):
+        folder, model, reference, reference_logits = checkpoint(model_type, tie, tmp_path_factory)
+        assert len(set(reference)) >= 3  # the reference is not degenerate
+        L = model.config.num_hidden_layers
+        splits = [(a, b) for a in range(L + 1) for b in range(a, L + 1)] if tie else [(0, 4), (1, 3), (2, 2), (0, 1)]
+        for a, b in splits:
+            pipeline = build_pipeline(str(folder), {a}, {b}, with_tokenizer=False)
+            result = pipeline.edge.generate(PROMPT, NEW, keep_logits=True)
+            assert result.token_ids == reference, (tie, a, b)
+            assert max_logit_gap(result.logits, reference_logits) < 1e-5, (tie, a, b)
+
+
+def test_sliding_families_have_sliding_layers_and_prompts_beyond_the_window():
+    sliding = [t for t in FAMILIES if "sliding_attention" in attention_layer_types(make_config(t))]
+    assert {"mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo3", "cohere2"} <= set(sliding)
+    hybrid = [t for t in sliding if "full_attention" in attention_layer_types(make_config(t))]
+    assert {"gemma2", "gemma3_text", "qwen2", "olmo3"} <= set(hybrid)
+    assert len(PROMPT) + NEW > 2 * WINDOW
+
+
+def make_config(model_type: str):
+    from families import family_config
+
+    return family_config(model_type)
+
+
+@st.composite
+def moving_cases(draw):
+    L = 4
+    middle = draw(st.integers(0, L))
+    first = draw(st.sets(st.integers(0, middle), min_size=1, max_size=3))
+    second = draw(st.sets(st.integers(middle, L), min_size=1, max_size=3))
+    return dict(
+        first=first, second=second, seed=draw(st.integers(0, 2**32 - 1)), tie=draw(st.booleans()),
+        resplit_every=draw(st.sampled_from([1, 1, 2, 0])),
+    )
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_moving_cuts_match_generate(model_type, tmp_path_factory):
+    @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(moving_cases())
+    def check(case):
+        tie = case["tie"] or model_type in CANNOT_UNTIE
+        folder, _, reference, reference_logits = checkpoint(model_type, tie, tmp_path_factory)
+        pipeline = build_pipeline(
+            str(folder), case["first"], case["second"], seed=case["seed"], resplit_every=case["resplit_every"], with_tokenizer=False
+        )
+        result = pipeline.edge.generate(PROMPT, NEW, keep_logits=True)
+        assert result.token_ids == reference
+        assert max_logit_gap(result.logits, reference_logits) < 1e-4
+
+    check()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma3_text", "phi3", "granite", "olmo2"])
+def test_lora_merges_exactly_per_part(model_type, tmp_path_factory):
+    """A PEFT adapter on every Linear of every layer, with per-module alpha and rank patterns."""
+    from peft import LoraConfig, get_peft_model
+
+    folder, model, _, _ = checkpoint(model_type, True, tmp_path_factory)
+    targets = sorted({name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name})
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, rank_pattern={targets[0]: 2}, alpha_pattern={targets[-1]: 3})
+    torch.manual_seed(5)
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.2)
+    adapter = tmp_path_factory.mktemp(f"lora-{model_type}")
+    peft_model.save_pretrained(adapter)
+    merged = peft_model.merge_and_unload().eval()
+    reference, reference_logits = hf_greedy(merged, PROMPT, NEW)
+    for first, second in [({1}, {3}), ({0, 2}, {2, 4})]:
+        pipeline = build_pipeline(str(folder), first, second, lora_weights=str(adapter), with_tokenizer=False)
+        result = pipeline.edge.generate(PROMPT, NEW, keep_logits=True)
+        assert result.token_ids == reference
+        assert max_logit_gap(result.logits, reference_logits) < 1e-4
+
+
+@pytest.mark.parametrize("field,value,why", [
+    ("use_dora", True, "DoRA"),
+    ("modules_to_save", ["lm_head"], "modules_to_save"),
+    ("target_modules", ["embed_tokens"], "not a LoRA update of a Linear layer"),
+    ("target_modules", ["lm_head"], "lm_head"),
+])
+def test_lora_that_cannot_merge_exactly_is_refused(field, value, why, tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+
+    folder, model, _, _ = checkpoint("llama", False, tmp_path_factory)
+    values = {"r": 2, "target_modules": ["q_proj"], field: value}
+    peft_model = get_peft_model(type(model)(model.config), LoraConfig(**values))
+    adapter = tmp_path_factory.mktemp("lora-refused")
+    peft_model.save_pretrained(adapter)
+    with pytest.raises(TriadicError, match=why):
+        build_pipeline(str(folder), {1}, {3}, lora_weights=str(adapter), with_tokenizer=False)
+
+
+UNSUPPORTED = {
+    "mixtral": "mixture-of-experts",
+    "qwen3_moe": "mixture-of-experts",
+    "t5": "encoder-decoder",
+    "mamba": "state-space",
+    "llava": "multimodal",
+    "gpt2": "dense decoder-only families",
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(UNSUPPORTED))
+def test_unsupported_model_types_are_refused_by_name(model_type, tmp_path):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(model_type).save_pretrained(tmp_path)
+    with pytest.raises(TriadicError, match=f"model type '{model_type}' is not supported: .*{UNSUPPORTED[model_type]}"):
+        load_config(tmp_path)
+
+
+def test_cli_refuses_an_unsupported_model_in_one_line(tmp_path):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("mixtral").save_pretrained(tmp_path)
+    run = subprocess.run(
+        [sys.executable, "main_3_split.py", "--base-model", str(tmp_path), "--first", "1", "--second", "3", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.strip().count("\n") == 0 and "model type 'mixtral' is not supported" in run.stderr
