@@ -22,11 +22,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# ARGS="--base-model gemma3-270m" for the second embedded model (or a .gguf file, or a folder).
 summaries: $(STAMP)
-	$(PY) -m tools.summaries
+	$(PY) -m tools.summaries $(ARGS)
 
 seed-table: $(STAMP)
-	$(PY) -m tools.seed_table
+	$(PY) -m tools.seed_table $(ARGS)
 
 # Benchmarks: not part of `make test`; each writes figures under results/.
 bench: $(STAMP)

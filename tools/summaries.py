@@ -1,6 +1,8 @@
-"""Write torchinfo summaries of the three parts to torchinfo_summary_log/ (embedded model, first {1}, second {L-1}).
+"""Write torchinfo summaries of the three parts to torchinfo_summary_log/ (first {1}, second {L-1} by default).
 
-    python -m tools.summaries [--base-model PATH] [--first 1] [--second 29]
+    python -m tools.summaries [--base-model gemma3-270m|PATH] [--first 1] [--second 29]
+
+Files are named `<part>_<a>_<b>.txt` for the default model and `<model>_<part>_<a>_<b>.txt` for another.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 import torch
 from torchinfo import summary
 
-from src.checkpoint import load_config, resolve_model_dir
+from src.checkpoint import DEFAULT_MODEL, load_config, resolve_model_dir
 from src.models import FirstLlamaForCausalLM, SecondLlamaForCausalLM, ThirdLlamaForCausalLM
 
 OUT = Path(__file__).resolve().parent.parent / "torchinfo_summary_log"
@@ -18,7 +20,7 @@ OUT = Path(__file__).resolve().parent.parent / "torchinfo_summary_log"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--base-model", default=None)
+    parser.add_argument("--base-model", default=None, help="an embedded model's name, a .gguf file or a model folder")
     parser.add_argument("--first", type=int, default=1)
     parser.add_argument("--second", type=int, default=None)
     args = parser.parse_args()
@@ -49,7 +51,8 @@ def main() -> None:
             f"# first + second + third = {total:,} = full model ({'tied embeddings counted once' if tied else 'untied'})\n\n"
             f"{part!r}\n\n{stats}\n"
         )
-        path = OUT / f"{name}_{a}_{b}.txt"
+        prefix = "" if args.base_model in (None, DEFAULT_MODEL) else f"{Path(args.base_model).stem}_"
+        path = OUT / f"{prefix}{name}_{a}_{b}.txt"
         path.write_text(text)
         print(f"wrote {path} ({counts[name]:,} parameters)")
 
