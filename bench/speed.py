@@ -9,16 +9,14 @@ All in-process figures come from one process on the same machine: a warm-up, the
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from bench.common import machine
+from bench.memory import memory_probe
 from src.checkpoint import load_tokenizer, resolve_model_dir
 from src.codec import get_codec
 from src.pipeline import build_pipeline
@@ -61,35 +59,6 @@ def configurations(model_dir):
         ("three-part random {1..6},{24..29}, lossless", DEFAULT_FIRST, DEFAULT_SECOND, "none", False),
         ("three-part random {1..6},{24..29}, int8", DEFAULT_FIRST, DEFAULT_SECOND, "int8", False),
     ]
-
-
-def memory_probe(role: str) -> dict:
-    """Run in a fresh process: RSS after imports, then peak RSS after building one side alone."""
-    code = f"""
-import json, resource, torch, transformers
-from src.pipeline import build_cloud, build_edge
-from src.checkpoint import load_config, resolve_model_dir
-from src.schedule import SplitSchedule
-def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096
-base = rss()
-model_dir = resolve_model_dir(None); config = load_config(model_dir)
-schedule = SplitSchedule(tuple(range(1, 7)), tuple(range(24, 30)), config.num_hidden_layers)
-role = {role!r}
-if role == "edge":
-    part = build_edge(model_dir, config, schedule, "int8", link=object()); params = part.parts  # never called
-elif role == "cloud":
-    part = build_cloud(model_dir, config, schedule); params = part.parts
-else:
-    part = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32); params = [part]
-seen = set(); nbytes = 0
-for p in params:
-    for t in p.parameters():
-        if id(t) not in seen: seen.add(id(t)); nbytes += t.numel() * t.element_size(); float(t.float().sum())  # touch every page
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps(dict(role=role, base=base, peak=peak, param_bytes=nbytes)))
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

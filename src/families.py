@@ -64,12 +64,13 @@ FAMILIES = (
     Family((
         "llama", "mistral", "ministral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "glm", "glm4",
         "helium", "starcoder2", "stablelm", "apertus", "arcee", "seed_oss", "smollm3", "exaone4",
-        "nemotron", "gemma",  # Gemma scales its embeddings inside its own embedding module
+        "nemotron", "hunyuan_v1_dense", "ernie4_5", "jais2", "diffllama", "bitnet", "cwm",
+        "gemma",  # Gemma scales its embeddings inside its own embedding module
     )),
     Family(("gemma2",), logit_softcap="final_logit_softcapping"),
     Family(("gemma3_text",), rotary_per_layer_type=True, logit_softcap="final_logit_softcapping"),
     Family(("olmo3",), rotary_per_layer_type=True),
-    Family(("granite",), embedding_multiplier="embedding_multiplier", logit_divisor="logits_scaling"),
+    Family(("granite", "granite_swa"), embedding_multiplier="embedding_multiplier", logit_divisor="logits_scaling"),
     Family(("cohere", "cohere2"), logit_multiplier="logit_scale"),
     Family(("phi",), norm="final_layernorm"),
 )

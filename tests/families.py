@@ -45,6 +45,16 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "cohere": dict(logit_scale=0.3),
     "cohere2": dict(sliding_window=WINDOW, logit_scale=0.3),
     "phi": {},
+    "hunyuan_v1_dense": {},
+    "ernie4_5": {},
+    "jais2": {},
+    "diffllama": {},
+    "bitnet": {},
+    "cwm": dict(sliding_window=WINDOW),
+    "granite_swa": dict(
+        sliding_window=WINDOW, embedding_multiplier=3.0, logits_scaling=2.5, residual_multiplier=0.7, attention_multiplier=0.2,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    ),
 }
 # Families whose configs cannot untie (or tie) their embeddings are tested the one way they allow.
 CANNOT_UNTIE = {"gemma", "gemma2", "gemma3_text", "cohere", "cohere2"}
