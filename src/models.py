@@ -25,6 +25,7 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.cache_utils import Cache
+from transformers.initialization import no_init_weights
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_utils import local_torch_dtype
 
@@ -166,7 +167,7 @@ class SplitLlamaForCausalLM(nn.Module):
         self.family = family_for(config)
         # The family's own CausalLM, its parameters on meta (nothing allocated), its buffers (rotary
         # frequencies, Gemma's embedding scale) computed for real as transformers computes them.
-        with init_empty_weights(include_buffers=False):
+        with init_empty_weights(include_buffers=False), no_init_weights():  # the weights come from the checkpoint
             full = AutoModelForCausalLM.from_config(config)
         self.model = self.model_class(full.model, self.family, owned_layers)
         if self.with_head:
