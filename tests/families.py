@@ -56,8 +56,6 @@ FAMILY_CONFIGS: dict[str, dict] = {
         layer_types=["sliding_attention", "full_attention"] * 2,
     ),
 }
-# Families whose configs cannot untie (or tie) their embeddings are tested the one way they allow.
-CANNOT_UNTIE = {"gemma", "gemma2", "gemma3_text", "cohere", "cohere2"}
 
 
 def family_config(model_type: str, tie: bool = True, num_layers: int = 4):
