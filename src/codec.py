@@ -70,6 +70,7 @@ class RawCodec(Codec):
 
 
 FP16_MAX = torch.finfo(torch.float16).max
+MAX_OUTLIER_SHIFT = 60  # outliers up to 65504 * 2**60: beyond any float32 activation a model should have
 
 
 def _rotation_block(hidden: int) -> int:
@@ -93,13 +94,30 @@ def rotate(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     return (x.reshape(count, hidden // block, block) @ matrix).reshape(count, hidden)
 
 
-def split_outliers(x: torch.Tensor, k: int, codec: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The k largest-magnitude channels of each position (indices, fp16 values) and the rest with them zeroed."""
+def split_outliers(x: torch.Tensor, k: int, codec: str) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """The k largest-magnitude channels of each position and the rest with them zeroed.
+
+    Returns (indices, fp16 values / 2**shift, shift, rest). The shift is the message's smallest power
+    of two that brings its largest outlier into fp16's range: 0 where it fits already (SmolLM2's
+    reach about 25,000), 1 for Gemma 3's residual stream (about 100,000). fp16 keeps its 11 bits of
+    precision either way.
+    """
     index = x.abs().topk(k, dim=-1).indices
     values = x.gather(-1, index)
-    if values.abs().max() > FP16_MAX:
-        raise TriadicError(f"codec {codec}: an outlier exceeds the fp16 range; use --codec bf16 or none")
-    return index, values.to(torch.float16), x.scatter(-1, index, 0.0)
+    peak = float(values.abs().max()) if values.numel() else 0.0
+    shift = math.ceil(math.log2(peak / FP16_MAX)) if peak > FP16_MAX else 0
+    if shift > MAX_OUTLIER_SHIFT or not math.isfinite(peak):
+        raise TriadicError(f"codec {codec}: an outlier of {peak:.3g} is beyond the codec's range; use --codec none")
+    return index, (values / 2.0**shift).to(torch.float16), shift, x.scatter(-1, index, 0.0)
+
+
+def read_shift(payload: memoryview, codec: str) -> int:
+    """The outlier shift in the first payload byte of the outlier-aware codecs."""
+    if len(payload) < 1:
+        raise ProtocolError(f"codec {codec}: empty payload")
+    if payload[0] > MAX_OUTLIER_SHIFT:
+        raise ProtocolError(f"codec {codec}: outlier shift {payload[0]} beyond {MAX_OUTLIER_SHIFT}")
+    return payload[0]
 
 
 def read_parts(payload: memoryview, parts: list[tuple[torch.dtype, tuple[int, ...]]]) -> tuple[list[torch.Tensor], int]:
@@ -137,7 +155,8 @@ class RotatedInt8Codec(Codec):
     (LLM.int8()-style; they hold the massive activations, up to ~25,000 here). The rest is rotated
     by a fixed random orthogonal matrix, which spreads any remaining heavy tail over all channels so
     that the vector looks Gaussian, and is quantized to int8 with one fp16 absmax scale. Decoding
-    rotates back. Bytes per position: hidden + 2 + 4 * outliers (602 at hidden 576).
+    rotates back. Bytes per position: hidden + 2 + 4 * outliers (602 at hidden 576), and one byte
+    per message, the outliers' power-of-two shift (`split_outliers`).
     """
 
     def __init__(self, name: str, codec_id: int, outliers: int):
@@ -148,24 +167,25 @@ class RotatedInt8Codec(Codec):
         return [(torch.float16, (count, 1)), (torch.int16, (count, k)), (torch.float16, (count, k)), (torch.int8, (count, hidden))]
 
     def payload_size(self, count: int, hidden: int, dtype_code: int) -> int:
-        return sum(dtype.itemsize * math.prod(shape) for dtype, shape in self._parts(count, hidden))
+        return 1 + sum(dtype.itemsize * math.prod(shape) for dtype, shape in self._parts(count, hidden))
 
     def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
         x = x.detach().to("cpu", torch.float32)
-        index, values, rest = split_outliers(x, self.outliers, self.name)
+        index, values, shift, rest = split_outliers(x, self.outliers, self.name)
         rotated = rotate(rest)
         scale = rotated.abs().amax(-1, keepdim=True).clamp_min(1e-30).to(torch.float16).to(torch.float32)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row (or fp16 underflow)
         quantized = (rotated / scale * 127).round().clamp(-127, 127).to(torch.int8)
         pieces = [scale.to(torch.float16), index.to(torch.int16), values, quantized]
-        return b"".join(tensor_bytes(p) for p in pieces), DTYPE_CODES[torch.float32]
+        return bytes([shift]) + b"".join(tensor_bytes(p) for p in pieces), DTYPE_CODES[torch.float32]
 
     def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int) -> torch.Tensor:
         expect_length(payload, self.payload_size(count, hidden, dtype_code), self.name, count)
-        (scale, index, values, quantized), _ = read_parts(payload, self._parts(count, hidden))
+        shift = read_shift(payload, self.name)
+        (scale, index, values, quantized), _ = read_parts(payload[1:], self._parts(count, hidden))
         scale, index = check_scale(scale, self.name), check_outliers(index, values, hidden, self.name)
         rest = rotate(quantized.float() * (scale / 127), inverse=True)
-        return rest.scatter(-1, index, values.float())
+        return rest.scatter(-1, index, values.float() * 2.0**shift)
 
 
 def rice_encode(q: np.ndarray, k: int) -> bytes:
@@ -214,8 +234,9 @@ class RiceCodec(Codec):
     0.6 bit per value on range that only the largest value uses; this spends it on a 1.5x finer step
     for 1% more bytes.
 
-    Payload per message: steps [count] bf16, outlier indices [count, outliers] uint16, outlier
-    values [count, outliers] fp16, then the Rice code of the count * hidden integers. About
+    Payload per message: the outliers' power-of-two shift (one byte, `split_outliers`), steps [count]
+    bf16, outlier indices [count, outliers] uint16, outlier values [count, outliers] fp16, then the
+    Rice code of the count * hidden integers. About
     hidden * 8.03 / 8 + 2 + 4 * outliers bytes per position (604 at hidden 576). The length varies a
     little with the content and is bounded: the step is tied to the RMS, so the unary parts of one
     position add at most (2 * hidden * steps_per_rms + hidden) / 2**k bits.
@@ -229,22 +250,24 @@ class RiceCodec(Codec):
 
     def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
         x = x.detach().to("cpu", torch.float32)
-        index, values, rest = split_outliers(x, self.outliers, self.name)
+        index, values, shift, rest = split_outliers(x, self.outliers, self.name)
         rotated = rotate(rest)
         # bf16: the step needs range, not precision (both sides use the rounded value).
         step = (rotated.pow(2).mean(-1, keepdim=True).sqrt() / self.steps_per_rms).to(torch.bfloat16)
         step = torch.where(step > 0, step, torch.ones_like(step))  # an all-zero row
         q = (rotated / step.float()).round().to(torch.int64).numpy().ravel()
-        pieces = [tensor_bytes(step), tensor_bytes(index.to(torch.int16)), tensor_bytes(values), rice_encode(q, self.k)]
+        pieces = [bytes([shift]), tensor_bytes(step), tensor_bytes(index.to(torch.int16)), tensor_bytes(values), rice_encode(q, self.k)]
         return b"".join(pieces), DTYPE_CODES[torch.float32]
 
     def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int) -> torch.Tensor:
+        shift = read_shift(payload, self.name)
+        payload = payload[1:]
         (step, index, values), offset = read_parts(payload, self._parts(count))
         step, index = check_scale(step, self.name), check_outliers(index, values, hidden, self.name)
         q = rice_decode(payload[offset:], count * hidden, self.k, self.name)
         q = torch.from_numpy(q.reshape(count, hidden))
         rest = rotate(q.float() * step, inverse=True)
-        return rest.scatter(-1, index, values.float())
+        return rest.scatter(-1, index, values.float() * 2.0**shift)
 
 
 class BlockwiseInt8Codec(Codec):

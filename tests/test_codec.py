@@ -48,16 +48,33 @@ def test_int8_codecs_keep_the_outliers(codec):
     assert torch.allclose(y[:, 123], x[:, 123], rtol=1e-3)
 
 
+@pytest.mark.parametrize("codec_name", ["int8", "int8-fixed"])
+def test_outliers_beyond_fp16_are_shifted_not_refused(codec_name):
+    """Gemma 3's residual stream reaches about 100,000: one power-of-two shift per message keeps fp16's precision."""
+    codec = get_codec(codec_name)
+    x = llama_like(3)
+    x[0, 45], x[1, 7] = 1.02e5, -2.5e5
+    payload, dtype = codec.encode(x)
+    assert payload[0] == 2  # 2.5e5 / 2**2 < 65504 <= 2.5e5 / 2
+    y = protocol.decode(sealed(2, codec.codec_id, dtype, 3, payload), HIDDEN).hidden
+    for position, channel in ((0, 45), (1, 7)):
+        assert abs(y[position, channel] - x[position, channel]) <= abs(x[position, channel]) * 2**-11
+    assert (y[2] - x[2]).pow(2).mean() < 1e-4 * x[2].pow(2).mean()  # a position without such outliers is unharmed
+    assert get_codec(codec_name).encode(llama_like(2))[0][0] == 0  # SmolLM2-sized outliers: no shift
+    with pytest.raises(ProtocolError, match="outlier shift 61"):
+        protocol.decode(sealed(2, codec.codec_id, dtype, 3, bytes([61]) + payload[1:]), HIDDEN)
+
+
 def test_int8_fixed_costs_hidden_plus_26_bytes_per_position():
     error, size = rest_error("int8-fixed", llama_like(5))
-    assert size == HEADER_SIZE + 5 * (HIDDEN + 2 + 6 * 4)
+    assert size == HEADER_SIZE + 1 + 5 * (HIDDEN + 2 + 6 * 4)  # + the outlier shift, once per message
     assert error < 1e-4  # absmax int8: step = max / 127 on a Gaussian of 570 values
 
 
 def test_int8_spends_the_same_bytes_on_a_finer_step_than_int8_fixed():
     error, size = rest_error("int8", llama_like(5))
     fixed_error, fixed_size = rest_error("int8-fixed", llama_like(5))
-    assert fixed_size <= size <= HEADER_SIZE + 5 * (2 + 6 * 4 + HIDDEN * 8.1 / 8)
+    assert fixed_size <= size <= HEADER_SIZE + 1 + 5 * (2 + 6 * 4 + HIDDEN * 8.1 / 8)
     assert error < 3e-5  # step = RMS / 60: error RMS = RMS / (60 sqrt 12)
     assert error * 2 < fixed_error
 
@@ -79,7 +96,7 @@ def test_int8_error_is_bounded_by_its_step(count, magnitude, seed):
     codec = get_codec("int8")
     payload, dtype = codec.encode(x)
     y = codec.decode(memoryview(payload), count, HIDDEN, dtype)
-    step = torch.frombuffer(bytearray(payload[: 2 * count]), dtype=torch.bfloat16).float()[:, None]
+    step = torch.frombuffer(bytearray(payload[1 : 1 + 2 * count]), dtype=torch.bfloat16).float()[:, None]  # after the shift byte
     index = x.abs().topk(6, dim=-1).indices
     assert torch.equal(y.gather(-1, index), x.gather(-1, index).half().float())
     off_outliers = torch.ones_like(x, dtype=torch.bool).scatter(-1, index, False)
@@ -123,10 +140,10 @@ def sealed(kind, codec_id, dtype_code, count, payload: bytes) -> bytes:
 def test_int8_codecs_reject_non_finite_scale_and_bad_index(codec_name):
     codec = get_codec(codec_name)
     payload, dtype = codec.encode(torch.randn(1, HIDDEN))
-    bad_scale = b"\xff\xff" + payload[2:]  # NaN in fp16 and in bf16
+    bad_scale = payload[:1] + b"\xff\xff" + payload[3:]  # NaN in fp16 and in bf16
     with pytest.raises(ProtocolError, match="non-finite or non-positive scale"):
         protocol.decode(sealed(2, codec.codec_id, dtype, 1, bad_scale), HIDDEN)
-    bad_index = payload[:2] + struct.pack("<H", 999) + payload[4:]
+    bad_index = payload[:3] + struct.pack("<H", 999) + payload[5:]
     with pytest.raises(ProtocolError, match="outlier index"):
         protocol.decode(sealed(2, codec.codec_id, dtype, 1, bad_index), HIDDEN)
 
