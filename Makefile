@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test summaries seed-table bench fidelity privacy grpc-soak clean
+.PHONY: run serve browser test summaries seed-table bench fidelity privacy grpc-soak clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,17 @@ $(STAMP): requirements.txt
 
 run: $(STAMP)
 	$(PY) main_3_split.py
+
+# The edge as an OpenAI-compatible server with its page at http://127.0.0.1:8000/
+serve: $(STAMP)
+	$(PY) -m src.edge_server --host 127.0.0.1 --port 8000
+
+# Headless Chromium for the page test (tests/test_edge_server.py): Debian's package, no browser download.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || \
+	{ echo "make browser: cannot install Debian's chromium package here (needs root and apt-get)" >&2; exit 1; }
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

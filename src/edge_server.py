@@ -20,6 +20,7 @@ import torch
 
 from .cli import add_pipeline_arguments, build_from_args
 from .cloud_server import DEFAULT_FIRST, DEFAULT_SECOND
+from .codec import get_codec
 from .utils import OneLineParser, TriadicError, parse_layer_set, read_token
 
 PROG = "edge_server"
@@ -52,6 +53,7 @@ def _check(args) -> None:
         raise TriadicError("--max-body-kb must be at least 1")
     if args.threads is not None and args.threads < 1:
         raise TriadicError("--threads must be at least 1")
+    get_codec(args.codec)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -89,14 +91,17 @@ def build(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    sock = None
     try:
         _check(args)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         if args.threads:
             torch.set_num_threads(args.threads)
         sock = _bind(args.host, args.port)  # before loading: a taken port fails in a second, not after the weights
         app, split = build(args)
     except TriadicError as error:
+        if sock is not None:
+            sock.close()
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
 
