@@ -165,6 +165,20 @@ def test_stop_strings(client):
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
 
 
+def test_extending_the_conversation_prefills_only_the_new_tokens(client):
+    turn = [{"role": "user", "content": "Name a color."}]
+    one = client.chat.completions.create(model="tiny", messages=turn, max_tokens=6)
+    if not one.split_trace["prefix_reuse"]:
+        pytest.skip("prefix reuse waits for the decoding issue's sessions (src/serve/engine.py: EdgeEngine.prepare)")
+    longer = [*turn, {"role": "assistant", "content": one.choices[0].message.content}, {"role": "user", "content": "Another one?"}]
+    two = client.chat.completions.create(model="tiny", messages=longer, max_tokens=6)
+    cached = two.usage.prompt_tokens_details.cached_tokens
+    assert cached >= one.usage.prompt_tokens and two.split_trace["prefilled"] == two.usage.prompt_tokens - cached
+    assert two.split_trace["tokens"][0]["positions_up"] <= two.split_trace["prefilled"]
+    fresh = client.chat.completions.create(model="tiny-unsplit", messages=longer, max_tokens=6)
+    assert [t["id"] for t in two.split_trace["tokens"]] == [t["id"] for t in fresh.split_trace["tokens"]]
+
+
 def test_bad_requests_get_400_with_openai_error_shape(tiny_server, client):
     url, _ = tiny_server
     good = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
@@ -220,6 +234,21 @@ def test_429_past_the_queue(tiny_server):
         else:
             assert reply["usage"]["completion_tokens"] == 200
     assert post(url, {**body, "max_tokens": 2})[0] == 200  # the queue empties: served again
+
+
+def test_a_client_that_goes_away_stops_its_generation(tiny_server):
+    """A stream closed after its first chunk frees the model at once: its generation never completes."""
+    url, folder = tiny_server
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on and on."}], "max_tokens": 470, "stream": True}
+    request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.readline().startswith(b"data: ")
+    deadline = time.monotonic() + 10
+    while json.load(urllib.request.urlopen(url + "/health", timeout=10))["running"]:
+        assert time.monotonic() < deadline, "the generation went on after its client left"
+        time.sleep(0.05)
+    assert "470 generated" not in (folder / "server.log").read_text()
 
 
 def test_bad_flags_exit_2_with_one_line(capsys):

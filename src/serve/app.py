@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
@@ -143,16 +143,10 @@ def create_app(models: Models, config: ServerConfig) -> FastAPI:
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(f"{request.method} {request.url.path}: {error.detail}", kind), status_code=error.status_code)
 
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if expected_auth is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected_auth):
-                return JSONResponse(
-                    error_body("missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_request_error", None, "invalid_api_key"),
-                    status_code=401,
-                )
-        return await call_next(request)
+    def authorize(request: Request) -> None:
+        """A dependency of every /v1 route (not a middleware: Starlette's would hide the client's disconnect)."""
+        if expected_auth is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected_auth):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key")
 
     @app.get("/health")
     async def health() -> dict:
@@ -161,7 +155,7 @@ def create_app(models: Models, config: ServerConfig) -> FastAPI:
             "running": admission.running, "waiting": admission.admitted - admission.running,
         }
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def list_models() -> dict:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "triadic-split"} for name in models.ids]}
 
@@ -171,7 +165,7 @@ def create_app(models: Models, config: ServerConfig) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(request: Request) -> Response:
         body = await _read_json(request, config.max_body_bytes)
         chat = parse_chat_request(body, ROLES)
@@ -205,6 +199,8 @@ def create_app(models: Models, config: ServerConfig) -> FastAPI:
                     completion = item
         finally:
             ticket.release()
+        if completion is None:  # the client went away: nobody reads this (499 as nginx logs it)
+            return Response(status_code=499)
         return JSONResponse(reply.completion(completion, job.engine))
 
     return app
@@ -263,15 +259,20 @@ class Job:
                     pass
 
         self.ticket.state = "running"
+        began = checked = time.monotonic()
         threading.Thread(target=work, name="edge-decode", daemon=True).start()
         try:
             while True:
                 try:
                     item = await asyncio.wait_for(queue.get(), timeout=1.0)
                 except asyncio.TimeoutError:
-                    if request is not None and await request.is_disconnected():
+                    item = None
+                if request is not None and time.monotonic() - checked >= 1.0:  # a stream learns it from its send instead
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
                         logger.info("client went away; stopping its generation")
                         return
+                if item is None:
                     continue
                 if isinstance(item, Cancelled):
                     return
@@ -279,6 +280,12 @@ class Job:
                     raise _as_api_error(item)
                 if isinstance(item, EdgeEngine):
                     self.engine = item
+                if isinstance(item, Completion):
+                    seconds = time.monotonic() - began
+                    logger.info(
+                        "%s: %d prompt tokens, %d generated (%s) in %.1f s, %d bytes up, %d down", self.name,
+                        item.prompt_tokens, len(item.token_ids), item.stopped_by, seconds, item.bytes_up, item.bytes_down,
+                    )
                 yield item
                 if isinstance(item, Completion):
                     return

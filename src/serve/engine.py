@@ -106,8 +106,8 @@ class Completion:
 class TracingLink:
     """A `Link` that forwards every message unchanged and records its size and position count.
 
-    Counting here, where the bytes cross, needs nothing from the decoding loop; the START message of
-    each session is not a step and is not recorded.
+    Counting here, where the bytes cross, needs nothing from the decoding loop. Only HIDDEN requests
+    are steps; the START message that opens a session is not recorded.
     """
 
     def __init__(self, inner) -> None:
@@ -116,7 +116,7 @@ class TracingLink:
 
     def request(self, data: bytes) -> bytes:
         reply = self.inner.request(data)
-        if _header(data)[0] != protocol.Kind.START:
+        if _header(data)[0] == protocol.Kind.HIDDEN:  # a step's states; not a session's START (or a later turn's)
             self.exchanges.append((len(data), len(reply), _header(data)[1], _header(reply)[1]))
         return reply
 
@@ -132,8 +132,8 @@ class TracingLink:
 
 def _header(message: bytes) -> tuple[int, int]:
     """(kind, positions carried) from a message's header: protocol.py's layout, no payload decoding."""
-    fields = protocol.HEADER.unpack_from(message)
-    return fields[3], fields[8]
+    _magic, _version, kind, _codec, _dtype, _hidden, _step, _start, count, _crc = protocol.HEADER.unpack_from(message)
+    return kind, count
 
 
 class ChatTokenizer:
@@ -267,6 +267,7 @@ class EdgeEngine:
             "first": list(self.schedule.first), "second": list(self.schedule.second),
             "codec": self.edge.codec.name if self.split else "none",
             "resplit_every": self.schedule.resplit_every, "decoding": "greedy",
+            "prefix_reuse": False,  # TODO(sessions): True once prepare() finds the cached prefix
         }
 
     def prepare(self, messages: Sequence[dict]) -> Prompt:
