@@ -25,11 +25,29 @@ openai = pytest.importorskip("openai")
 from src.schedule import SplitSchedule  # noqa: E402
 from tests.cdp import Chromium, find_chromium  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
-from tests.tiny import make_tiny_chat_checkpoint  # noqa: E402
+from tests.tiny import make_tiny_checkpoint  # noqa: E402
 
 KEY = "edge-test-key"
 TINY_SETS = ((0, 1), (2, 3, 4))  # cuts move at every step; b = L = 4 happens
 JAPAN = [{"role": "user", "content": "Tell me about Japan."}]
+
+
+def make_tiny_chat_checkpoint(folder: Path, seed: int = 0, num_layers: int = 4) -> Path:
+    """A tiny random-init model that speaks through the embedded model's tokenizer and chat template.
+
+    For servers that take messages rather than token ids: the vocabulary and special ids are
+    SmolLM2-135M-Instruct's, the layers as small as `tiny_config`'s.
+    """
+    import shutil
+
+    from src.checkpoint import embedded_model_dir
+
+    source = embedded_model_dir()
+    make_tiny_checkpoint(folder, seed=seed, num_layers=num_layers, vocab_size=49152, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, folder / name)
+    return folder
 
 
 class Process:
@@ -169,7 +187,7 @@ def test_extending_the_conversation_prefills_only_the_new_tokens(client):
     turn = [{"role": "user", "content": "Name a color."}]
     one = client.chat.completions.create(model="tiny", messages=turn, max_tokens=6)
     if not one.split_trace["prefix_reuse"]:
-        pytest.skip("prefix reuse waits for the decoding issue's sessions (src/serve/engine.py: EdgeEngine.prepare)")
+        pytest.skip("prefix reuse waits for the decoding issue's sessions (src/serve/engine.py: EdgeEngine.run)")
     longer = [*turn, {"role": "assistant", "content": one.choices[0].message.content}, {"role": "user", "content": "Another one?"}]
     two = client.chat.completions.create(model="tiny", messages=longer, max_tokens=6)
     cached = two.usage.prompt_tokens_details.cached_tokens

@@ -40,21 +40,3 @@ def hf_greedy(model: LlamaForCausalLM, prompt_ids: list[int], max_new_tokens: in
         output_logits=True, return_dict_in_generate=True, eos_token_id=None, pad_token_id=0,
     )
     return out.sequences[0, len(prompt_ids):].tolist(), [l[0] for l in out.logits]
-
-
-def make_tiny_chat_checkpoint(folder: Path, seed: int = 0, num_layers: int = 4) -> Path:
-    """A tiny random-init model that speaks through the embedded model's tokenizer and chat template.
-
-    For servers that take messages rather than token ids: the vocabulary and special ids are
-    SmolLM2-135M-Instruct's, the layers as small as `tiny_config`'s.
-    """
-    import shutil
-
-    from src.checkpoint import embedded_model_dir
-
-    source = embedded_model_dir()
-    make_tiny_checkpoint(folder, seed=seed, num_layers=num_layers, vocab_size=49152, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
-        if (source / name).exists():
-            shutil.copy(source / name, folder / name)
-    return folder

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..utils import TriadicError
 from .api import ApiError, ChatRequest, error_body, parse_chat_request
-from .engine import ROLES, Cancelled, Completion, EdgeEngine, Options, TokenEvent
+from .engine import ROLES, Cancelled, Completion, EdgeEngine, Options, Started, TokenEvent
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def create_app(models: Models, config: ServerConfig) -> FastAPI:
             ticket.release()
         if completion is None:  # the client went away: nobody reads this (499 as nginx logs it)
             return Response(status_code=499)
-        return JSONResponse(reply.completion(completion, job.engine))
+        return JSONResponse(reply.completion(completion))
 
     return app
 
@@ -228,10 +228,9 @@ class Job:
 
     def __init__(self, models: Models, name: str, prompt, options: Options, ticket: Ticket) -> None:
         self.models, self.name, self.prompt, self.options, self.ticket = models, name, prompt, options, ticket
-        self.engine: EdgeEngine | None = None
 
-    async def events(self, request: Request | None = None) -> AsyncIterator[TokenEvent | Completion | EdgeEngine]:
-        """Yields the engine first, then every TokenEvent, then the Completion. Raises what decoding raised."""
+    async def events(self, request: Request | None = None) -> AsyncIterator[Started | TokenEvent | Completion]:
+        """Yields Started, every TokenEvent, then the Completion. Raises what decoding raised."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -245,9 +244,7 @@ class Job:
 
         def work() -> None:
             try:
-                engine = self.models.get(self.name)
-                put(engine)
-                put(engine.run(self.prompt, self.options, put, cancel.is_set))
+                put(self.models.get(self.name).run(self.prompt, self.options, put, cancel.is_set))
             except Cancelled:
                 put(Cancelled())
             except BaseException as error:  # handed to the request, which answers with it
@@ -278,8 +275,6 @@ class Job:
                     return
                 if isinstance(item, BaseException):
                     raise _as_api_error(item)
-                if isinstance(item, EdgeEngine):
-                    self.engine = item
                 if isinstance(item, Completion):
                     seconds = time.monotonic() - began
                     logger.info(
@@ -323,18 +318,11 @@ class Reply:
         }
 
     @staticmethod
-    def trace_head(engine: EdgeEngine, prompt_tokens: int, cached: int) -> dict:
-        return {**engine.describe(), "prompt_tokens": prompt_tokens, "cached_tokens": cached, "prefilled": prompt_tokens - cached}
-
-    @staticmethod
     def trace_end(done: Completion) -> dict:
         return {"stopped_by": done.stopped_by, "bytes_up": done.bytes_up, "bytes_down": done.bytes_down}
 
-    def completion(self, done: Completion, engine: EdgeEngine) -> dict:
-        trace = {
-            **self.trace_head(engine, done.prompt_tokens, done.cached_tokens),
-            "tokens": [event.trace() for event in done.events], **self.trace_end(done),
-        }
+    def completion(self, done: Completion) -> dict:
+        trace = {**done.head, "tokens": [event.trace() for event in done.events], **self.trace_end(done)}
         return {
             **self._envelope("chat.completion"),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text}, "logprobs": None, "finish_reason": done.finish_reason}],
@@ -361,9 +349,8 @@ async def _sse(job: Job, reply: Reply, chat: ChatRequest) -> AsyncIterator[str]:
     """
     try:
         async for item in job.events():
-            if isinstance(item, EdgeEngine):
-                head = reply.trace_head(item, len(job.prompt.token_ids), job.prompt.cached)
-                yield _event(reply.chunk({"role": "assistant", "content": ""}, trace=head))
+            if isinstance(item, Started):
+                yield _event(reply.chunk({"role": "assistant", "content": ""}, trace=item.trace))
             elif isinstance(item, TokenEvent):
                 yield _event(reply.chunk({"content": item.text}, trace={"tokens": [item.trace()]}))
             else:

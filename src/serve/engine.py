@@ -2,19 +2,18 @@
 
     engine = EdgeEngine(pipeline, name="SmolLM2-135M-Instruct", chat=ChatTokenizer(pipeline.tokenizer))
     prompt = engine.prepare(messages)                  # token ids; TriadicError for what the model cannot take
-    done = engine.run(prompt, options, emit, cancelled)  # emit(TokenEvent) per token; returns the Completion
+    done = engine.run(prompt, options, emit, cancelled)  # emit(Started), then emit(TokenEvent) per token
 
 Everything the HTTP layer (src/serve/app.py) and the page know about the split comes through here, so
 that the decoding issue's session object replaces `Edge.generate` in this file alone. What it does on
 the current Edge, and what moves into that session when it lands:
 
-- decoding is greedy (`Edge.generate`); `temperature`, `top_p` and `seed` are accepted and reported in
-  the trace as not applied (`"decoding": "greedy"`);
+- decoding is greedy (`Edge.generate`); `temperature`, `top_p` and `seed` are accepted, and the trace
+  says `"decoding": "greedy"`;
 - stop strings are matched here, on the detokenized text, and end the generation from the `on_token`
   hook (`_Stop`);
 - every request starts from empty caches (`Edge.generate` resets them): `cached_tokens` is 0 and every
-  prompt position is prefilled. Prefix reuse across requests is feature-detected (`_session_api`)
-  and not used until the session API exists.
+  prompt position is prefilled (`"prefix_reuse": false`).
 
 The per-token trace does not need the decoding API at all: the cuts of step t are the shared
 schedule's pure function `schedule.cuts(t)`, and the bytes are counted where they cross, on the link
@@ -55,7 +54,13 @@ class Prompt:
     """A conversation as the model reads it."""
 
     token_ids: tuple[int, ...]
-    cached: int = 0  # leading positions whose caches a previous request left (prefix reuse); not prefilled
+
+
+@dataclass(frozen=True)
+class Started:
+    """The request has the model; the first thing `run` emits, before any token."""
+
+    trace: dict  # the split (`describe`), prompt_tokens, cached_tokens, prefilled, decoding
 
 
 @dataclass(frozen=True)
@@ -89,10 +94,17 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # OpenAI's: "stop" (end of sequence or a stop string) or "length"
     stopped_by: str  # finer: "eos", "stop", "max_tokens" or "time_limit"
-    prompt_tokens: int
-    cached_tokens: int
+    head: dict  # what `Started` said
     events: list[TokenEvent] = field(default_factory=list)
     tail: str = ""  # text released after the last token's event (held back, or an incomplete last character)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.head["prompt_tokens"]
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.head["cached_tokens"]
 
     @property
     def bytes_up(self) -> int:
@@ -257,8 +269,6 @@ class EdgeEngine:
         self.link = TracingLink(self.edge.link) if self.edge.link is not None else None
         if self.link is not None:
             self.edge.link = self.link
-        if _session_api(self.edge):
-            logger.info("the edge offers a session API, but this adapter does not use it yet (no prefix reuse)")
 
     def describe(self) -> dict:
         """The trace fields that do not change from token to token."""
@@ -266,19 +276,26 @@ class EdgeEngine:
             "split": self.split, "num_layers": self.schedule.num_layers,
             "first": list(self.schedule.first), "second": list(self.schedule.second),
             "codec": self.edge.codec.name if self.split else "none",
-            "resplit_every": self.schedule.resplit_every, "decoding": "greedy",
-            "prefix_reuse": False,  # TODO(sessions): True once prepare() finds the cached prefix
+            "resplit_every": self.schedule.resplit_every,
+            "prefix_reuse": False,  # TODO(sessions): True with the session API
         }
 
     def prepare(self, messages: Sequence[dict]) -> Prompt:
-        """The conversation as token ids. TODO(sessions): find the prefix the previous request left in the caches."""
+        """The conversation as token ids (any thread: the tokenizer has its own lock)."""
         ids = self.chat.encode(messages)
         if not ids:
             raise TriadicError("the messages encode to an empty prompt")
-        return Prompt(tuple(ids), cached=0)
+        return Prompt(tuple(ids))
 
-    def run(self, prompt: Prompt, options: Options, emit: Callable[[TokenEvent], None], cancelled: Callable[[], bool]) -> Completion:
-        """Decode; `emit` sees every token as it comes. Raises Cancelled when `cancelled()` turns true."""
+    def run(self, prompt: Prompt, options: Options, emit: Callable[[Started | TokenEvent], None], cancelled: Callable[[], bool]) -> Completion:
+        """Decode; `emit` sees `Started`, then every token as it comes. Raises Cancelled when `cancelled()` turns true.
+
+        TODO(sessions): cached = the prefix the session keeps; decoding = sampling when asked.
+        """
+        cached = 0
+        head = {**self.describe(), "prompt_tokens": len(prompt.token_ids), "cached_tokens": cached,
+                "prefilled": len(prompt.token_ids) - cached, "decoding": "greedy"}
+        emit(Started(head))
         text = TextAssembler(self.chat, options.stop)
         events: list[TokenEvent] = []
         deadline = None if options.time_limit is None else time.monotonic() + options.time_limit
@@ -315,12 +332,4 @@ class EdgeEngine:
             stopped_by = "eos" if events and events[-1].token_id in self.eos else "max_tokens"
         finish = "stop" if stopped_by in ("eos", "stop") else "length"
         tail = text.finish()
-        return Completion(
-            text.final_text, [e.token_id for e in events], finish, stopped_by, len(prompt.token_ids), prompt.cached,
-            events, tail,
-        )
-
-
-def _session_api(edge) -> bool:
-    """Whether the edge keeps caches across requests (the decoding issue's sessions). Detected, not yet used."""
-    return callable(getattr(edge, "session", None)) or callable(getattr(edge, "open_session", None))
+        return Completion(text.final_text, [e.token_id for e in events], finish, stopped_by, head, events, tail)
