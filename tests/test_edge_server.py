@@ -136,7 +136,7 @@ def test_models_and_health(tiny_server, client):
 
 
 def test_completion_and_trace(client):
-    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi there"}], max_tokens=9, temperature=0)
+    reply = client.chat.completions.create(temperature=0, model="tiny", messages=[{"role": "user", "content": "Hi there"}], max_tokens=9)
     choice = reply.choices[0]
     assert choice.finish_reason == "length" and choice.message.role == "assistant" and choice.message.content
     assert reply.usage.completion_tokens == 9 and reply.usage.total_tokens == reply.usage.prompt_tokens + 9
@@ -150,16 +150,16 @@ def test_completion_and_trace(client):
     assert all(t["bytes_up"] > 24 and t["bytes_down"] > 24 for t in crossed)
     assert trace["bytes_up"] == sum(t["bytes_up"] for t in trace["tokens"]) > 0
 
-    unsplit = client.chat.completions.create(model="tiny-unsplit", messages=[{"role": "user", "content": "Hi there"}], max_tokens=9)
+    unsplit = client.chat.completions.create(temperature=0, model="tiny-unsplit", messages=[{"role": "user", "content": "Hi there"}], max_tokens=9)
     assert [t["id"] for t in unsplit.split_trace["tokens"]] == [t["id"] for t in trace["tokens"]]  # lossless link
     assert unsplit.split_trace["bytes_up"] == 0 and {(t["a"], t["b"]) for t in unsplit.split_trace["tokens"]} == {(4, 4)}
 
 
 def test_streaming_matches_non_streaming(client):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count to three."}]
-    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12)
+    whole = client.chat.completions.create(temperature=0, model="tiny", messages=messages, max_tokens=12)
     chunks = list(client.chat.completions.create(
-        model="tiny", messages=messages, max_tokens=12, stream=True, stream_options={"include_usage": True}))
+        temperature=0, model="tiny", messages=messages, max_tokens=12, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].split_trace["prefilled"] == whole.usage.prompt_tokens
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     tokens = [t for c in chunks if getattr(c, "split_trace", None) for t in c.split_trace.get("tokens", [])]
@@ -172,28 +172,28 @@ def test_streaming_matches_non_streaming(client):
 
 def test_stop_strings(client):
     messages = [{"role": "user", "content": "Write a long story."}]
-    full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24).choices[0].message.content
+    full = client.chat.completions.create(temperature=0, model="tiny", messages=messages, max_tokens=24).choices[0].message.content
     stop = full[len(full) // 2: len(full) // 2 + 3]
     assert stop.strip(), full
     expected = full[: full.find(stop)]
-    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, stop=[stop, "\u2603never"])
+    reply = client.chat.completions.create(temperature=0, model="tiny", messages=messages, max_tokens=24, stop=[stop, "\u2603never"])
     assert reply.choices[0].message.content == expected and reply.choices[0].finish_reason == "stop"
     assert reply.split_trace["stopped_by"] == "stop" and reply.usage.completion_tokens < 24
-    streamed = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, stop=stop, stream=True)
+    streamed = client.chat.completions.create(temperature=0, model="tiny", messages=messages, max_tokens=24, stop=stop, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
 
 
 def test_extending_the_conversation_prefills_only_the_new_tokens(client):
     turn = [{"role": "user", "content": "Name a color."}]
-    one = client.chat.completions.create(model="tiny", messages=turn, max_tokens=6)
+    one = client.chat.completions.create(temperature=0, model="tiny", messages=turn, max_tokens=6)
     if not one.split_trace["prefix_reuse"]:
         pytest.skip("prefix reuse waits for the decoding issue's sessions (src/serve/engine.py: EdgeEngine.run)")
     longer = [*turn, {"role": "assistant", "content": one.choices[0].message.content}, {"role": "user", "content": "Another one?"}]
-    two = client.chat.completions.create(model="tiny", messages=longer, max_tokens=6)
+    two = client.chat.completions.create(temperature=0, model="tiny", messages=longer, max_tokens=6)
     cached = two.usage.prompt_tokens_details.cached_tokens
     assert cached >= one.usage.prompt_tokens and two.split_trace["prefilled"] == two.usage.prompt_tokens - cached
     assert two.split_trace["tokens"][0]["positions_up"] <= two.split_trace["prefilled"]
-    fresh = client.chat.completions.create(model="tiny-unsplit", messages=longer, max_tokens=6)
+    fresh = client.chat.completions.create(temperature=0, model="tiny-unsplit", messages=longer, max_tokens=6)
     assert [t["id"] for t in two.split_trace["tokens"]] == [t["id"] for t in fresh.split_trace["tokens"]]
 
 
@@ -229,7 +229,7 @@ def test_bad_requests_get_400_with_openai_error_shape(tiny_server, client):
 def test_429_past_the_queue(tiny_server):
     """One decoding and one waiting (--max-queue 1): of six requests sent at once, the rest are refused at once."""
     url, _ = tiny_server
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 200}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 200, "temperature": 0}
     barrier = threading.Barrier(6)
     results: list[tuple[int, dict]] = []
 
@@ -257,7 +257,7 @@ def test_429_past_the_queue(tiny_server):
 def test_a_client_that_goes_away_stops_its_generation(tiny_server):
     """A stream closed after its first chunk frees the model at once: its generation never completes."""
     url, folder = tiny_server
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on and on."}], "max_tokens": 470, "stream": True}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on and on."}], "max_tokens": 470, "stream": True, "temperature": 0}
     request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
     with urllib.request.urlopen(request, timeout=60) as response:
