@@ -67,7 +67,7 @@ class Started:
 class TokenEvent:
     """One generated token and what its step cost on the link."""
 
-    index: int  # the step that produced it (0 = the prefill)
+    index: int  # the schedule's step that produced it (0 = the prefill of a session's first request)
     token_id: int
     piece: str  # what this token adds to the decoded text ("" while a multi-byte character is incomplete)
     text: str  # what the client may show now (held back while it may be the start of a stop string)
@@ -80,7 +80,7 @@ class TokenEvent:
 
     def trace(self) -> dict:
         return {
-            "id": self.token_id, "text": self.piece, "a": self.a, "b": self.b,
+            "id": self.token_id, "text": self.piece, "step": self.index, "a": self.a, "b": self.b,
             "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
             "positions_up": self.positions_up, "positions_down": self.positions_down,
         }
