@@ -218,7 +218,9 @@ def test_bad_requests_get_400_with_openai_error_shape(tiny_server, client):
     for body, param in cases:
         status, reply = post(url, body)
         assert_openai_error(status, reply, 400, param)
-    assert post(url, good, raw=b"{not json")[0] == 400
+    assert_openai_error(*post(url, good, raw=b"{not json"), 400)
+    assert_openai_error(*post(url, good, raw=b"[" * 100_000 + b"]" * 100_000), 400)  # deeper than the JSON parser goes
+    assert_openai_error(*post(url, good, raw=b" " * (1024 * 1024 + 1)), 413)  # --max-body-kb 1024
     assert "context" in post(url, {**good, "max_tokens": 500})[1]["error"]["message"]
     assert post(url, {**good, "model": "gpt-4o"})[1]["error"]["code"] == "model_not_found"
     status, reply = post(url, good, key=None)

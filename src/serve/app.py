@@ -83,12 +83,15 @@ class Admission:
         self.limit = 1 + max_queue
         self.admitted = 0
 
-    def admit(self) -> Ticket:
+    def check(self) -> None:
         if self.admitted >= self.limit:
             raise ApiError(
                 429, f"server busy: 1 request decoding and {self.limit - 1} waiting (the queue's limit); retry later",
                 None, "rate_limit_exceeded", "requests",
             )
+
+    def admit(self) -> Ticket:
+        self.check()
         self.admitted += 1
         return Ticket(self)
 
@@ -167,6 +170,7 @@ def create_app(models: Models, config: ServerConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(request: Request) -> Response:
+        admission.check()  # a full queue refuses before reading or tokenizing anything
         body = await _read_json(request, config.max_body_bytes)
         chat = parse_chat_request(body, ROLES)
         name = models.check(chat.model)
@@ -221,6 +225,8 @@ async def _read_json(request: Request, limit: int):
         return json.loads(b"".join(chunks))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ApiError(400, f"the request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
 
 
 class Job:
@@ -305,7 +311,7 @@ class Reply:
     created: int
     model: str
 
-    def _envelope(self, obj: str) -> dict:
+    def envelope(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": None}
 
     @staticmethod
@@ -324,14 +330,14 @@ class Reply:
     def completion(self, done: Completion) -> dict:
         trace = {**done.head, "tokens": [event.trace() for event in done.events], **self.trace_end(done)}
         return {
-            **self._envelope("chat.completion"),
+            **self.envelope("chat.completion"),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text}, "logprobs": None, "finish_reason": done.finish_reason}],
             "usage": self.usage(done),
             "split_trace": trace,
         }
 
     def chunk(self, delta: dict, finish_reason: str | None = None, trace: dict | None = None) -> dict:
-        out = {**self._envelope("chat.completion.chunk"), "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+        out = {**self.envelope("chat.completion.chunk"), "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
         if trace is not None:
             out["split_trace"] = trace
         return out
@@ -358,7 +364,7 @@ async def _sse(job: Job, reply: Reply, chat: ChatRequest) -> AsyncIterator[str]:
                     yield _event(reply.chunk({"content": item.tail}))
                 yield _event(reply.chunk({}, item.finish_reason, trace=reply.trace_end(item)))
                 if chat.include_usage:
-                    yield _event({**reply._envelope("chat.completion.chunk"), "choices": [], "usage": reply.usage(item)})
+                    yield _event({**reply.envelope("chat.completion.chunk"), "choices": [], "usage": reply.usage(item)})
     except ApiError as error:
         yield _event(error.body())
     finally:
