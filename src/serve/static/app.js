@@ -200,7 +200,9 @@ async function stream(state, model, messages) {
       }
     }
   } catch (error) {
+    state.failed = true;
     state.card.querySelector(".body").append(el("div", "error", String(error.message || error)));
+    if (!state.head) state.summary.textContent = "no answer";
   }
   state.card.dataset.tokens = state.usage ? state.usage.completion_tokens : state.tokens.length;
   state.card.dataset.done = "1";
@@ -269,7 +271,7 @@ async function send(event) {
     await stream(unsplit, info.model + "-unsplit", messages);
     compare(turn, split, unsplit);
   }
-  history = [...messages, { role: "assistant", content: split.content }];
+  if (!split.failed) history = [...messages, { role: "assistant", content: split.content }];  // a failed turn is not part of the conversation
   document.body.dataset.busy = "0";
   sendEl.disabled = false;
   promptEl.focus();
