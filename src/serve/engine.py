@@ -10,8 +10,9 @@ the current Edge, and what moves into that session when it lands:
 
 - decoding is greedy (`Edge.generate`); `temperature`, `top_p` and `seed` are accepted, and the trace
   says `"decoding": "greedy"`;
-- stop strings are matched here, on the detokenized text, and end the generation from the `on_token`
-  hook (`_Stop`);
+- stop strings are matched here (`TextAssembler`, on the detokenized text) and end the generation
+  from the `on_token` hook (`_Stop`); the decoding issue's `TextStream` and its `on_token` returning
+  True take these over;
 - every request starts from empty caches (`Edge.generate` resets them): `cached_tokens` is 0 and every
   prompt position is prefilled (`"prefix_reuse": false`).
 
