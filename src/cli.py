@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from .pipeline import SideOptions, build_pipeline, parse_dtype
+from .pipeline import Pipeline, SideOptions, build_pipeline, parse_dtype
 from .utils import OneLineParser, TriadicError, format_prompt, log, parse_layer_set
 
 MODES = {"one": "unsplit baseline", "two": "two-part split (edge -> cloud with head)", "three": "triadic split (edge -> cloud -> edge)"}
@@ -18,6 +18,13 @@ def make_parser(prog: str, mode: str) -> argparse.ArgumentParser:
     parser.add_argument("--prompt", default="Tell me about Japan.")
     parser.add_argument("--prompt-format", choices=["auto", "chat", "alpaca", "raw"], default="auto", help="auto: the chat template where the tokenizer has one (raw text for the base model gemma3-270m), else Alpaca")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    add_pipeline_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON line on stdout; text goes to stderr")
+    return parser
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model, split, codec and link flags: shared by the three scripts and the edge server (src/edge_server.py)."""
     parser.add_argument("--first", help="first split layer indices, e.g. 1,2,3 (overrides the script's set)")
     parser.add_argument("--second", help="second split layer indices, e.g. 28,29 (overrides the script's set)")
     parser.add_argument("--codec", default="int8", help="link codec: int8 (default: outlier-aware, about 8 bits per value), int8-fixed, none (lossless), fp16, bf16, bnb8")
@@ -35,8 +42,6 @@ def make_parser(prog: str, mode: str) -> argparse.ArgumentParser:
     parser.add_argument("--token-file", default=None, help="with --cloud: file holding the server's bearer token")
     parser.add_argument("--cloud-timeout", type=float, default=120.0, help="with --cloud: seconds to wait for each reply")
     parser.add_argument("--uplink-noise", type=float, default=0.0, help="privacy mitigation: noise (x typical |h|) on edge-to-cloud states")
-    parser.add_argument("--json", action="store_true", help="print one JSON line on stdout; text goes to stderr")
-    return parser
 
 
 def resolve_sets(mode: str, args, first: set[int] | None, second: set[int] | None, num_layers: int) -> tuple[set[int], set[int]]:
@@ -65,12 +70,11 @@ def run(mode: str, first: set[int] | None, second: set[int] | None, argv: list[s
         return 2
 
 
-def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> int:
-    from .checkpoint import default_prompt_format, load_config, resolve_model_dir
+def build_from_args(mode: str, args, first: set[int] | None, second: set[int] | None) -> Pipeline:
+    """Check the pipeline flags of `add_pipeline_arguments` and build the pipeline they name."""
+    from .checkpoint import load_config, resolve_model_dir
     from .codec import get_codec
 
-    if args.max_new_tokens < 1:
-        raise TriadicError("--max-new-tokens must be at least 1")
     if args.resplit_every < 0:
         raise TriadicError("--resplit-every must be >= 0")
     get_codec(args.codec)
@@ -92,6 +96,15 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
         cloud_url=args.cloud, tls_ca_path=args.tls_ca, token_file_path=args.token_file, timeout=args.cloud_timeout,
     )
     pipeline.edge.uplink_noise = args.uplink_noise
+    return pipeline
+
+
+def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> int:
+    from .checkpoint import default_prompt_format
+
+    if args.max_new_tokens < 1:
+        raise TriadicError("--max-new-tokens must be at least 1")
+    pipeline = build_from_args(mode, args, first, second)
     tokenizer = pipeline.tokenizer
     prompt_format = args.prompt_format
     if prompt_format == "auto":  # an embedded base model is prompted with raw text, not a chat template
@@ -113,7 +126,7 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
             out.flush()
             shown = text
 
-    eos = _eos_ids(tokenizer, pipeline.config)
+    eos = eos_token_ids(tokenizer, pipeline.config)
     try:
         result = pipeline.edge.generate(prompt_ids, args.max_new_tokens, eos, on_token=stream)
     finally:
@@ -156,7 +169,8 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
     return 0
 
 
-def _eos_ids(tokenizer, config) -> list[int]:
+def eos_token_ids(tokenizer, config) -> list[int]:
+    """The ids that end a generation: the config's and the tokenizer's."""
     ids = config.eos_token_id
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:

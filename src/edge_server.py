@@ -1,0 +1,125 @@
+"""The edge as a local OpenAI-compatible server, with a page that shows where each token was computed.
+
+    python -m src.edge_server --host 127.0.0.1 --port 8000 [--cloud grpc://host:50051] \
+        [--first 1,2,3 --second 28,29 --codec int8 --base-model ... (the scripts' flags)]
+
+Loads the edge (and, without --cloud, the cloud in this process) with main_3_split.py's split sets
+unless --first/--second say otherwise, then serves src/serve/app.py with uvicorn. It prints
+`listening on http://HOST:PORT` once it accepts requests (--port 0 picks a free port).
+Bad flags end with one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+from pathlib import Path
+
+import torch
+
+from .cli import add_pipeline_arguments, build_from_args
+from .cloud_server import DEFAULT_FIRST, DEFAULT_SECOND
+from .codec import get_codec
+from .utils import OneLineParser, TriadicError, parse_layer_set, read_token
+
+PROG = "edge_server"
+logger = logging.getLogger(PROG)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=PROG, description="OpenAI-compatible chat completions over the triadic split, and its page")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--served-model-name", default=None, help="model id in the API (default: the model folder's name)")
+    parser.add_argument("--max-queue", type=int, default=4, help="requests that may wait while one decodes; more get 429")
+    parser.add_argument("--time-limit", type=float, default=300.0, help="seconds of decoding per request at most")
+    parser.add_argument("--max-body-kb", type=int, default=1024, help="largest request body accepted (KiB)")
+    parser.add_argument("--api-key-file", default=None, help="file holding the bearer token clients must send to /v1/*")
+    parser.add_argument("--no-unsplit", action="store_true", help="do not offer the unsplit baseline (<name>-unsplit), which loads every layer on the edge")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    add_pipeline_arguments(parser)
+    return parser
+
+
+def _check(args) -> None:
+    if not 0 <= args.port <= 65535:
+        raise TriadicError(f"--port {args.port} is outside [0, 65535]")
+    if args.max_queue < 0:
+        raise TriadicError("--max-queue must be >= 0")
+    if not args.time_limit > 0:
+        raise TriadicError("--time-limit must be > 0 seconds")
+    if args.max_body_kb < 1:
+        raise TriadicError("--max-body-kb must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise TriadicError("--threads must be at least 1")
+    get_codec(args.codec)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)  # connections made before uvicorn's loop runs wait in the backlog
+    except OSError as error:
+        raise TriadicError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return sock
+
+
+def build(args):
+    """The app for these flags: the split engine now, the unsplit one on first use."""
+    from .serve.app import Models, ServerConfig, create_app
+    from .serve.engine import ChatTokenizer, EdgeEngine
+
+    sets = (parse_layer_set(DEFAULT_FIRST, "first"), parse_layer_set(DEFAULT_SECOND, "second"))
+    pipeline = build_from_args("three", args, *sets)
+    name = args.served_model_name or Path(pipeline.model_dir).name
+    chat = ChatTokenizer(pipeline.tokenizer)
+    split = EdgeEngine(pipeline, name, chat, split=True)
+
+    def build_unsplit() -> EdgeEngine:
+        baseline = argparse.Namespace(**{**vars(args), "first": None, "second": None, "cloud": None, "tls_ca": None, "token_file": None, "uplink_noise": 0.0})
+        return EdgeEngine(build_from_args("one", baseline, None, None), name + "-unsplit", chat, split=False)
+
+    api_key = read_token(args.api_key_file, "--api-key-file") if args.api_key_file else None
+    config = ServerConfig(max_queue=args.max_queue, api_key=api_key, max_body_bytes=args.max_body_kb * 1024, time_limit=args.time_limit)
+    models = Models(split, None if args.no_unsplit else build_unsplit)
+    return create_app(models, config), split
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    sock = None
+    try:
+        _check(args)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        sock = _bind(args.host, args.port)  # before loading: a taken port fails in a second, not after the weights
+        app, split = build(args)
+    except TriadicError as error:
+        if sock is not None:
+            sock.close()
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    described = split.describe()
+    logger.info("model %s: first=%s second=%s codec=%s cloud=%s", split.name, described["first"], described["second"],
+                described["codec"], args.cloud or "in this process")
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="info", timeout_graceful_shutdown=5))
+    logger.info("listening on http://%s:%d", shown, port)
+    server.run(sockets=[sock])
+    close = getattr(split.edge.link, "close", None)
+    if close is not None:
+        close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

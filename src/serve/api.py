@@ -1,0 +1,145 @@
+"""The OpenAI chat-completions request, checked field by field, and the error shape every refusal uses.
+
+A request that fails a check gets HTTP 400 and `{"error": {"message", "type", "param", "code"}}`, as
+OpenAI answers: `param` names the offending field, the message says what is wrong with it. Fields
+this server does not act on (`frequency_penalty`, `user`, `logprobs` false, ...) are ignored, as
+llama.cpp's server and vLLM ignore them; `n` other than 1 and streaming options it cannot honour
+are refused.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_STOP_CHARS = 256  # per stop string: the detokenizer holds back up to this much text
+
+
+class ApiError(Exception):
+    """A refusal with its HTTP status and OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return error_body(self.message, self.kind, self.param, self.code)
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """The fields of a chat-completions request that this server acts on."""
+
+    model: str | None  # None: the server's split model
+    messages: tuple[dict, ...]  # {"role", "content"} with content as one string
+    max_tokens: int | None  # None: up to the end of the context
+    temperature: float | None
+    top_p: float | None
+    seed: int | None
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a last chunk with the usage and no choices
+
+
+def _bad(message: str, param: str, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param, code)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _content(value, where: str) -> str:
+    """A message's content: a string, or OpenAI's list of text parts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for i, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise _bad(f"{where}[{i}]: only parts of type 'text' with a string 'text' are supported", where)
+            texts.append(part["text"])
+        return "".join(texts)
+    raise _bad(f"{where} must be a string or a list of text parts, not {type(value).__name__}", where)
+
+
+def parse_chat_request(body, roles: tuple[str, ...]) -> ChatRequest:
+    """Check a decoded JSON body; ApiError(400) names the first field that is wrong."""
+    if not isinstance(body, dict):
+        raise _bad(f"the request body must be a JSON object, not {type(body).__name__}", None)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad("'model' must be a string", "model")
+
+    if "messages" not in body:
+        raise _bad("'messages' is required", "messages")
+    raw = body["messages"]
+    if not isinstance(raw, list) or not raw:
+        raise _bad("'messages' must be a non-empty array of {role, content} objects", "messages")
+    messages = []
+    for i, message in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _bad(f"{where} must be an object with 'role' and 'content'", where)
+        role = message.get("role")
+        if role not in roles:
+            raise _bad(f"{where}.role must be one of {', '.join(roles)}, not {role!r}", f"{where}.role")
+        if "content" not in message or message["content"] is None:
+            raise _bad(f"{where}.content is required", f"{where}.content")
+        messages.append({"role": role, "content": _content(message["content"], f"{where}.content")})
+
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
+        raise _bad(f"'{param}' must be an integer >= 1, not {max_tokens!r}", param)
+
+    temperature = body.get("temperature")
+    if temperature is not None and (not _is_number(temperature) or not 0 <= temperature <= 2):
+        raise _bad(f"'temperature' must be a number in [0, 2], not {temperature!r}", "temperature")
+    top_p = body.get("top_p")
+    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
+        raise _bad(f"'top_p' must be a number in (0, 1], not {top_p!r}", "top_p")
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise _bad(f"'seed' must be an integer, not {seed!r}", "seed")
+
+    stop = body.get("stop")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stops = tuple(stop)
+    else:
+        raise _bad("'stop' must be a string or an array of strings", "stop")
+    if len(stops) > MAX_STOP:
+        raise _bad(f"'stop' takes at most {MAX_STOP} strings, got {len(stops)}", "stop")
+    if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+        raise _bad(f"each stop string must have 1 to {MAX_STOP_CHARS} characters", "stop")
+
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _bad(f"'stream' must be a boolean, not {stream!r}", "stream")
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool)):
+        raise _bad("'stream_options' must be an object with a boolean 'include_usage'", "stream_options")
+    if options is not None and not stream:
+        raise _bad("'stream_options' is only allowed with 'stream': true", "stream_options")
+    n = body.get("n", 1)
+    if n is not None and n != 1:
+        raise _bad(f"'n' must be 1: this server returns one choice, not {n!r}", "n")
+
+    return ChatRequest(
+        model=model, messages=tuple(messages), max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+        seed=seed, stop=stops, stream=stream, include_usage=bool(options and options.get("include_usage")),
+    )

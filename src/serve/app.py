@@ -1,0 +1,372 @@
+"""The edge as an OpenAI-compatible HTTP service (FastAPI), and the page that shows where each token was computed.
+
+    POST /v1/chat/completions   OpenAI's request and response (stream: server-sent events ending in [DONE]),
+                                plus the extension field `split_trace` (per token: cuts a, b, bytes, positions)
+    GET  /v1/models             the split model, and "<name>-unsplit" (the same weights on the edge alone)
+    GET  /health                {"status": "ok", "running": ..., "waiting": ...}
+    GET  /                      the page (src/serve/static: plain HTML, JS and CSS)
+
+One request decodes at a time: the edge's caches belong to one sequence, and the CPU has nothing to
+spare for a second. Up to `max_queue` more wait their turn in arrival order; past that a request is
+refused at once with 429. Every request is bounded: its body in bytes, its tokens by the context, its
+decoding time by `time_limit`, its wait by the queue's length times that.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..utils import TriadicError
+from .api import ApiError, ChatRequest, error_body, parse_chat_request
+from .engine import ROLES, Cancelled, Completion, EdgeEngine, Options, Started, TokenEvent
+
+logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+UNSPLIT_SUFFIX = "-unsplit"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the service allows; every field bounds something a client could otherwise grow."""
+
+    max_queue: int = 4  # requests that may wait while one decodes; more are refused with 429
+    api_key: str | None = None  # when set, /v1/* need "Authorization: Bearer <key>"
+    max_body_bytes: int = 1 << 20  # a request body larger than this is refused with 413
+    time_limit: float = 300.0  # seconds of decoding per request; then it ends with finish_reason "length"
+
+
+class Ticket:
+    """One admitted request's place: waiting for the model, holding it, or handed to the decoding thread.
+
+    `release` may be called from several exits (end of stream, client gone, response finished); it
+    acts once, and never frees the model while a decoding thread still runs on it (that thread
+    releases it when it returns).
+    """
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self.state = "waiting"
+
+    async def acquire(self) -> None:
+        await self.admission.lock.acquire()
+        self.state = "holding"
+
+    def release(self, by_worker: bool = False) -> None:
+        if self.state == "done" or (self.state == "running" and not by_worker):
+            return
+        if self.state in ("holding", "running"):
+            self.admission.lock.release()
+        self.admission.admitted -= 1
+        self.state = "done"
+
+
+class Admission:
+    """At most one request on the model and `max_queue` waiting; all on the event loop's thread."""
+
+    def __init__(self, max_queue: int) -> None:
+        self.lock = asyncio.Lock()  # FIFO: waiters are woken in arrival order
+        self.limit = 1 + max_queue
+        self.admitted = 0
+
+    def check(self) -> None:
+        if self.admitted >= self.limit:
+            raise ApiError(
+                429, f"server busy: 1 request decoding and {self.limit - 1} waiting (the queue's limit); retry later",
+                None, "rate_limit_exceeded", "requests",
+            )
+
+    def admit(self) -> Ticket:
+        self.check()
+        self.admitted += 1
+        return Ticket(self)
+
+    @property
+    def running(self) -> int:
+        return 1 if self.lock.locked() else 0
+
+
+class Models:
+    """The served model ids: the split pipeline, and the unsplit baseline built on first use."""
+
+    def __init__(self, split: EdgeEngine, build_unsplit: Callable[[], EdgeEngine] | None) -> None:
+        self.split = split
+        self._build_unsplit = build_unsplit
+        self._unsplit: EdgeEngine | None = None
+
+    @property
+    def ids(self) -> list[str]:
+        return [self.split.name] + ([self.split.name + UNSPLIT_SUFFIX] if self._build_unsplit else [])
+
+    def check(self, model: str | None) -> str:
+        name = model or self.split.name
+        if name not in self.ids:
+            raise ApiError(400, f"model {model!r} is not served here; choose from {', '.join(self.ids)}", "model", "model_not_found")
+        return name
+
+    def get(self, name: str) -> EdgeEngine:
+        """The engine for a checked id; the unsplit one is loaded here, in the decoding thread, the first time."""
+        if name == self.split.name:
+            return self.split
+        if self._unsplit is None:
+            began = time.perf_counter()
+            self._unsplit = self._build_unsplit()
+            logger.info("unsplit baseline loaded in %.1f s", time.perf_counter() - began)
+        return self._unsplit
+
+
+def create_app(models: Models, config: ServerConfig) -> FastAPI:
+    app = FastAPI(title="triadic-split edge", docs_url=None, redoc_url=None, openapi_url=None)
+    admission = Admission(config.max_queue)
+    expected_auth = f"Bearer {config.api_key}".encode() if config.api_key else None
+    engine = models.split
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if error.status == 429 else None
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(f"{request.method} {request.url.path}: {error.detail}", kind), status_code=error.status_code)
+
+    def authorize(request: Request) -> None:
+        """A dependency of every /v1 route (not a middleware: Starlette's would hide the client's disconnect)."""
+        if expected_auth is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected_auth):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {
+            "status": "ok", "model": engine.name, "models": models.ids, "split": engine.describe(), "auth": expected_auth is not None,
+            "running": admission.running, "waiting": admission.admitted - admission.running,
+        }
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def list_models() -> dict:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "triadic-split"} for name in models.ids]}
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(request: Request) -> Response:
+        admission.check()  # a full queue refuses before reading or tokenizing anything
+        body = await _read_json(request, config.max_body_bytes)
+        chat = parse_chat_request(body, ROLES)
+        name = models.check(chat.model)
+        try:
+            prompt = await asyncio.to_thread(engine.prepare, chat.messages)  # every model here shares the tokenizer
+        except TriadicError as error:
+            raise ApiError(400, str(error), "messages") from None
+        context = engine.context_length
+        if len(prompt.token_ids) >= context:
+            raise ApiError(400, f"the messages are {len(prompt.token_ids)} tokens; this model's context is {context}", "messages", "context_length_exceeded")
+        max_tokens = chat.max_tokens if chat.max_tokens is not None else context - len(prompt.token_ids)
+        if len(prompt.token_ids) + max_tokens > context:
+            raise ApiError(
+                400, f"{len(prompt.token_ids)} prompt tokens + max_tokens {max_tokens} exceed this model's context of {context}",
+                "max_tokens", "context_length_exceeded",
+            )
+        options = Options(max_tokens, chat.stop, chat.temperature, chat.top_p, chat.seed, config.time_limit)
+        ticket = admission.admit()
+        job = Job(models, name, prompt, options, ticket)
+        reply = Reply(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), name)
+        if chat.stream:
+            return StreamingResponse(
+                _sse(job, reply, chat), media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, background=BackgroundTask(ticket.release),
+            )
+        try:
+            completion = None
+            async for item in job.events(request):
+                if isinstance(item, Completion):
+                    completion = item
+        finally:
+            ticket.release()
+        if completion is None:  # the client went away: nobody reads this (499 as nginx logs it)
+            return Response(status_code=499)
+        return JSONResponse(reply.completion(completion))
+
+    return app
+
+
+async def _read_json(request: Request, limit: int):
+    """The body, at most `limit` bytes (413 past it, without reading the rest), as JSON (400 if it is not)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit}", None, "request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", None, "request_too_large")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ApiError(400, f"the request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+
+
+class Job:
+    """One request's decoding, run in its own thread once the model is free; events come back through a queue."""
+
+    def __init__(self, models: Models, name: str, prompt, options: Options, ticket: Ticket) -> None:
+        self.models, self.name, self.prompt, self.options, self.ticket = models, name, prompt, options, ticket
+
+    async def events(self, request: Request | None = None) -> AsyncIterator[Started | TokenEvent | Completion]:
+        """Yields Started, every TokenEvent, then the Completion. Raises what decoding raised."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        await self.ticket.acquire()
+
+        def put(item) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is gone (shutdown): nobody is listening
+                cancel.set()
+
+        def work() -> None:
+            try:
+                put(self.models.get(self.name).run(self.prompt, self.options, put, cancel.is_set))
+            except Cancelled:
+                put(Cancelled())
+            except BaseException as error:  # handed to the request, which answers with it
+                put(error)
+            finally:
+                try:
+                    loop.call_soon_threadsafe(self.ticket.release, True)
+                except RuntimeError:
+                    pass
+
+        self.ticket.state = "running"
+        began = checked = time.monotonic()
+        threading.Thread(target=work, name="edge-decode", daemon=True).start()
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    item = None
+                if request is not None and time.monotonic() - checked >= 1.0:  # a stream learns it from its send instead
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        logger.info("client went away; stopping its generation")
+                        return
+                if item is None:
+                    continue
+                if isinstance(item, Cancelled):
+                    return
+                if isinstance(item, BaseException):
+                    raise _as_api_error(item)
+                if isinstance(item, Completion):
+                    seconds = time.monotonic() - began
+                    logger.info(
+                        "%s: %d prompt tokens, %d generated (%s) in %.1f s, %d bytes up, %d down", self.name,
+                        item.prompt_tokens, len(item.token_ids), item.stopped_by, seconds, item.bytes_up, item.bytes_down,
+                    )
+                yield item
+                if isinstance(item, Completion):
+                    return
+        finally:
+            cancel.set()  # the thread stops at its next token if the answer is no longer wanted
+
+
+def _as_api_error(error: BaseException) -> ApiError:
+    """What a failure during decoding tells the client: the cloud link's one line, or that the server failed."""
+    if isinstance(error, TriadicError):  # the link or the cloud (LinkError, ProtocolError) or the edge's own checks
+        logger.warning("generation failed: %s", error)
+        return ApiError(502, f"the split generation failed: {error}", None, "split_failed", "server_error")
+    logger.error("generation failed", exc_info=error)
+    return ApiError(500, f"internal error: {type(error).__name__}", None, None, "server_error")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """OpenAI's envelope around one completion: the same id, time and model in every chunk."""
+
+    id: str
+    created: int
+    model: str
+
+    def envelope(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": None}
+
+    @staticmethod
+    def usage(done: Completion) -> dict:
+        completion_tokens = len(done.token_ids)
+        return {
+            "prompt_tokens": done.prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": done.prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
+        }
+
+    @staticmethod
+    def trace_end(done: Completion) -> dict:
+        return {"stopped_by": done.stopped_by, "bytes_up": done.bytes_up, "bytes_down": done.bytes_down}
+
+    def completion(self, done: Completion) -> dict:
+        trace = {**done.head, "tokens": [event.trace() for event in done.events], **self.trace_end(done)}
+        return {
+            **self.envelope("chat.completion"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text}, "logprobs": None, "finish_reason": done.finish_reason}],
+            "usage": self.usage(done),
+            "split_trace": trace,
+        }
+
+    def chunk(self, delta: dict, finish_reason: str | None = None, trace: dict | None = None) -> dict:
+        out = {**self.envelope("chat.completion.chunk"), "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+        if trace is not None:
+            out["split_trace"] = trace
+        return out
+
+
+def _event(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _sse(job: Job, reply: Reply, chat: ChatRequest) -> AsyncIterator[str]:
+    """The stream: a role chunk (with the trace's head), one chunk per token (with its trace), a last chunk, [DONE].
+
+    A failure after the first byte can no longer change the status code: it goes out as an
+    `{"error": ...}` event, as OpenAI's streams do, before [DONE].
+    """
+    try:
+        async for item in job.events():
+            if isinstance(item, Started):
+                yield _event(reply.chunk({"role": "assistant", "content": ""}, trace=item.trace))
+            elif isinstance(item, TokenEvent):
+                yield _event(reply.chunk({"content": item.text}, trace={"tokens": [item.trace()]}))
+            else:
+                if item.tail:
+                    yield _event(reply.chunk({"content": item.tail}))
+                yield _event(reply.chunk({}, item.finish_reason, trace=reply.trace_end(item)))
+                if chat.include_usage:
+                    yield _event({**reply.envelope("chat.completion.chunk"), "choices": [], "usage": reply.usage(item)})
+    except ApiError as error:
+        yield _event(error.body())
+    finally:
+        job.ticket.release()
+    yield _event("[DONE]")

@@ -1,0 +1,336 @@
+"""The one place where the edge server meets the decoding API: messages + options in, tokens with their trace out.
+
+    engine = EdgeEngine(pipeline, name="SmolLM2-135M-Instruct", chat=ChatTokenizer(pipeline.tokenizer))
+    prompt = engine.prepare(messages)                  # token ids; TriadicError for what the model cannot take
+    done = engine.run(prompt, options, emit, cancelled)  # emit(Started), then emit(TokenEvent) per token
+
+Everything the HTTP layer (src/serve/app.py) and the page know about the split comes through here, so
+that the decoding issue's session object replaces `Edge.generate` in this file alone. What it does on
+the current Edge, and what moves into that session when it lands:
+
+- decoding is greedy (`Edge.generate`); `temperature`, `top_p` and `seed` are accepted, and the trace
+  says `"decoding": "greedy"`;
+- stop strings are matched here (`TextAssembler`, on the detokenized text) and end the generation
+  from the `on_token` hook (`_Stop`); the decoding issue's `TextStream` and its `on_token` returning
+  True take these over;
+- every request starts from empty caches (`Edge.generate` resets them): `cached_tokens` is 0 and every
+  prompt position is prefilled (`"prefix_reuse": false`).
+
+The per-token trace does not need the decoding API at all: the cuts of step t are the shared
+schedule's pure function `schedule.cuts(t)`, and the bytes are counted where they cross, on the link
+(`TracingLink` reads each message's 24-byte header for its position count).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .. import protocol
+from ..cli import eos_token_ids
+from ..pipeline import Pipeline
+from ..utils import ALPACA_TEMPLATE, TriadicError
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "developer", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Options:
+    """How one request decodes; validated by the HTTP layer before it gets here."""
+
+    max_tokens: int  # new tokens at most, the end-of-sequence token included
+    stop: tuple[str, ...] = ()  # the text ends before the first of these; finish_reason "stop"
+    temperature: float | None = None  # None: not given; 0 = greedy. Not applied before the sampling API
+    top_p: float | None = None  # nucleus mass; not applied before the sampling API
+    seed: int | None = None  # the sampler's seed (not the split schedule's); not applied yet
+    time_limit: float | None = None  # seconds of decoding at most; then finish_reason "length"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A conversation as the model reads it."""
+
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Started:
+    """The request has the model; the first thing `run` emits, before any token."""
+
+    trace: dict  # the split (`describe`), prompt_tokens, cached_tokens, prefilled, decoding
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token and what its step cost on the link."""
+
+    index: int  # the schedule's step that produced it (0 = the prefill of a session's first request)
+    token_id: int
+    piece: str  # what this token adds to the decoded text ("" while a multi-byte character is incomplete)
+    text: str  # what the client may show now (held back while it may be the start of a stop string)
+    a: int  # first cut of this step: the edge ran [0, a)
+    b: int  # second cut: the cloud ran [a, b), the edge [b, L)
+    bytes_up: int  # bytes of this step's message to the cloud (0 when a == b: nothing crossed)
+    bytes_down: int
+    positions_up: int  # hidden states that message carried (all prompt positions at the prefill)
+    positions_down: int
+
+    def trace(self) -> dict:
+        return {
+            "id": self.token_id, "text": self.piece, "step": self.index, "a": self.a, "b": self.b,
+            "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+            "positions_up": self.positions_up, "positions_down": self.positions_down,
+        }
+
+
+@dataclass
+class Completion:
+    """The outcome of one request."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # OpenAI's: "stop" (end of sequence or a stop string) or "length"
+    stopped_by: str  # finer: "eos", "stop", "max_tokens" or "time_limit"
+    head: dict  # what `Started` said
+    events: list[TokenEvent] = field(default_factory=list)
+    tail: str = ""  # text released after the last token's event (held back, or an incomplete last character)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.head["prompt_tokens"]
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.head["cached_tokens"]
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(e.bytes_up for e in self.events)
+
+    @property
+    def bytes_down(self) -> int:
+        return sum(e.bytes_down for e in self.events)
+
+
+class TracingLink:
+    """A `Link` that forwards every message unchanged and records its size and position count.
+
+    Counting here, where the bytes cross, needs nothing from the decoding loop. Only HIDDEN requests
+    are steps; the START message that opens a session is not recorded.
+    """
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.exchanges: list[tuple[int, int, int, int]] = []  # (bytes up, bytes down, positions up, positions down)
+
+    def request(self, data: bytes) -> bytes:
+        reply = self.inner.request(data)
+        if _header(data)[0] == protocol.Kind.HIDDEN:  # a step's states; not a session's START (or a later turn's)
+            self.exchanges.append((len(data), len(reply), _header(data)[1], _header(reply)[1]))
+        return reply
+
+    def take(self) -> tuple[int, int, int, int]:
+        """What crossed since the last call (one exchange per step at most), and forget it."""
+        total = tuple(sum(column) for column in zip(*self.exchanges)) if self.exchanges else (0, 0, 0, 0)
+        self.exchanges.clear()
+        return total  # type: ignore[return-value]
+
+    def __getattr__(self, name: str):  # close, end_session, stats of a GrpcLink
+        return getattr(self.inner, name)
+
+
+def _header(message: bytes) -> tuple[int, int]:
+    """(kind, positions carried) from a message's header: protocol.py's layout, no payload decoding."""
+    _magic, _version, kind, _codec, _dtype, _hidden, _step, _start, count, _crc = protocol.HEADER.unpack_from(message)
+    return kind, count
+
+
+class ChatTokenizer:
+    """Messages to token ids with the tokenizer's chat template, and text back; one caller at a time.
+
+    A lock, because the request handlers encode while the decoding thread detokenizes, and fast
+    tokenizers refuse concurrent use ("Already borrowed").
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.lock = threading.Lock()
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
+
+    def encode(self, messages: Sequence[dict]) -> list[int]:
+        """Chat template with the generation prompt; without a template, one user message in the Alpaca template."""
+        if not self.has_template:
+            if len(messages) != 1 or messages[0]["role"] != "user":
+                raise TriadicError("this model has no chat template: send exactly one user message")
+            with self.lock:
+                return list(self.tokenizer(ALPACA_TEMPLATE.format(instruction=messages[0]["content"]))["input_ids"])
+        plain = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
+        try:
+            with self.lock:
+                encoded = self.tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=True, return_dict=True)
+        except Exception as error:  # the template itself raises on what it does not accept (jinja's exception types)
+            raise TriadicError(f"the chat template refused these messages: {error}") from None
+        return list(encoded["input_ids"])
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        with self.lock:
+            return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+class TextAssembler:
+    """Token ids to text with bounded work per token, releasing only what cannot be part of a stop string.
+
+    Detokenizes a short window (the last few tokens) rather than the whole answer at every step, as
+    text-generation-inference does: `prefix` is the context that keeps a leading space or a split
+    multi-byte character right, `read` the end of what is already text.
+    """
+
+    def __init__(self, chat: ChatTokenizer, stop: Sequence[str]) -> None:
+        self.chat = chat
+        self.stop = tuple(s for s in stop if s)
+        self.longest = max((len(s) for s in self.stop), default=0)
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+        self.text = ""  # everything decoded so far
+        self.released = 0  # characters of `text` handed to the client
+        self.stop_at: int | None = None
+
+    def add(self, token_id: int) -> tuple[str, str]:
+        """Append a token; return (its piece of text, the text that may be released now)."""
+        self.ids.append(token_id)
+        before = self.chat.decode(self.ids[self.prefix:self.read])
+        after = self.chat.decode(self.ids[self.prefix:])
+        piece = ""
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            piece = after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+        searched_from = max(0, len(self.text) - self.longest + 1)
+        self.text += piece
+        if self.stop:
+            found = [i for s in self.stop if (i := self.text.find(s, searched_from)) >= 0]
+            if found:
+                self.stop_at = min(found)
+                return piece, self._release(self.stop_at)
+        return piece, self._release(len(self.text) - self._held_back())
+
+    def finish(self) -> str:
+        """The generation ended without a stop string: release what was held back, an incomplete character included."""
+        if self.stop_at is not None:
+            return ""
+        tail = self.chat.decode(self.ids[self.prefix:])[len(self.chat.decode(self.ids[self.prefix:self.read])):]
+        self.text += tail
+        return self._release(len(self.text))
+
+    @property
+    def final_text(self) -> str:
+        return self.text[: self.released]
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is the start of some stop string."""
+        for size in range(min(self.longest - 1, len(self.text) - self.released), 0, -1):
+            tail = self.text[-size:]
+            if any(s.startswith(tail) for s in self.stop):
+                return size
+        return 0
+
+    def _release(self, end: int) -> str:
+        out = self.text[self.released:end] if end > self.released else ""
+        self.released = max(self.released, end)
+        return out
+
+
+class _Stop(Exception):
+    """Raised from the on_token hook to end `Edge.generate` early (stop string, time limit, cancel)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Cancelled(Exception):
+    """The client went away; nothing is returned."""
+
+
+class EdgeEngine:
+    """One pipeline (split, or the unsplit baseline) behind the server; one request at a time (the caller's lock)."""
+
+    def __init__(self, pipeline: Pipeline, name: str, chat: ChatTokenizer, split: bool = True) -> None:
+        self.pipeline = pipeline
+        self.name = name
+        self.chat = chat
+        self.split = split
+        self.edge = pipeline.edge
+        self.schedule = pipeline.schedule
+        self.context_length = int(pipeline.config.max_position_embeddings)
+        self.eos = eos_token_ids(chat.tokenizer, pipeline.config)
+        self.link = TracingLink(self.edge.link) if self.edge.link is not None else None
+        if self.link is not None:
+            self.edge.link = self.link
+
+    def describe(self) -> dict:
+        """The trace fields that do not change from token to token."""
+        return {
+            "split": self.split, "num_layers": self.schedule.num_layers,
+            "first": list(self.schedule.first), "second": list(self.schedule.second),
+            "codec": self.edge.codec.name if self.split else "none",
+            "resplit_every": self.schedule.resplit_every,
+            "prefix_reuse": False,  # TODO(sessions): True with the session API
+        }
+
+    def prepare(self, messages: Sequence[dict]) -> Prompt:
+        """The conversation as token ids (any thread: the tokenizer has its own lock)."""
+        ids = self.chat.encode(messages)
+        if not ids:
+            raise TriadicError("the messages encode to an empty prompt")
+        return Prompt(tuple(ids))
+
+    def run(self, prompt: Prompt, options: Options, emit: Callable[[Started | TokenEvent], None], cancelled: Callable[[], bool]) -> Completion:
+        """Decode; `emit` sees `Started`, then every token as it comes. Raises Cancelled when `cancelled()` turns true.
+
+        TODO(sessions): cached = the prefix the session keeps; decoding = sampling when asked.
+        """
+        cached = 0
+        head = {**self.describe(), "prompt_tokens": len(prompt.token_ids), "cached_tokens": cached,
+                "prefilled": len(prompt.token_ids) - cached, "decoding": "greedy"}
+        emit(Started(head))
+        text = TextAssembler(self.chat, options.stop)
+        events: list[TokenEvent] = []
+        deadline = None if options.time_limit is None else time.monotonic() + options.time_limit
+        if self.link is not None:
+            self.link.take()
+
+        def on_token(token: int) -> None:
+            step = len(events)
+            a, b = self.schedule.cuts(step)
+            up, down, positions_up, positions_down = self.link.take() if self.link is not None else (0, 0, 0, 0)
+            piece, released = text.add(token)
+            event = TokenEvent(step, token, piece, released, a, b, up, down, positions_up, positions_down)
+            events.append(event)
+            emit(event)
+            if text.stop_at is not None:
+                raise _Stop("stop")
+            if cancelled():
+                raise _Stop("cancelled")
+            if deadline is not None and time.monotonic() > deadline and token not in self.eos:
+                raise _Stop("time_limit")
+
+        stopped_by = None
+        try:
+            self.edge.generate(list(prompt.token_ids), options.max_tokens, self.eos, on_token=on_token)
+        except _Stop as stop:
+            stopped_by = stop.reason
+        finally:
+            end_session = getattr(self.edge.link, "end_session", None)
+            if end_session is not None:  # the cloud frees this request's session now, not at its idle timeout
+                end_session()
+        if stopped_by == "cancelled":
+            raise Cancelled()
+        if stopped_by is None:
+            stopped_by = "eos" if events and events[-1].token_id in self.eos else "max_tokens"
+        finish = "stop" if stopped_by in ("eos", "stop") else "length"
+        tail = text.finish()
+        return Completion(text.final_text, [e.token_id for e in events], finish, stopped_by, head, events, tail)
