@@ -1,0 +1,302 @@
+"""The cloud server under attack and under failure: limits, cancellation, floods, failover.
+
+Servers are subprocesses on loopback over tiny random-init checkpoints:
+- `guarded`: a 6-layer model with a 2,048-position context, --max-sessions 1, a token, a short
+  session lifetime and 1,024 positions per message; attacked by cancel storms, unauthenticated
+  floods and messages past the limits.
+- `A`/`B` pairs (a fixed split and moving sets) over a 4-layer model with the embedded model's
+  tokenizer: A is killed mid-generation and the edge goes on at B.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+grpc = pytest.importorskip("grpc")
+
+from src import protocol  # noqa: E402
+from src.checkpoint import embedded_model_dir, load_config  # noqa: E402
+from src.cli import run as cli_run  # noqa: E402
+from src.codec import get_codec  # noqa: E402
+from src.grpc_link import GrpcLink, LinkError, RejectedError  # noqa: E402
+from src.pipeline import build_pipeline  # noqa: E402
+from src.schedule import SplitSchedule  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
+from tests.test_grpc import Server, remote_edge, wait_sessions  # noqa: E402
+from tests.tiny import make_tiny_checkpoint  # noqa: E402
+
+TOKEN = "limits-token"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+GUARDED_SETS = ((1,), (5,))
+CONTEXT = 2048
+FIXED = ((1,), (3,))
+MOVING = ((0, 1), (2, 3, 4))  # cuts move at every step
+PROMPT = [1, 5, 9, 33, 17, 80, 3, 41]
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory):
+    """6 layers, hidden 192, a 2,048-position context: a 1,024-position prefill takes a while on one thread."""
+    folder = tmp_path_factory.mktemp("long")
+    make_tiny_checkpoint(folder, seed=2, num_layers=6, hidden_size=192, intermediate_size=384, num_attention_heads=6,
+                         num_key_value_heads=2, max_position_embeddings=CONTEXT)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def talking_model(tmp_path_factory):
+    """4 layers with the embedded model's vocabulary and tokenizer, so that the command line runs on it."""
+    folder = tmp_path_factory.mktemp("talking")
+    make_tiny_checkpoint(folder, seed=4, num_layers=4, vocab_size=49152)
+    source = embedded_model_dir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (source / name).exists():
+            shutil.copy(source / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def guarded(long_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("guarded")
+    (tmp / "token").write_text(TOKEN)
+    server = Server(long_model, tmp / "guarded.log", GUARDED_SETS, "--max-sessions", "1", "--token-file", str(tmp / "token"),
+                    "--session-lifetime", "3", "--max-message-positions", "1024").start()
+    yield server.wait_ready()
+    server.stop()
+
+
+def start_message(folder, sets) -> bytes:
+    config = load_config(folder)
+    schedule = SplitSchedule(sets[0], sets[1], config.num_hidden_layers, 0, 1)
+    return protocol.encode_start(0, 1, schedule.fingerprint(), config.hidden_size)
+
+
+def hidden_message(step: int, start: int, count: int, hidden: int, codec: str = "none") -> bytes:
+    return protocol.encode_hidden(step, start, torch.randn(count, hidden), get_codec(codec))
+
+
+def expect_refusal(link: GrpcLink, message: bytes, code: str) -> float:
+    """Send, expect the stream to end with `code`; the seconds it took."""
+    began = time.monotonic()
+    with pytest.raises(LinkError) as caught:
+        link.request(message)
+    assert caught.value.code == code, caught.value
+    return time.monotonic() - began
+
+
+def test_cancel_storm_runs_one_computation_at_a_time(guarded, long_model):
+    """10 clients open a session, send a 1,024-position prefill and cancel, in a loop: one computation at most."""
+    hidden = load_config(long_model).hidden_size
+    start, prefill = start_message(long_model, GUARDED_SETS), hidden_message(0, 0, 1024, hidden)
+    served, refused, errors = [0], [0], []
+    stop_at = time.monotonic() + 6.0
+
+    def client(i: int) -> None:
+        channel = grpc.insecure_channel(f"127.0.0.1:{guarded.port}")
+        method = channel.stream_stream("/triadic.Cloud/Session")
+        try:
+            while time.monotonic() < stop_at:
+                requests: queue.Queue = queue.Queue()
+                call = method(iter(requests.get, None), metadata=AUTH)
+                requests.put(start)
+                try:
+                    next(call)
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+                    refused[0] += 1
+                    time.sleep(0.005)
+                    continue
+                requests.put(prefill)
+                time.sleep(0.002 * (i % 5))  # cancel at different points of the prefill
+                call.cancel()
+                served[0] += 1
+        except BaseException as error:  # reported below
+            errors.append(error)
+        finally:
+            channel.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    with GrpcLink(guarded.url, token=TOKEN, timeout=10) as link:
+        stats = wait_sessions(link, 0)
+        assert served[0] >= 5 and refused[0] >= 10, (served, refused)
+        assert stats["max_computations_running"] == 1, stats
+        assert stats["computations_stopped"] >= 1, stats  # cancelled prefills stopped between layers
+        # a legitimate client is served within its deadline (10 s per reply) afterwards
+        began = time.monotonic()
+        result = remote_edge(long_model, GUARDED_SETS, 0, link).generate(PROMPT, 8)
+        assert time.monotonic() - began < 10
+    local = build_pipeline(str(long_model), {1}, {5}, "none", with_tokenizer=False)
+    assert result.token_ids == local.edge.generate(PROMPT, 8).token_ids
+
+
+FLOODER = """
+import sys, threading, time, grpc
+url, until, start = sys.argv[1], time.monotonic() + float(sys.argv[2]), bytes.fromhex(sys.argv[3])
+def flood(i):
+    channel = grpc.insecure_channel(url)
+    stats, session = channel.unary_unary("/triadic.Cloud/Stats"), channel.stream_stream("/triadic.Cloud/Session")
+    while time.monotonic() < until:
+        try:
+            if i % 2:
+                stats(b"", timeout=5)
+            else:
+                next(session(iter([start]), timeout=5))
+        except grpc.RpcError:
+            pass
+threads = [threading.Thread(target=flood, args=(i,)) for i in range(32)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+"""
+
+
+def test_unauthenticated_floods_starve_nobody(guarded, long_model):
+    start = start_message(long_model, GUARDED_SETS)
+    flooders = [subprocess.Popen([sys.executable, "-c", FLOODER, f"127.0.0.1:{guarded.port}", "20", start.hex()], cwd=ROOT)
+                for _ in range(2)]
+    local = build_pipeline(str(long_model), {1}, {5}, "none", with_tokenizer=False)
+    expected = {seed: local.edge.generate(PROMPT[: 3 + seed % 5], 4).token_ids for seed in range(20)}
+    try:
+        time.sleep(2.0)  # the floods are running
+        with GrpcLink(guarded.url, token=TOKEN, timeout=10) as link:
+            stats = [link.stats() for _ in range(100)]
+            tokens = {seed: remote_edge(long_model, GUARDED_SETS, 0, link).generate(PROMPT[: 3 + seed % 5], 4).token_ids
+                      for seed in range(20)}
+        assert all(flooder.poll() is None for flooder in flooders)  # still flooding
+    finally:
+        for flooder in flooders:
+            flooder.kill()
+            flooder.wait()
+    assert len(stats) == 100 and tokens == expected
+    assert stats[-1]["refusals"]["UNAUTHENTICATED"] > 500, stats[-1]
+    refusals = [line for line in guarded.log.read_text().splitlines() if "UNAUTHENTICATED" in line]
+    assert "refused ipv4:127.0.0.1:" in refusals[0]  # one line per refusal, naming the peer
+
+
+def test_limits_refuse_before_computing(guarded, long_model):
+    hidden = load_config(long_model).hidden_size
+    start = start_message(long_model, GUARDED_SETS)
+    with GrpcLink(guarded.url, token=TOKEN, timeout=10) as link:
+        wait_sessions(link, 0)
+        before = link.stats()["computations_total"]
+        # a step past the model's context: after an 8-position prefill, a jump to step 2045 claims positions 8..2052
+        link.request(start)
+        link.request(hidden_message(0, 0, 8, hidden))
+        seconds = {"context": expect_refusal(link, protocol._pack(protocol.Kind.HIDDEN, 0, 0, hidden, 2045, 8, 2045, b""), "INVALID_ARGUMENT")}
+        # more positions than --max-message-positions 1024, then more bytes than derived from them
+        link.request(start)
+        seconds["positions"] = expect_refusal(link, hidden_message(0, 0, 1025, hidden, "int8"), "RESOURCE_EXHAUSTED")
+        link.request(start)
+        seconds["bytes"] = expect_refusal(link, b"x" * (1024 * hidden * 4 + 4097), "RESOURCE_EXHAUSTED")
+        # a session past --session-lifetime 3: refused when it ends, and what follows gets the status
+        link.request(start)
+        time.sleep(3.2)
+        seconds["lifetime"] = expect_refusal(link, hidden_message(0, 0, 8, hidden), "DEADLINE_EXCEEDED")
+        stats = wait_sessions(link, 0)
+    assert stats["computations_total"] == before + 1, stats  # the one valid prefill
+    assert max(seconds.values()) < 1.0, seconds
+    log = guarded.log.read_text()
+    for reason in ("beyond the model's context of 2048", "1025 positions, more than the limit of 1024",
+                   "exceeds the limit of 790528", "past its lifetime of 3 s"):
+        assert sum(reason in line for line in log.splitlines()) == 1, reason
+
+
+def test_int8_with_a_huge_step_is_invalid_argument_logged_once(guarded, long_model):
+    hidden = load_config(long_model).hidden_size
+    good = hidden_message(0, 0, 8, hidden, "int8")
+    payload = bytearray(good[protocol.HEADER_SIZE:])
+    with GrpcLink(guarded.url, token=TOKEN, timeout=10) as link:
+        for value in (1e6, 1e30):
+            payload[: 2 * 8] = torch.full((8,), value).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
+            message = protocol._pack(protocol.Kind.HIDDEN, 5, 0, hidden, 0, 0, 8, bytes(payload))
+            link.request(start_message(long_model, GUARDED_SETS))
+            with pytest.raises(RejectedError, match="codec int8: step .* is out of range"):
+                link.request(message)
+        wait_sessions(link, 0)
+    log = guarded.log.read_text()
+    assert "Traceback" not in log
+    lines = [line for line in log.splitlines() if "is out of range" in line]
+    assert len(lines) == 2 and all("INVALID_ARGUMENT" in line and "ipv4:127.0.0.1:" in line for line in lines), lines
+
+
+@pytest.fixture(scope="module")
+def pairs(talking_model, tmp_path_factory):
+    """Two servers for each of a fixed split and moving sets."""
+    tmp = tmp_path_factory.mktemp("failover")
+    servers = {(name, side): Server(talking_model, tmp / f"{name}-{side}.log", sets)
+               for name, sets in (("fixed", FIXED), ("moving", MOVING)) for side in "AB"}
+    for server in servers.values():
+        server.start()
+    for server in servers.values():
+        server.wait_ready()
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+class KillBefore:
+    """A link that SIGKILLs a server just before its n-th request (1-based) goes out."""
+
+    def __init__(self, link: GrpcLink, n: int, server: Server) -> None:
+        self.link, self.n, self.server, self.count, self.sizes = link, n, server, 0, []
+
+    def request(self, data: bytes) -> bytes:
+        self.count += 1
+        if self.count == self.n:
+            self.server.process.send_signal(signal.SIGKILL)
+            self.server.process.wait()
+        else:
+            self.sizes.append(len(data))
+        return self.link.request(data)
+
+
+@pytest.mark.parametrize("name,sets", [("fixed", FIXED), ("moving", MOVING)])
+def test_failover_gives_the_uninterrupted_tokens(pairs, talking_model, name, sets):
+    """A is killed after 10 of 48 tokens; the edge replays the session at B and goes on: the same tokens."""
+    order = [pairs[name, "A"], pairs[name, "B"]]
+    for codec in ("none", "int8"):
+        first, second = order
+        local = build_pipeline(str(talking_model), set(sets[0]), set(sets[1]), codec, seed=3, with_tokenizer=False)
+        remote = build_pipeline(str(talking_model), set(sets[0]), set(sets[1]), codec, seed=3, with_tokenizer=False,
+                                cloud_url=f"{first.url},{second.url}")
+        link = remote.edge.link
+        hook = remote.edge.link = KillBefore(link, 12, first)  # START, steps 0..9, then step 10
+        try:
+            result = remote.edge.generate(PROMPT, 48)
+        finally:
+            link.close()
+        assert result.token_ids == local.edge.generate(PROMPT, 48).token_ids, (name, codec)
+        assert (link.failovers, link.replayed_bytes, link.replay_mismatches) == (1, sum(hook.sizes[:11]), 0)
+        assert link.target == f"127.0.0.1:{second.port}"
+        first.start(port=first.port)  # back for the next codec, which starts at the survivor
+        first.wait_ready()
+        order = [second, first]
+
+
+def test_command_line_fails_over_and_reports_it(pairs, talking_model, capsys):
+    """--cloud with a dead first URL: the session opens on the second; the JSON says so."""
+    dead = __import__("socket").socket()
+    dead.bind(("127.0.0.1", 0))
+    port = dead.getsockname()[1]
+    dead.close()
+    argv = ["--base-model", str(talking_model), "--prompt", "Hello there", "--prompt-format", "raw", "--codec", "none",
+            "--max-new-tokens", "6", "--first", "1", "--second", "3", "--json"]
+    assert cli_run("three", None, None, argv + ["--cloud", f"grpc://127.0.0.1:{port},{pairs['fixed', 'B'].url}"]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert cli_run("three", None, None, argv) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert remote["token_ids"] == local["token_ids"] and remote["failovers"] == 1 and remote["replayed_bytes"] == 0
+    assert local["failovers"] == 0
