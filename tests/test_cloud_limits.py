@@ -65,13 +65,34 @@ def talking_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def guarded(long_model, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("guarded")
+def servers(long_model, talking_model, tmp_path_factory):
+    """Every server of this module, started together so that their imports overlap.
+
+    `guarded`: --max-sessions 1, a token, a 3 s session lifetime, 1,024 positions per message.
+    (`fixed`|`moving`, `A`|`B`): a fixed split and moving sets, two servers each, for failover.
+    """
+    tmp = tmp_path_factory.mktemp("servers")
     (tmp / "token").write_text(TOKEN)
-    server = Server(long_model, tmp / "guarded.log", GUARDED_SETS, "--max-sessions", "1", "--token-file", str(tmp / "token"),
-                    "--session-lifetime", "3", "--max-message-positions", "1024").start()
-    yield server.wait_ready()
-    server.stop()
+    started = {"guarded": Server(long_model, tmp / "guarded.log", GUARDED_SETS, "--max-sessions", "1", "--token-file", str(tmp / "token"),
+                                 "--session-lifetime", "3", "--max-message-positions", "1024")}
+    for name, sets in (("fixed", FIXED), ("moving", MOVING)):
+        for side in "AB":
+            started[name, side] = Server(talking_model, tmp / f"{name}-{side}.log", sets)
+    for server in started.values():
+        server.start()
+    for server in started.values():
+        server.wait_ready()
+    yield started
+    for server in started.values():
+        if server.process.poll() is None:
+            server.process.terminate()
+    for server in started.values():
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded(servers):
+    return servers["guarded"]
 
 
 def start_message(folder, sets) -> bytes:
@@ -98,7 +119,7 @@ def test_cancel_storm_runs_one_computation_at_a_time(guarded, long_model):
     hidden = load_config(long_model).hidden_size
     start, prefill = start_message(long_model, GUARDED_SETS), hidden_message(0, 0, 1024, hidden)
     served, refused, errors = [0], [0], []
-    stop_at = time.monotonic() + 6.0
+    stop_at = time.monotonic() + 4.0
 
     def client(i: int) -> None:
         channel = grpc.insecure_channel(f"127.0.0.1:{guarded.port}")
@@ -170,7 +191,7 @@ def test_unauthenticated_floods_starve_nobody(guarded, long_model):
     local = build_pipeline(str(long_model), {1}, {5}, "none", with_tokenizer=False)
     expected = {seed: local.edge.generate(PROMPT[: 3 + seed % 5], 4).token_ids for seed in range(20)}
     try:
-        time.sleep(2.0)  # the floods are running
+        time.sleep(1.0)  # the floods are running
         with GrpcLink(guarded.url, token=TOKEN, timeout=10) as link:
             stats = [link.stats() for _ in range(100)]
             tokens = {seed: remote_edge(long_model, GUARDED_SETS, 0, link).generate(PROMPT[: 3 + seed % 5], 4).token_ids
@@ -232,61 +253,65 @@ def test_int8_with_a_huge_step_is_invalid_argument_logged_once(guarded, long_mod
     assert len(lines) == 2 and all("INVALID_ARGUMENT" in line and "ipv4:127.0.0.1:" in line for line in lines), lines
 
 
-@pytest.fixture(scope="module")
-def pairs(talking_model, tmp_path_factory):
-    """Two servers for each of a fixed split and moving sets."""
-    tmp = tmp_path_factory.mktemp("failover")
-    servers = {(name, side): Server(talking_model, tmp / f"{name}-{side}.log", sets)
-               for name, sets in (("fixed", FIXED), ("moving", MOVING)) for side in "AB"}
-    for server in servers.values():
-        server.start()
-    for server in servers.values():
-        server.wait_ready()
-    yield servers
-    for server in servers.values():
-        server.stop()
-
-
 class KillBefore:
-    """A link that SIGKILLs a server just before its n-th request (1-based) goes out."""
+    """A link that, before its n-th request (1-based), waits for the other edge to get there too; then one of them SIGKILLs the server."""
 
-    def __init__(self, link: GrpcLink, n: int, server: Server) -> None:
-        self.link, self.n, self.server, self.count, self.sizes = link, n, server, 0, []
+    def __init__(self, link: GrpcLink, n: int, barrier: threading.Barrier) -> None:
+        self.link, self.n, self.barrier, self.count, self.sizes = link, n, barrier, 0, []
 
     def request(self, data: bytes) -> bytes:
         self.count += 1
         if self.count == self.n:
-            self.server.process.send_signal(signal.SIGKILL)
-            self.server.process.wait()
+            self.barrier.wait(30)
         else:
             self.sizes.append(len(data))
         return self.link.request(data)
 
 
 @pytest.mark.parametrize("name,sets", [("fixed", FIXED), ("moving", MOVING)])
-def test_failover_gives_the_uninterrupted_tokens(pairs, talking_model, name, sets):
-    """A is killed after 10 of 48 tokens; the edge replays the session at B and goes on: the same tokens."""
-    order = [pairs[name, "A"], pairs[name, "B"]]
-    for codec in ("none", "int8"):
-        first, second = order
-        local = build_pipeline(str(talking_model), set(sets[0]), set(sets[1]), codec, seed=3, with_tokenizer=False)
-        remote = build_pipeline(str(talking_model), set(sets[0]), set(sets[1]), codec, seed=3, with_tokenizer=False,
-                                cloud_url=f"{first.url},{second.url}")
-        link = remote.edge.link
-        hook = remote.edge.link = KillBefore(link, 12, first)  # START, steps 0..9, then step 10
+def test_failover_gives_the_uninterrupted_tokens(servers, talking_model, name, sets):
+    """Two edges (`none` and `int8`) on A; A is killed after 10 of 48 tokens; each replays its session at B and goes on."""
+    first, second = servers[name, "A"], servers[name, "B"]
+
+    def kill() -> None:
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait()
+
+    barrier = threading.Barrier(2, action=kill)
+    codecs = ("none", "int8")
+    local = {codec: build_pipeline(str(talking_model), set(sets[0]), set(sets[1]), codec, seed=3, with_tokenizer=False)
+             for codec in codecs}
+    remote = {codec: build_pipeline(str(talking_model), set(sets[0]), set(sets[1]), codec, seed=3, with_tokenizer=False,
+                                    cloud_url=f"{first.url},{second.url}") for codec in codecs}
+    links = {codec: remote[codec].edge.link for codec in codecs}
+    hooks = {codec: KillBefore(links[codec], 12, barrier) for codec in codecs}  # START, steps 0..9, then step 10
+    results, errors = {}, []
+
+    def generate(codec: str) -> None:
+        remote[codec].edge.link = hooks[codec]
         try:
-            result = remote.edge.generate(PROMPT, 48)
+            results[codec] = remote[codec].edge.generate(PROMPT, 48).token_ids
+        except BaseException as error:  # reported below
+            errors.append(error)
+            barrier.abort()
         finally:
-            link.close()
-        assert result.token_ids == local.edge.generate(PROMPT, 48).token_ids, (name, codec)
-        assert (link.failovers, link.replayed_bytes, link.replay_mismatches) == (1, sum(hook.sizes[:11]), 0)
+            links[codec].close()
+
+    threads = [threading.Thread(target=generate, args=(codec,)) for codec in codecs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert first.process.returncode == -signal.SIGKILL
+    for codec in codecs:
+        link = links[codec]
+        assert results[codec] == local[codec].edge.generate(PROMPT, 48).token_ids, (name, codec)
+        assert (link.failovers, link.replayed_bytes, link.replay_mismatches) == (1, sum(hooks[codec].sizes[:11]), 0), codec
         assert link.target == f"127.0.0.1:{second.port}"
-        first.start(port=first.port)  # back for the next codec, which starts at the survivor
-        first.wait_ready()
-        order = [second, first]
 
 
-def test_command_line_fails_over_and_reports_it(pairs, talking_model, capsys):
+def test_command_line_fails_over_and_reports_it(servers, talking_model, capsys):
     """--cloud with a dead first URL: the session opens on the second; the JSON says so."""
     dead = __import__("socket").socket()
     dead.bind(("127.0.0.1", 0))
@@ -294,7 +319,7 @@ def test_command_line_fails_over_and_reports_it(pairs, talking_model, capsys):
     dead.close()
     argv = ["--base-model", str(talking_model), "--prompt", "Hello there", "--prompt-format", "raw", "--codec", "none",
             "--max-new-tokens", "6", "--first", "1", "--second", "3", "--json"]
-    assert cli_run("three", None, None, argv + ["--cloud", f"grpc://127.0.0.1:{port},{pairs['fixed', 'B'].url}"]) == 0
+    assert cli_run("three", None, None, argv + ["--cloud", f"grpc://127.0.0.1:{port},{servers['fixed', 'B'].url}"]) == 0
     remote = json.loads(capsys.readouterr().out)
     assert cli_run("three", None, None, argv) == 0
     local = json.loads(capsys.readouterr().out)
