@@ -120,7 +120,7 @@ class _Libc:
         except (OSError, AttributeError):
             self.libc = None
 
-    def configure(self, arenas: int = 2, mmap_threshold: int = 1 << 20) -> None:
+    def configure(self, arenas: int = 2, mmap_threshold: int = 256 << 10) -> None:
         """Call before threads start: at most `arenas` arenas, blocks over `mmap_threshold` mmapped (and unmapped when freed)."""
         if self.libc is not None:
             self.libc.mallopt(self.M_ARENA_MAX, arenas)
@@ -166,6 +166,7 @@ class _Session:
     peer: str
     opened: float  # time.monotonic()
     expires: float  # opened + the session lifetime
+    cloud: object = None  # its Cloud: caches and stored states, dropped as soon as the session ends
     computation: futures.Future | None = None
     closed: bool = False
 
@@ -251,16 +252,16 @@ class CloudService:
         refusal = None
         try:
             session = self._open(peer)
-            cloud = self._cloud_class(self.schedule, self.part)
+            session.cloud = self._cloud_class(self.schedule, self.part)
             while True:
                 request = await self._next_request(session, context)
                 if request is aio.EOF:
                     break
-                self._check_request(request, cloud)
+                self._check_request(request)
                 if _kind(request) == protocol.Kind.HIDDEN:
-                    reply = await self._compute(session, cloud, request, context)
+                    reply = await self._compute(session, request, context)
                 else:  # START (or a refused kind): no layers run, answered on the loop
-                    reply = self._handle(cloud, request)
+                    reply = self._handle(session.cloud, request)
                 await context.write(reply)
         except Refusal as error:
             refusal = error
@@ -287,7 +288,7 @@ class CloudService:
                 raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, f"the session is past its lifetime of {self.limits.session_lifetime:g} s") from None
             raise Refusal(grpc.StatusCode.CANCELLED, f"idle for {self.limits.idle_timeout:g} s") from None
 
-    def _check_request(self, request: bytes, cloud) -> None:
+    def _check_request(self, request: bytes) -> None:
         """The limits, from the length and the header alone: a refused message costs no computation."""
         limits = self.limits
         if len(request) > limits.message_bytes:
@@ -313,7 +314,7 @@ class CloudService:
         except TriadicError as error:  # ProtocolError, or a codec refusing what the client's states became
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(error).splitlines()[0]) from None
 
-    async def _compute(self, session: _Session, cloud, request: bytes, context: aio.ServicerContext) -> bytes:
+    async def _compute(self, session: _Session, request: bytes, context: aio.ServicerContext) -> bytes:
         """Run one message in the pool, under a computation slot held until the computation really ends."""
         now = time.monotonic()
         deadline = min(now + self.limits.request_timeout, session.expires)
@@ -326,7 +327,7 @@ class CloudService:
             raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, "no computation slot came free before the request's deadline") from None
         signal_ = StopSignal(deadline)
         try:
-            job = self._executor.submit(self._run, cloud, request, signal_)
+            job = self._executor.submit(self._run, session.cloud, request, signal_)
         except BaseException:
             self._slots.release()
             raise
@@ -368,8 +369,12 @@ class CloudService:
                 self.counters.computations_running -= 1
 
     def _release_slot(self, job: futures.Future) -> None:
+        self._on_loop(self._slots.release)
+
+    def _on_loop(self, function, *args) -> None:
+        """Run `function` on the serving loop, from a computing thread."""
         try:
-            self._loop.call_soon_threadsafe(self._slots.release)
+            self._loop.call_soon_threadsafe(function, *args)
         except RuntimeError:  # the loop is closed: the server has stopped
             pass
 
@@ -390,14 +395,19 @@ class CloudService:
         """Free the session once its last computation has ended (now, or from that computation's callback)."""
         job = session.computation
         if job is not None and not job.done():
-            job.add_done_callback(lambda _: self._loop.call_soon_threadsafe(self._close, session, outcome))
+            job.add_done_callback(lambda _: self._on_loop(self._close, session, outcome))
             return
         if session.closed:
             return
         session.closed = True
         self._sessions.pop(session.number, None)
         logger.info("session %d %s (%d open)", session.number, outcome, len(self._sessions))
-        self._loop.run_in_executor(None, LIBC.trim)  # give the session's freed memory back to the system
+        if session.cloud is not None:
+            # Free the caches now, whoever still refers to the Cloud (a traceback's frame, say), then
+            # hand the freed memory back to the system instead of keeping it in malloc's arenas.
+            session.cloud.reset()
+            session.cloud = None
+            self._loop.run_in_executor(None, LIBC.trim)
 
     def stop(self) -> None:
         self._stopping = True
@@ -475,7 +485,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--session-lifetime", type=float, default=3600.0, help="seconds a session may live (default 3600)")
     g.add_argument("--idle-timeout", type=float, default=300.0, help="seconds a session may wait for its next message (default 300)")
     g.add_argument("--connection-idle", type=float, default=120.0, help="seconds a connection without streams stays open (default 120)")
-    g.add_argument("--max-connections", type=int, default=256, help="TCP connections at once (default 256)")
+    g.add_argument("--max-connections", type=int, default=1024, help="TCP connections at once (default 1024; limits per peer belong in a firewall)")
     g.add_argument("--max-streams-per-connection", type=int, default=16, help="concurrent calls on one connection (default 16)")
     return p
 
@@ -532,7 +542,7 @@ def server_options(args, limits: Limits) -> list[tuple[str, int]]:
         ("grpc.max_metadata_size", 16 * 1024),
         ("grpc.max_concurrent_streams", args.max_streams_per_connection),
         ("grpc.max_allowed_incoming_connections", args.max_connections),
-        ("grpc.server_handshake_timeout_ms", 10_000),  # a connection that never completes its handshake is dropped
+        ("grpc.server_handshake_timeout_ms", 5_000),  # a connection that never completes its handshake is dropped
         ("grpc.max_connection_idle_ms", ms(args.connection_idle)),
         # A connection lives at most two session lifetimes: GOAWAY after one, streams then have one more to end.
         ("grpc.max_connection_age_ms", ms(limits.session_lifetime)),

@@ -255,7 +255,10 @@ class GrpcLink:
     def _send(self, data: bytes, new_stream: bool = False) -> bytes:
         """One request on the current stream (a new one where asked); LinkError, with the stream dropped, on failure."""
         if new_stream:
+            previous = self._stream
             self._end_stream()
+            if previous is not None:  # let the cloud free the last session first: a full cloud counts it until then
+                previous.reader.join(timeout=min(2.0, self.timeout))
             self._stream = _Stream(self.channel, self.metadata)
         stream = self._stream
         stream.requests.put(data)
@@ -306,9 +309,12 @@ class GrpcLink:
             self._end_stream(cancel=True)
 
     def end_session(self) -> None:
-        """Half-close the current stream: the cloud frees the session."""
+        """Half-close the current stream and wait (2 s at most) until the cloud has freed the session."""
         with self._lock:
+            stream = self._stream
             self._end_stream()
+        if stream is not None:
+            stream.reader.join(timeout=min(2.0, self.timeout))
 
     def close(self) -> None:
         """End the session (the cloud frees it at once) and the channels."""
