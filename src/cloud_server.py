@@ -262,7 +262,7 @@ class CloudService:
                     reply = await self._compute(session, request, context)
                 else:  # START (or a refused kind): no layers run, answered on the loop
                     reply = self._handle(session.cloud, request)
-                await context.write(reply)
+                await self._write(session, context, reply)
         except Refusal as error:
             refusal = error
             outcome = f"refused ({error.code.name})"
@@ -287,6 +287,14 @@ class CloudService:
             if time.monotonic() >= session.expires:
                 raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, f"the session is past its lifetime of {self.limits.session_lifetime:g} s") from None
             raise Refusal(grpc.StatusCode.CANCELLED, f"idle for {self.limits.idle_timeout:g} s") from None
+
+    async def _write(self, session: _Session, context: aio.ServicerContext, reply: bytes) -> None:
+        """Send a reply; a client that does not read it within the idle time (or the session's life) is refused."""
+        wait = min(self.limits.idle_timeout, session.expires - time.monotonic())
+        try:
+            await asyncio.wait_for(context.write(reply), timeout=max(1.0, wait))
+        except asyncio.TimeoutError:
+            raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, "the client did not read its reply in time") from None
 
     def _check_request(self, request: bytes) -> None:
         """The limits, from the length and the header alone: a refused message costs no computation."""
@@ -472,7 +480,6 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-    p.add_argument("--tls-client-ca", default=None, help="with --tls-cert: PEM CA that must have signed each client's certificate (mutual TLS)")
     p.add_argument("--token-file", default=None, help="file holding a bearer token clients must send")
     g = p.add_argument_group("limits (every refusal is one log line naming the peer)")
     g.add_argument("--max-sessions", type=int, default=8, help="sessions open at once; more get RESOURCE_EXHAUSTED (default 8)")
@@ -506,8 +513,6 @@ def _check_args(args) -> None:
         raise TriadicError("--max-message-mb must be in (0, 2047]")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise TriadicError("--tls-cert and --tls-key go together")
-    if args.tls_client_ca and not args.tls_cert:
-        raise TriadicError("--tls-client-ca goes with --tls-cert")
     if args.threads is not None and args.threads < 1:
         raise TriadicError("--threads must be at least 1")
 
@@ -596,10 +601,9 @@ def load(args) -> Loaded:
     credentials = None
     if args.tls_cert:
         cert, key = read_file(args.tls_cert, "--tls-cert"), read_file(args.tls_key, "--tls-key")
-        client_ca = read_file(args.tls_client_ca, "--tls-client-ca") if args.tls_client_ca else None
-        if b"-----BEGIN" not in cert or b"-----BEGIN" not in key or (client_ca is not None and b"-----BEGIN" not in client_ca):
-            raise TriadicError("--tls-cert/--tls-key/--tls-client-ca: expected PEM files")
-        credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+        if b"-----BEGIN" not in cert or b"-----BEGIN" not in key:
+            raise TriadicError("--tls-cert/--tls-key: expected PEM files")
+        credentials = grpc.ssl_server_credentials([(key, cert)])
 
     model_dir = resolve_model_dir(args.base_model)
     config = load_config(model_dir)
@@ -641,7 +645,7 @@ async def serve(args, loaded: Loaded, stop: asyncio.Event) -> int:
     await server.start()
     host = f"[{args.host}]" if ":" in args.host else args.host
     limits = service.limits
-    scheme = "mutual TLS" if args.tls_client_ca else "TLS" if args.tls_cert else "plaintext"
+    scheme = "TLS" if args.tls_cert else "plaintext"
     logger.info("listening on %s:%d", host, port)
     logger.info(
         "%s, cloud layers [%d, %d), first=%s second=%s; at most %d sessions, %d computations, %d positions per session, "

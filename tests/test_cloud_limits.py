@@ -31,7 +31,7 @@ from src.grpc_link import GrpcLink, LinkError, RejectedError  # noqa: E402
 from src.pipeline import build_pipeline  # noqa: E402
 from src.schedule import SplitSchedule  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
-from tests.test_grpc import Server, remote_edge, wait_sessions  # noqa: E402
+from tests.test_grpc import Hook, Server, remote_edge, wait_sessions  # noqa: E402
 from tests.tiny import make_tiny_checkpoint  # noqa: E402
 
 TOKEN = "limits-token"
@@ -266,6 +266,30 @@ class KillBefore:
         else:
             self.sizes.append(len(data))
         return self.link.request(data)
+
+
+def test_a_hung_cloud_is_failed_over_after_the_timeout(servers, talking_model):
+    """A stops answering (SIGSTOP) after 5 tokens: after --cloud-timeout the edge goes on at B; A, resumed, frees the session."""
+    first, second = servers["fixed", "A"], servers["fixed", "B"]
+    local = build_pipeline(str(talking_model), {1}, {3}, "int8", seed=1, with_tokenizer=False)
+    remote = build_pipeline(str(talking_model), {1}, {3}, "int8", seed=1, with_tokenizer=False, cloud_url=f"{first.url},{second.url}", timeout=2)
+    link = remote.edge.link
+
+    def hang() -> None:
+        first.process.send_signal(signal.SIGSTOP)
+
+    remote.edge.link = Hook(link, 7, hang)  # START, steps 0..4, then step 5
+    try:
+        began = time.monotonic()
+        tokens = remote.edge.generate(PROMPT, 16).token_ids
+        elapsed = time.monotonic() - began
+    finally:
+        first.process.send_signal(signal.SIGCONT)
+        link.close()
+    assert tokens == local.edge.generate(PROMPT, 16).token_ids
+    assert link.failovers == 1 and link.target == f"127.0.0.1:{second.port}" and 2 <= elapsed < 15
+    with GrpcLink(first.url, timeout=10) as probe:
+        assert wait_sessions(probe, 0)["computations_total"] >= 5
 
 
 @pytest.mark.parametrize("name,sets", [("fixed", FIXED), ("moving", MOVING)])
