@@ -164,6 +164,36 @@ def test_cancel_storm_runs_one_computation_at_a_time(guarded, long_model):
     assert result.token_ids == local.edge.generate(PROMPT, 8).token_ids
 
 
+def test_a_computation_stops_between_layers(tiny_tied):
+    """The server's stop check runs before every layer: an expired request runs none, a cancelled one stops at the next layer."""
+    from src.cloud_server import StopSignal, Stopped
+
+    folder, _ = tiny_tied
+    cloud = build_pipeline(str(folder), {0}, {4}, "none", with_tokenizer=False).cloud  # the cloud holds layers 0..3
+    hidden = load_config(folder).hidden_size
+    start, prefill = start_message(folder, ((0,), (4,))), hidden_message(0, 0, 6, hidden)
+    expired = StopSignal(deadline=time.monotonic() - 1)
+    cloud.handle(start)
+    cloud.on_layer = expired.check
+    with pytest.raises(Stopped, match="deadline"):
+        cloud.handle(prefill)
+    assert cloud.layer_evals == 0
+    cancel = StopSignal(deadline=time.monotonic() + 60)
+    calls = []
+
+    def cancelled_after_two_layers() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            cancel.cancelled.set()
+        cancel.check()
+
+    cloud.handle(start)
+    cloud.on_layer = cancelled_after_two_layers
+    with pytest.raises(Stopped, match="cancelled"):
+        cloud.handle(prefill)
+    assert cloud.layer_evals == 2 * 6  # two layers of six positions, then it stopped
+
+
 FLOODER = """
 import sys, threading, time, grpc
 url, until, start = sys.argv[1], time.monotonic() + float(sys.argv[2]), bytes.fromhex(sys.argv[3])
