@@ -140,8 +140,9 @@ class ReplayLog:
         return len(self.messages)
 
 
-# Failures after which another cloud may serve the session: the cloud is gone, hung, full or broke.
-# Not INVALID_ARGUMENT (our bytes: another cloud would refuse them too) nor auth and method errors.
+# Failures after which another cloud may serve the session: the cloud is gone, hung, full (at START)
+# or broke. Not INVALID_ARGUMENT or a message over a limit (another cloud would refuse them too), nor
+# auth and method errors.
 FAILOVER_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "INTERNAL", "RESOURCE_EXHAUSTED", "ABORTED", None})
 
 
@@ -247,6 +248,8 @@ class GrpcLink:
             except LinkError as error:
                 if len(self._endpoints) == 1 or isinstance(error, RejectedError) or error.code not in FAILOVER_CODES:
                     raise
+                if error.code == "RESOURCE_EXHAUSTED" and not _is_start(data):
+                    raise  # a limit on this message, not a full cloud: another cloud would refuse it too
                 reply = self._fail_over(data, error)
             self.replay.append(data, reply)
             self.requests += 1
@@ -377,7 +380,9 @@ class GrpcLink:
         if code is grpc.StatusCode.UNAUTHENTICATED:
             return LinkError(f"cloud at {self.target} refused the token: {details}", name)
         if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return LinkError(f"cloud at {self.target} is out of capacity: {details}", name)
+            if "sessions at once" in details:
+                return LinkError(f"cloud at {self.target} is out of capacity: {details}", name)
+            return LinkError(f"cloud at {self.target} refused the message as too large: {details}", name)
         if code is grpc.StatusCode.CANCELLED:
             return LinkError(f"cloud session at {self.target} was cancelled (idle timeout, server shutdown or client cancel)", name)
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
