@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -64,6 +64,10 @@ class HiddenStore:
 
 class Party:
     """One side of the split: its layers, its KV caches, its store, and a mirror of the peer's fill counts."""
+
+    # Called before each layer runs; it may raise to stop the computation (the cloud server's
+    # cancellation and deadline check). The caches are then mid-step: the session must be dropped.
+    on_layer: Callable[[], None] | None = None
 
     def __init__(
         self,
@@ -117,6 +121,8 @@ class Party:
             start = self.fill[index]
             if start >= end:
                 continue
+            if self.on_layer is not None:
+                self.on_layer()
             model = self.layer_owner[index]
             states = self.store.get(index, start, end).unsqueeze(0)
             key = model.chunk_key(start, index)

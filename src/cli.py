@@ -37,8 +37,10 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--edge-dtype", default="float32")
     parser.add_argument("--cloud-dtype", default="float32")
     parser.add_argument("--load-in-8bit", action="store_true", help="8-bit weights through bitsandbytes on both sides")
-    parser.add_argument("--cloud", default=None, help="grpc://host:port of a cloud server (python -m src.cloud_server); default: in this process")
+    parser.add_argument("--cloud", default=None, help="grpc://host:port of a cloud server (python -m src.cloud_server); "
+                        "several, comma-separated, to fail over to the next mid-generation; default: in this process")
     parser.add_argument("--tls-ca", default=None, help="with --cloud: PEM CA certificate of the server (turns TLS on)")
+    parser.add_argument("--tls-server-name", default=None, help="with --tls-ca: the name the server's certificate carries, where it is not the host dialled")
     parser.add_argument("--token-file", default=None, help="with --cloud: file holding the server's bearer token")
     parser.add_argument("--cloud-timeout", type=float, default=120.0, help="with --cloud: seconds to wait for each reply")
     parser.add_argument("--uplink-noise", type=float, default=0.0, help="privacy mitigation: noise (x typical |h|) on edge-to-cloud states")
@@ -80,8 +82,8 @@ def build_from_args(mode: str, args, first: set[int] | None, second: set[int] | 
     get_codec(args.codec)
     if args.uplink_noise < 0:
         raise TriadicError("--uplink-noise must be >= 0")
-    if args.cloud is None and (args.tls_ca or args.token_file):
-        raise TriadicError("--tls-ca and --token-file go with --cloud")
+    if args.cloud is None and (args.tls_ca or args.token_file or args.tls_server_name):
+        raise TriadicError("--tls-ca, --tls-server-name and --token-file go with --cloud")
     if args.cloud is not None and mode == "one":
         raise TriadicError("--cloud: main_1_split.py runs unsplit, without a cloud")
     model_dir = str(resolve_model_dir(args.base_model))  # once: a hub id is downloaded here, not again below
@@ -94,6 +96,7 @@ def build_from_args(mode: str, args, first: set[int] | None, second: set[int] | 
         model_dir, first, second, args.codec, args.seed, args.resplit_every, two_part=mode == "two",
         lora_weights=args.lora_weights, edge_side=edge_side, cloud_side=cloud_side,
         cloud_url=args.cloud, tls_ca_path=args.tls_ca, token_file_path=args.token_file, timeout=args.cloud_timeout,
+        tls_server_name=args.tls_server_name,
     )
     pipeline.edge.uplink_noise = args.uplink_noise
     return pipeline
@@ -153,6 +156,8 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
         "layer_evals_per_position": {k: v / (len(prompt_ids) + steps - 1) for k, v in result.layer_evals.items()},
         "tokens_per_second": result.tokens_per_second,
         "link_seconds": result.link_seconds,
+        "failovers": getattr(pipeline.edge.link, "failovers", 0),  # clouds that failed mid-generation and were replaced
+        "replayed_bytes": getattr(pipeline.edge.link, "replayed_bytes", 0),  # uplink bytes sent again to the replacements
         "mode": mode,
         "codec": args.codec,
         "seed": args.seed,
@@ -166,6 +171,8 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
     else:
         log(f"[{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s, "
             f"{result.bytes_up} bytes up, {result.bytes_down} bytes down]")
+        if report["failovers"]:
+            log(f"[{report['failovers']} failovers, {report['replayed_bytes']} bytes replayed]")
     return 0
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from . import protocol
 from .base import Party
 from .codec import CODECS_BY_ID
@@ -81,6 +83,8 @@ class Cloud(Party):
             reply = protocol.encode_token(step, end - 1, token, self.hidden_size)
         else:
             out_start, states = self.outgoing(b, end)
+            if not torch.isfinite(states).all():  # finite but huge inputs overflow in the layers
+                raise ProtocolError("the states sent drive the model to Inf or NaN (the session's caches are no longer usable)")
             with self.timed("encode"):
                 reply = protocol.encode_hidden(step, out_start, states, CODECS_BY_ID[message.codec_id])
         self.advance_peer([i for i in self.peer_layers if i < a or i >= b], end)

@@ -9,24 +9,47 @@ of one request of `src/protocol.py`, every response the bytes of its reply. No p
 methods use raw bytes.
 
     /triadic.Cloud/Session  stream-stream  request bytes -> reply bytes
-    /triadic.Cloud/Stats    unary-unary    b"" -> JSON {"sessions", "sessions_total", "max_sessions", "rss_bytes", ...}
+    /triadic.Cloud/Stats    unary-unary    b"" -> JSON {"sessions", "computations_running", "max_computations_running", ...}
 
-Status codes a client can see:
-    INVALID_ARGUMENT     a message `Cloud.handle` refused (ProtocolError; the details are its one line).
-                         The stream ends; the session's caches were not changed; other sessions go on.
-    RESOURCE_EXHAUSTED   --max-sessions sessions are open, or a message exceeds --max-message-mb
+What limits work (an asyncio server: waiting costs no thread, only computing does):
+- The token is checked by an interceptor on the event loop, before any handler runs: an
+  unauthenticated call never reaches a session, a computation slot or a worker thread.
+- Stats is answered on the event loop from counters; it never waits for a session or a slot.
+- A computation (one HIDDEN message through the cloud's layers) runs in a pool of
+  --max-computations threads behind a semaphore whose slot is released only when the computation
+  has really ended. Between layers it checks whether its client cancelled or its deadline passed
+  (`Party.on_layer`), so a cancelled or expired request stops within one layer. A session counts
+  against --max-sessions until its last computation has ended, not when its stream does.
+- Every message is checked against the limits from its 24-byte header before it is queued:
+  positions per message, positions per session (at most the model's context), bytes per message
+  (derived from the positions: 4 bytes per value), session lifetime and idle time.
+- gRPC's own options bound connections: idle and age, keepalive and its enforcement, streams per
+  connection, handshake time, and the number of connections.
+
+Status codes a client can see (every refusal is one log line naming the peer):
+    INVALID_ARGUMENT     the client's bytes are wrong: a message `Cloud.handle` refused (codec,
+                         protocol, positions beyond the model's context), or states that drive the
+                         model to Inf/NaN. Logged once, never a traceback.
+    RESOURCE_EXHAUSTED   --max-sessions sessions are open, a message carries more positions or bytes
+                         than the limits, or a session would grow past --max-session-positions
+    DEADLINE_EXCEEDED    a message did not finish within --request-timeout (or the client's own
+                         deadline), or the session is past --session-lifetime
     UNAUTHENTICATED      --token-file is set and the metadata lacks `authorization: Bearer <token>`
     CANCELLED            the session idled past --idle-timeout, or the server is shutting down
-    INTERNAL             a bug on the server (traceback on its stderr)
-
-A session is freed when its stream ends (the client half-closes), is cancelled, fails, or idles.
+    INTERNAL             a bug on the server (traceback in its log)
+A refusal ends the stream (gRPC has no status for one message of a stream); the session and its
+caches are dropped, other sessions go on.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
+import ctypes
+import ctypes.util
 import hmac
 import itertools
 import json
+import logging
 import os
 import resource
 import signal
@@ -34,12 +57,16 @@ import socket
 import sys
 import threading
 import time
-import traceback
 from concurrent import futures
+from dataclasses import asdict, dataclass, field
 
 import grpc
+from grpc import aio
 
-from .utils import OneLineParser, ProtocolError, TriadicError, parse_layer_set, read_file, read_token
+from . import protocol
+from .utils import OneLineParser, TriadicError, parse_layer_set, read_file, read_token
+
+logger = logging.getLogger(__name__)
 
 SERVICE = "triadic.Cloud"
 SESSION_METHOD = f"/{SERVICE}/Session"
@@ -48,17 +75,23 @@ PROG = "cloud_server"
 # main_3_split.py's sets: the edge and the cloud must use the same ones (checked by fingerprint at START).
 DEFAULT_FIRST = "1,2,3,4,5,6"
 DEFAULT_SECOND = "24,25,26,27,28,29"
+BYTES_PER_VALUE = 4  # the widest codec (`none` in float32) sends 4 bytes per value
+MESSAGE_SLACK = 4096  # header and codec side data beyond the values, in bytes
 
 
-_log_lock = threading.Lock()
+@dataclass(frozen=True)
+class Limits:
+    """What one client may ask of this server. Every field has a command-line flag."""
 
-
-def log(*parts: object) -> None:
-    """One line to stderr in a single write, so that lines from concurrent sessions never interleave."""
-    line = " ".join(str(part) for part in parts) + "\n"
-    with _log_lock:
-        sys.stderr.write(line)
-        sys.stderr.flush()
+    max_sessions: int = 8  # sessions open at once; a session counts until its last computation ends
+    max_computations: int = 8  # computations (HIDDEN messages) running at once, across sessions
+    session_positions: int = 8192  # positions one session may reach; at most the model's context
+    message_positions: int = 4096  # positions one message may carry
+    message_bytes: int = 4096 * 576 * BYTES_PER_VALUE + MESSAGE_SLACK  # largest request, from message_positions
+    request_timeout: float = 120.0  # seconds from a message's arrival to its reply, waiting for a slot included
+    session_lifetime: float = 3600.0  # seconds a session may live from its start, however active
+    idle_timeout: float = 300.0  # seconds a session may wait for its next message
+    context: int = 8192  # the model's max_position_embeddings: positions beyond it are invalid, not merely too many
 
 
 def rss_bytes() -> int:
@@ -70,35 +103,106 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class _Libc:
+    """glibc's allocator knobs, where there is glibc: fewer arenas, and giving freed memory back.
+
+    Without them a burst of large sessions leaves its peak resident: freed blocks stay in per-thread
+    arenas, and glibc's dynamic mmap threshold grows past the size of a large prefill's tensors.
+    """
+
+    M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
+
+    def __init__(self) -> None:
+        name = ctypes.util.find_library("c")
+        try:
+            self.libc = ctypes.CDLL(name) if name else None
+            self.libc.malloc_trim  # noqa: B018 (not glibc: no trimming)
+        except (OSError, AttributeError):
+            self.libc = None
+
+    def configure(self, arenas: int = 2, mmap_threshold: int = 256 << 10) -> None:
+        """Call before threads start: at most `arenas` arenas, blocks over `mmap_threshold` mmapped (and unmapped when freed)."""
+        if self.libc is not None:
+            self.libc.mallopt(self.M_ARENA_MAX, arenas)
+            self.libc.mallopt(self.M_MMAP_THRESHOLD, mmap_threshold)
+
+    def trim(self) -> None:
+        if self.libc is not None:
+            self.libc.malloc_trim(0)
+
+
+LIBC = _Libc()
+
+
+class Refusal(Exception):
+    """A request this server will not serve: a status and a one-line reason for the client and the log."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+class Stopped(Exception):
+    """Raised between layers: the computation's client cancelled, or its deadline passed."""
+
+
+class StopSignal:
+    """Read by a computing thread between layers; set from the event loop when its request is cancelled."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline  # time.monotonic() by which the computation must have ended
+        self.cancelled = threading.Event()
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise Stopped("cancelled")
+        if time.monotonic() > self.deadline:
+            raise Stopped("deadline")
+
+
+@dataclass
 class _Session:
-    def __init__(self, number: int, context: grpc.ServicerContext) -> None:
-        self.number = number
-        self.context = context
-        self.last_active = time.monotonic()
-        self.busy = False
-        self.idled_out = False
+    number: int
+    peer: str
+    opened: float  # time.monotonic()
+    expires: float  # opened + the session lifetime
+    cloud: object = None  # its Cloud: caches and stored states, dropped as soon as the session ends
+    computation: futures.Future | None = None
+    closed: bool = False
+
+
+@dataclass
+class Counters:
+    """What Stats reports besides the sessions: computations and refusals since the server started."""
+
+    sessions_total: int = 0
+    computations_running: int = 0
+    max_computations_running: int = 0  # the peak of computations_running
+    computations_total: int = 0  # computations started (HIDDEN messages that reached the layers)
+    computations_stopped: int = 0  # stopped between layers: cancelled or past their deadline
+    refusals: dict[str, int] = field(default_factory=dict)  # status name -> count
 
 
 class CloudService:
-    """Sessions over one loaded cloud part. Thread-safe: each stream runs in its own pool thread."""
+    """Sessions over one loaded cloud part. Handlers run on one asyncio loop; computations in a thread pool."""
 
-    def __init__(self, schedule, part, max_sessions: int = 8, idle_timeout: float = 300.0, token: str | None = None) -> None:
+    def __init__(self, schedule, part, limits: Limits, token: str | None = None) -> None:
         from .cloud import Cloud
 
         self._cloud_class = Cloud
         self.schedule = schedule
         self.part = part
-        self.max_sessions = max_sessions
-        self.idle_timeout = idle_timeout
+        self.limits = limits
+        self.hidden_size = part.config.hidden_size
         self._expected_auth = f"Bearer {token}".encode() if token is not None else None
-        self._lock = threading.Lock()
         self._sessions: dict[int, _Session] = {}
         self._numbers = itertools.count(1)
-        self._total = 0
-        self._rejected = 0
-        self._stopping = threading.Event()
-        self._reaper = threading.Thread(target=self._reap_idle, name="idle-reaper", daemon=True)
-        self._reaper.start()
+        self.counters = Counters()
+        self._counter_lock = threading.Lock()  # computations are counted from their threads
+        self._executor = futures.ThreadPoolExecutor(max_workers=limits.max_computations, thread_name_prefix="compute")
+        self._slots: asyncio.Semaphore | None = None  # made on the serving loop
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
 
     # -- gRPC wiring -------------------------------------------------------------------------
     def handler(self) -> grpc.GenericRpcHandler:
@@ -110,107 +214,254 @@ class CloudService:
             },
         )
 
-    def _authorize(self, context: grpc.ServicerContext) -> None:
-        if self._expected_auth is None:
-            return
-        given = b""
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                given = value.encode() if isinstance(value, str) else bytes(value)
-                break
-        if not hmac.compare_digest(given, self._expected_auth):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token (metadata authorization: Bearer <token>)")
+    def interceptors(self) -> list[aio.ServerInterceptor]:
+        return [_TokenCheck(self._expected_auth, self)] if self._expected_auth is not None else []
+
+    def bind_loop(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(self.limits.max_computations)
+
+    def refuse(self, peer: str, code: grpc.StatusCode, reason: str, session: _Session | None = None) -> None:
+        """Count and log a refusal: one line, with the peer."""
+        self.counters.refusals[code.name] = self.counters.refusals.get(code.name, 0) + 1
+        where = f"session {session.number} from {peer}" if session is not None else peer
+        logger.warning("refused %s: %s %s", where, code.name, reason)
 
     # -- methods -----------------------------------------------------------------------------
-    def stats(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        self._authorize(context)
-        with self._lock:
-            report = {
-                "sessions": len(self._sessions),
-                "sessions_total": self._total,
-                "sessions_rejected": self._rejected,
-                "max_sessions": self.max_sessions,
-                "idle_timeout": self.idle_timeout,
-                "cloud_layers": [self.schedule.cloud_layers.start, self.schedule.cloud_layers.stop],
-                "rss_bytes": rss_bytes(),
-                "pid": os.getpid(),
-            }
+    async def stats(self, request: bytes, context: aio.ServicerContext) -> bytes:
+        """Counters only: never waits for a session or a computation slot, so floods and long prefills cannot starve it."""
+        counters = asdict(self.counters)
+        report = {
+            "sessions": len(self._sessions),
+            "sessions_rejected": counters["refusals"].get("RESOURCE_EXHAUSTED", 0),
+            **counters,
+            "max_sessions": self.limits.max_sessions,
+            "idle_timeout": self.limits.idle_timeout,
+            "limits": asdict(self.limits),
+            "cloud_layers": [self.schedule.cloud_layers.start, self.schedule.cloud_layers.stop],
+            "rss_bytes": rss_bytes(),
+            "pid": os.getpid(),
+        }
         return json.dumps(report).encode()
 
-    def session(self, requests, context: grpc.ServicerContext):
+    async def session(self, request_iterator, context: aio.ServicerContext) -> None:
         """One generation session: a fresh Cloud, one reply per request, in order."""
-        import torch
-
-        self._authorize(context)
-        session = self._open(context)
-        context.add_callback(lambda: self._close(session, "ended (connection closed)"))
-        cloud = self._cloud_class(self.schedule, self.part)
+        peer = context.peer()
+        session = None
         outcome = "ended by the client"
+        refusal = None
         try:
-            for request in requests:
-                session.busy = True
-                session.last_active = time.monotonic()
-                try:
-                    with torch.no_grad():
-                        reply = cloud.handle(request)
-                except ProtocolError as error:
-                    outcome = f"rejected a message: {error}"
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-                except Exception as error:  # a bug: keep serving the other sessions, say what failed
-                    outcome = f"failed: {type(error).__name__}: {error}"
-                    traceback.print_exc(file=sys.stderr)
-                    context.abort(grpc.StatusCode.INTERNAL, f"cloud error: {type(error).__name__}: {error}".splitlines()[0])
-                finally:
-                    session.busy = False
-                    session.last_active = time.monotonic()
-                yield reply
-        except grpc.RpcError:  # the client cancelled or went away
-            outcome = "idle timeout" if session.idled_out else "cancelled by the client"
-        except GeneratorExit:  # gRPC dropped the stream while a reply was on its way
-            outcome = "cancelled by the client"
+            session = self._open(peer)
+            session.cloud = self._cloud_class(self.schedule, self.part)
+            while True:
+                request = await self._next_request(session, context)
+                if request is aio.EOF:
+                    break
+                self._check_request(request)
+                if _kind(request) == protocol.Kind.HIDDEN:
+                    reply = await self._compute(session, request, context)
+                else:  # START (or a refused kind): no layers run, answered on the loop
+                    reply = self._handle(session.cloud, request)
+                await self._write(session, context, reply)
+        except Refusal as error:
+            refusal = error
+            outcome = f"refused ({error.code.name})"
+        except asyncio.CancelledError:
+            outcome = "cancelled by the client" if not self._stopping else "cancelled (server stopping)"
             raise
         finally:
-            self._close(session, outcome)
+            if session is not None:
+                self._close(session, outcome)
+        if refusal is not None:
+            self.refuse(peer, refusal.code, refusal.reason, session)
+            await context.abort(refusal.code, refusal.reason)
+
+    # -- one message -------------------------------------------------------------------------
+    async def _next_request(self, session: _Session, context: aio.ServicerContext):
+        """The next message, or EOF; Refusal when the session idles out or outlives its lifetime first."""
+        now = time.monotonic()
+        wait = min(self.limits.idle_timeout, session.expires - now)
+        try:
+            return await asyncio.wait_for(context.read(), timeout=max(0.0, wait))
+        except asyncio.TimeoutError:
+            if time.monotonic() >= session.expires:
+                raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, f"the session is past its lifetime of {self.limits.session_lifetime:g} s") from None
+            raise Refusal(grpc.StatusCode.CANCELLED, f"idle for {self.limits.idle_timeout:g} s") from None
+
+    async def _write(self, session: _Session, context: aio.ServicerContext, reply: bytes) -> None:
+        """Send a reply; a client that does not read it within the idle time (or the session's life) is refused."""
+        wait = min(self.limits.idle_timeout, session.expires - time.monotonic())
+        try:
+            await asyncio.wait_for(context.write(reply), timeout=max(1.0, wait))
+        except asyncio.TimeoutError:
+            raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, "the client did not read its reply in time") from None
+
+    def _check_request(self, request: bytes) -> None:
+        """The limits, from the length and the header alone: a refused message costs no computation."""
+        limits = self.limits
+        if len(request) > limits.message_bytes:
+            raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, f"message of {len(request)} bytes exceeds the limit of {limits.message_bytes}")
+        if _kind(request) != protocol.Kind.HIDDEN:
+            return
+        *_, step, start, count, _crc = protocol.HEADER.unpack_from(request)
+        end = start + count
+        if end > limits.context:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"positions up to {end - 1} (step {step}) go beyond the model's context of {limits.context}")
+        if count > limits.message_positions:
+            raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, f"message carries {count} positions, more than the limit of {limits.message_positions}")
+        if end > limits.session_positions:
+            raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the session would reach {end} positions, more than the limit of {limits.session_positions}")
+
+    def _handle(self, cloud, request: bytes) -> bytes:
+        """`Cloud.handle`, with any error caused by the client's bytes turned into INVALID_ARGUMENT."""
+        import torch
+
+        try:
+            with torch.no_grad():
+                return cloud.handle(request)
+        except TriadicError as error:  # ProtocolError, or a codec refusing what the client's states became
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(error).splitlines()[0]) from None
+
+    async def _compute(self, session: _Session, request: bytes, context: aio.ServicerContext) -> bytes:
+        """Run one message in the pool, under a computation slot held until the computation really ends."""
+        now = time.monotonic()
+        deadline = min(now + self.limits.request_timeout, session.expires)
+        client_left = context.time_remaining()
+        if client_left is not None:
+            deadline = min(deadline, now + client_left)
+        try:
+            await asyncio.wait_for(self._slots.acquire(), timeout=max(0.0, deadline - now))
+        except asyncio.TimeoutError:
+            raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, "no computation slot came free before the request's deadline") from None
+        signal_ = StopSignal(deadline)
+        try:
+            job = self._executor.submit(self._run, session.cloud, request, signal_)
+        except BaseException:
+            self._slots.release()
+            raise
+        job.add_done_callback(self._release_slot)
+        session.computation = job
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            signal_.cancelled.set()  # the thread stops at its next layer; the slot is freed then
+            raise
+        except Stopped as stopped:
+            if str(stopped) == "cancelled":
+                raise Refusal(grpc.StatusCode.CANCELLED, "cancelled") from None
+            raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, f"the message did not finish within its deadline ({self.limits.request_timeout:g} s per message)") from None
+        except Refusal:
+            raise
+        except Exception as error:  # a bug: keep serving the other sessions, say what failed
+            logger.exception("session %d from %s failed", session.number, session.peer)
+            raise Refusal(grpc.StatusCode.INTERNAL, f"cloud error: {type(error).__name__}: {error}".splitlines()[0]) from None
+
+    def _run(self, cloud, request: bytes, stop: StopSignal) -> bytes:
+        """In a pool thread: the layers, with the stop check between them."""
+        with self._counter_lock:
+            counters = self.counters
+            counters.computations_total += 1
+            counters.computations_running += 1
+            counters.max_computations_running = max(counters.max_computations_running, counters.computations_running)
+        try:
+            stop.check()
+            cloud.on_layer = stop.check
+            return self._handle(cloud, request)
+        except Stopped:
+            with self._counter_lock:
+                self.counters.computations_stopped += 1
+            raise
+        finally:
+            cloud.on_layer = None
+            with self._counter_lock:
+                self.counters.computations_running -= 1
+
+    def _release_slot(self, job: futures.Future) -> None:
+        self._on_loop(self._slots.release)
+
+    def _on_loop(self, function, *args) -> None:
+        """Run `function` on the serving loop, from a computing thread."""
+        try:
+            self._loop.call_soon_threadsafe(function, *args)
+        except RuntimeError:  # the loop is closed: the server has stopped
+            pass
 
     # -- session bookkeeping -----------------------------------------------------------------
-    def _open(self, context: grpc.ServicerContext) -> _Session:
-        with self._lock:
-            if self._stopping.is_set():
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the cloud is shutting down")
-            if len(self._sessions) >= self.max_sessions:
-                self._rejected += 1
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the cloud serves at most {self.max_sessions} sessions at once; try again later")
-            session = _Session(next(self._numbers), context)
-            self._sessions[session.number] = session
-            self._total += 1
-            count = len(self._sessions)
-        log(f"session {session.number} opened from {context.peer()} ({count} open)")
+    def _open(self, peer: str) -> _Session:
+        if self._stopping:
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, "the cloud is shutting down")
+        if len(self._sessions) >= self.limits.max_sessions:
+            raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the cloud serves at most {self.limits.max_sessions} sessions at once; try again later")
+        now = time.monotonic()
+        session = _Session(next(self._numbers), peer, now, now + self.limits.session_lifetime)
+        self._sessions[session.number] = session
+        self.counters.sessions_total += 1
+        logger.info("session %d opened from %s (%d open)", session.number, peer, len(self._sessions))
         return session
 
     def _close(self, session: _Session, outcome: str) -> None:
-        with self._lock:
-            if self._sessions.pop(session.number, None) is None:
-                return
-            count = len(self._sessions)
-        log(f"session {session.number} {outcome} ({count} open)")
-
-    def _reap_idle(self) -> None:
-        period = max(0.05, min(1.0, self.idle_timeout / 4))
-        while not self._stopping.wait(period):
-            now = time.monotonic()
-            with self._lock:
-                idle = [s for s in self._sessions.values() if not s.busy and now - s.last_active > self.idle_timeout]
-            for session in idle:
-                session.idled_out = True
-                session.context.cancel()  # its request iterator raises; the handler frees the session
+        """Free the session once its last computation has ended (now, or from that computation's callback)."""
+        job = session.computation
+        if job is not None and not job.done():
+            job.add_done_callback(lambda _: self._on_loop(self._close, session, outcome))
+            return
+        if session.closed:
+            return
+        session.closed = True
+        self._sessions.pop(session.number, None)
+        logger.info("session %d %s (%d open)", session.number, outcome, len(self._sessions))
+        if session.cloud is not None:
+            # Free the caches now, whoever still refers to the Cloud (a traceback's frame, say), then
+            # hand the freed memory back to the system instead of keeping it in malloc's arenas.
+            session.cloud.reset()
+            session.cloud = None
+            self._loop.run_in_executor(None, LIBC.trim)
 
     def stop(self) -> None:
-        self._stopping.set()
+        self._stopping = True
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     @property
     def open_sessions(self) -> int:
-        with self._lock:
-            return len(self._sessions)
+        return len(self._sessions)
+
+
+def _kind(request: bytes) -> int | None:
+    """The message kind from a header that looks like ours; None otherwise (Cloud.handle says what is wrong)."""
+    if len(request) >= protocol.HEADER_SIZE and request[:2] == protocol.MAGIC:
+        return request[3]
+    return None
+
+
+class _TokenCheck(aio.ServerInterceptor):
+    """Checks the bearer token on the event loop, before a handler is chosen: a wrong token costs no session, slot or thread."""
+
+    def __init__(self, expected: bytes, service: CloudService) -> None:
+        self.expected, self.service = expected, service
+
+        async def refuse_unary(request, context):
+            await self._refuse(context)
+
+        async def refuse_stream(request_iterator, context):
+            await self._refuse(context)
+
+        self._unary = grpc.unary_unary_rpc_method_handler(refuse_unary)
+        self._stream = grpc.stream_stream_rpc_method_handler(refuse_stream)
+
+    async def _refuse(self, context: aio.ServicerContext) -> None:
+        reason = "missing or wrong token (metadata authorization: Bearer <token>)"
+        self.service.refuse(context.peer(), grpc.StatusCode.UNAUTHENTICATED, reason)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        given = b""
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else bytes(value)
+                break
+        if hmac.compare_digest(given, self.expected):
+            return await continuation(details)
+        return self._stream if details.method == SESSION_METHOD else self._unary
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -230,25 +481,83 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--token-file", default=None, help="file holding a bearer token clients must send")
-    p.add_argument("--max-sessions", type=int, default=8, help="sessions open at once; more get RESOURCE_EXHAUSTED")
-    p.add_argument("--idle-timeout", type=float, default=300.0, help="seconds a session may wait for its next message")
-    p.add_argument("--max-message-mb", type=float, default=64.0, help="largest request accepted, in MiB")
+    g = p.add_argument_group("limits (every refusal is one log line naming the peer)")
+    g.add_argument("--max-sessions", type=int, default=8, help="sessions open at once; more get RESOURCE_EXHAUSTED (default 8)")
+    g.add_argument("--max-computations", type=int, default=None, help="messages computed at once (default: --max-sessions)")
+    g.add_argument("--max-session-positions", type=int, default=None, help="positions one session may reach (default and maximum: the model's context)")
+    g.add_argument("--max-message-positions", type=int, default=4096, help="positions one message may carry (default 4096, at most the context); "
+                   "the byte limit per message follows: 4 bytes per value")
+    g.add_argument("--max-message-mb", type=float, default=None, help="a lower byte limit per message, in MiB (default: the one derived from the positions)")
+    g.add_argument("--request-timeout", type=float, default=120.0, help="seconds one message may take, waiting included (default 120)")
+    g.add_argument("--session-lifetime", type=float, default=3600.0, help="seconds a session may live (default 3600)")
+    g.add_argument("--idle-timeout", type=float, default=300.0, help="seconds a session may wait for its next message (default 300)")
+    g.add_argument("--connection-idle", type=float, default=120.0, help="seconds a connection without streams stays open (default 120)")
+    g.add_argument("--max-connections", type=int, default=1024, help="TCP connections at once (default 1024; limits per peer belong in a firewall)")
+    g.add_argument("--max-streams-per-connection", type=int, default=16, help="concurrent calls on one connection (default 16)")
     return p
 
 
 def _check_args(args) -> None:
     if not 0 <= args.port <= 65535:
         raise TriadicError(f"--port {args.port} is outside [0, 65535]")
-    if args.max_sessions < 1:
-        raise TriadicError("--max-sessions must be at least 1")
-    if not args.idle_timeout > 0:
-        raise TriadicError("--idle-timeout must be > 0 seconds")
-    if not 0 < args.max_message_mb <= 2047:
+    for name in ("max_sessions", "max_connections", "max_streams_per_connection", "max_message_positions"):
+        if getattr(args, name) < 1:
+            raise TriadicError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("max_computations", "max_session_positions"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise TriadicError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("request_timeout", "session_lifetime", "idle_timeout", "connection_idle"):
+        if not getattr(args, name) > 0:
+            raise TriadicError(f"--{name.replace('_', '-')} must be > 0 seconds")
+    if args.max_message_mb is not None and not 0 < args.max_message_mb <= 2047:
         raise TriadicError("--max-message-mb must be in (0, 2047]")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise TriadicError("--tls-cert and --tls-key go together")
     if args.threads is not None and args.threads < 1:
         raise TriadicError("--threads must be at least 1")
+
+
+def make_limits(args, config) -> Limits:
+    """The limits from the flags and the model: nothing may exceed the model's context."""
+    context = config.max_position_embeddings
+    session_positions = min(args.max_session_positions or context, context)
+    message_positions = min(args.max_message_positions, session_positions)
+    derived_bytes = message_positions * config.hidden_size * BYTES_PER_VALUE + MESSAGE_SLACK
+    return Limits(
+        max_sessions=args.max_sessions,
+        max_computations=args.max_computations or args.max_sessions,
+        session_positions=session_positions,
+        message_positions=message_positions,
+        message_bytes=min(derived_bytes, int(args.max_message_mb * (1 << 20))) if args.max_message_mb else derived_bytes,
+        request_timeout=args.request_timeout,
+        session_lifetime=args.session_lifetime,
+        idle_timeout=args.idle_timeout,
+        context=context,
+    )
+
+
+def server_options(args, limits: Limits) -> list[tuple[str, int]]:
+    """gRPC's own bounds on connections, calls and bytes."""
+    ms = lambda seconds: int(seconds * 1000)  # noqa: E731
+    return [
+        # Twice the limit: a message up to it reaches the handler and is refused with a log line; a
+        # larger one gRPC refuses itself (RESOURCE_EXHAUSTED) before any handler sees it.
+        ("grpc.max_receive_message_length", 2 * limits.message_bytes),
+        ("grpc.max_send_message_length", -1),
+        ("grpc.max_metadata_size", 16 * 1024),
+        ("grpc.max_concurrent_streams", args.max_streams_per_connection),
+        ("grpc.max_allowed_incoming_connections", args.max_connections),
+        ("grpc.server_handshake_timeout_ms", 5_000),  # a connection that never completes its handshake is dropped
+        ("grpc.max_connection_idle_ms", ms(args.connection_idle)),
+        # A connection lives at most two session lifetimes: GOAWAY after one, streams then have one more to end.
+        ("grpc.max_connection_age_ms", ms(limits.session_lifetime)),
+        ("grpc.max_connection_age_grace_ms", ms(limits.session_lifetime)),
+        ("grpc.keepalive_time_ms", 60_000),  # ping each client every minute: a vanished one frees its session
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # clients may not ping more often than this
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.so_reuseport", 0),  # a port in use is an error, not a second server sharing it
+    ]
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -268,8 +577,17 @@ def _check_port_free(host: str, port: int) -> None:
             raise TriadicError(f"cannot listen on {host}:{port}: {error.strerror}") from None
 
 
-def build_server(args) -> tuple[grpc.Server, CloudService, int]:
-    """Load the cloud part, bind the port, start serving. Raises TriadicError on bad input."""
+@dataclass
+class Loaded:
+    """What `load` prepared before the server starts: the service and how to listen."""
+
+    service: CloudService
+    credentials: grpc.ServerCredentials | None
+    options: list[tuple[str, int]]
+
+
+def load(args) -> Loaded:
+    """Check the flags, load the cloud part. Raises TriadicError on bad input."""
     from .checkpoint import load_config, resolve_model_dir
     from .pipeline import SideOptions, build_cloud, parse_dtype
     from .schedule import SplitSchedule
@@ -297,73 +615,84 @@ def build_server(args) -> tuple[grpc.Server, CloudService, int]:
         raise TriadicError("these split sets give the cloud no layers (a == b at every step): nothing to serve")
     if args.two_part and schedule.first[-1] == L:
         raise TriadicError(f"two-part split: first may not contain {L} (= L)")
+    limits = make_limits(args, config)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cloud = build_cloud(model_dir, config, schedule, args.two_part, args.lora_weights, side)
+    service = CloudService(schedule, cloud.part, limits, token)
+    return Loaded(service, credentials, server_options(args, limits))
 
-    service = CloudService(schedule, cloud.part, args.max_sessions, args.idle_timeout, token)
-    workers = args.max_sessions + 8  # a stream holds a worker; the spare ones answer Stats and refusals
-    limit = int(args.max_message_mb * (1 << 20))
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="session"),
-        handlers=[service.handler()],
-        maximum_concurrent_rpcs=workers,
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 0),  # a port in use is an error, not a second server sharing it
-        ],
-    )
+
+async def serve(args, loaded: Loaded, stop: asyncio.Event) -> int:
+    """Listen until `stop` is set; 2 where the address cannot be bound."""
+    service = loaded.service
+    service.bind_loop()
+    server = aio.server(handlers=[service.handler()], interceptors=service.interceptors(), options=loaded.options)
     address = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
     try:
-        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        port = server.add_secure_port(address, loaded.credentials) if loaded.credentials else server.add_insecure_port(address)
     except RuntimeError as error:
-        port = 0
-        reason = str(error).splitlines()[0] if str(error) else "bind failed"
+        port, reason = 0, (str(error).splitlines()[0] if str(error) else "bind failed")
     else:
         reason = "address in use or not available"
     if port == 0:
         service.stop()
-        raise TriadicError(f"cannot listen on {address}: {reason}")
-    server.start()
-    return server, service, port
+        print(f"{PROG}: error: cannot listen on {address}: {reason}", file=sys.stderr)
+        return 2
+    await server.start()
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    limits = service.limits
+    scheme = "TLS" if args.tls_cert else "plaintext"
+    logger.info("listening on %s:%d", host, port)
+    logger.info(
+        "%s, cloud layers [%d, %d), first=%s second=%s; at most %d sessions, %d computations, %d positions per session, "
+        "%d per message (%d bytes), %gs per message, %gs per session%s",
+        scheme, service.schedule.cloud_layers.start, service.schedule.cloud_layers.stop, list(service.schedule.first),
+        list(service.schedule.second), limits.max_sessions, limits.max_computations, limits.session_positions,
+        limits.message_positions, limits.message_bytes, limits.request_timeout, limits.session_lifetime,
+        ", token required" if args.token_file else "",
+    )
+    await stop.wait()
+    logger.info("%s: stopping (%d open sessions cancelled)", stop.reason, service.open_sessions)
+    service._stopping = True
+    await server.stop(grace=1.0)
+    service.stop()
+    return 0
+
+
+class _StopEvent(asyncio.Event):
+    reason = "stop"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    LIBC.configure()  # before the compute and gRPC threads exist
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        server, service, port = build_server(args)
+        loaded = load(args)
     except TriadicError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C while the weights load
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    stop = threading.Event()
-    received: list[int] = []
 
-    def on_signal(signum, frame) -> None:
-        received.append(signum)
-        stop.set()
+    async def run() -> int:
+        stop = _StopEvent()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            def on_signal(signum: int = signum) -> None:
+                stop.reason = signal.Signals(signum).name
+                stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    scheme = "TLS" if args.tls_cert else "plaintext"
-    log(f"listening on {host}:{port}")
-    log(f"{scheme}, cloud layers [{service.schedule.cloud_layers.start}, {service.schedule.cloud_layers.stop}), "
-        f"first={list(service.schedule.first)} second={list(service.schedule.second)}, max {args.max_sessions} sessions"
-        + (", token required" if args.token_file else ""))
-    while not stop.wait(0.5):
-        pass
-    name = signal.Signals(received[0]).name if received else "stop"
-    log(f"{name}: stopping ({service.open_sessions} open sessions cancelled)")
-    service.stop()
-    server.stop(grace=1.0).wait(5.0)
-    return 0
+            loop.add_signal_handler(signum, on_signal)
+        return await serve(args, loaded, stop)
+
+    return asyncio.run(run())
 
 
 if __name__ == "__main__":

@@ -259,11 +259,29 @@ class RiceCodec(Codec):
         pieces = [bytes([shift]), tensor_bytes(step), tensor_bytes(index.to(torch.int16)), tensor_bytes(values), rice_encode(q, self.k)]
         return b"".join(pieces), DTYPE_CODES[torch.float32]
 
+    def max_step(self, shift: int) -> float:
+        """The largest step an encoder can send: the values left after the outliers are each at most the
+        smallest outlier, so at most FP16_MAX * 2**shift, and so is their RMS (the rotation keeps it); 1% for
+        bf16 rounding."""
+        return 1.01 * FP16_MAX * 2.0**shift / self.steps_per_rms
+
+    def max_payload_size(self, count: int, hidden: int) -> int:
+        """The longest payload an encoder can send: with the step tied to the RMS, a position's unary bits are
+        at most (2 * hidden * steps_per_rms + hidden) / 2**k (plus 1% for the bf16 step) and one per value."""
+        unary_bits = count * (1.01 * (2 * hidden * self.steps_per_rms + hidden) / 2**self.k + hidden)
+        parts = sum(dtype.itemsize * math.prod(shape) for dtype, shape in self._parts(count))
+        return 1 + parts + (count * hidden * self.k + 7) // 8 + math.ceil(unary_bits / 8) + 1  # + the shift byte
+
     def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int) -> torch.Tensor:
+        limit = self.max_payload_size(count, hidden)
+        if len(payload) > limit:
+            raise ProtocolError(f"codec {self.name}: payload of {len(payload)} bytes for {count} positions, at most {limit} can be valid")
         shift = read_shift(payload, self.name)
         payload = payload[1:]
         (step, index, values), offset = read_parts(payload, self._parts(count))
         step, index = check_scale(step, self.name), check_outliers(index, values, hidden, self.name)
+        if (step > self.max_step(shift)).any():
+            raise ProtocolError(f"codec {self.name}: step {step.max().item():.3g} is out of range (at most {self.max_step(shift):.4g})")
         q = rice_decode(payload[offset:], count * hidden, self.k, self.name)
         q = torch.from_numpy(q.reshape(count, hidden))
         rest = rotate(q.float() * step, inverse=True)

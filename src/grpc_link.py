@@ -8,7 +8,14 @@ A START message (the first request of every `Edge.generate`) opens a new bidirec
 `/triadic.Cloud/Session` (closing the previous one); every later request goes down that stream and
 waits, at most `timeout` seconds, for its one reply. Any failure (cloud unreachable, message
 refused, stream lost, no reply in time) raises `TriadicError` with one line; the stream is then
-dropped, so the next generation starts over with a fresh session.
+dropped (cancelled: the cloud stops computing), so the next generation starts over with a fresh session.
+
+Failover: given several URLs (`grpc://a:50051,grpc://b:50051`), the link keeps the session's uplink
+messages (`ReplayLog`). When the serving cloud fails mid-session (connection lost, UNAVAILABLE, no
+reply in time, ...; not when it refuses a message), the link opens a session on the next URL,
+replays the messages there, sends the pending one and goes on: the edge does not notice, and the
+tokens are those of an uninterrupted run, for lossy codecs too. `failovers` and `replayed_bytes`
+count what happened in the current session.
 
 URLs: `grpc://host:port` (plaintext, or TLS where a CA is given) and `grpcs://host:port` (TLS; the
 system's roots unless a CA is given). The port defaults to 50051.
@@ -18,6 +25,8 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import zlib
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import grpc
@@ -103,29 +112,98 @@ class _Stream:
         self.requests.put(None)  # half-close (the cloud frees the session); ends the request iterator
 
 
+class ReplayLog:
+    """The current session's uplink messages, as sent, and a CRC of each reply: what a second cloud
+    needs to rebuild the first one's state.
+
+    Replaying the same bytes in the same order makes a fresh cloud run the same chunks on the same
+    inputs, so its caches, and its replies, are those of the cloud that failed, for lossy codecs
+    too. It holds every position as many times as it crossed the link: once at a fixed split, 2.48
+    times on average with moving cuts {1..6}/{24..29} (README, "Failover"). The CRCs check that the
+    new cloud did reproduce the old one's replies.
+    """
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self.reply_crcs: list[int] = []
+        self.bytes = 0
+
+    def reset(self) -> None:
+        self.messages, self.reply_crcs, self.bytes = [], [], 0
+
+    def append(self, request: bytes, reply: bytes) -> None:
+        self.messages.append(request)
+        self.reply_crcs.append(zlib.crc32(reply))
+        self.bytes += len(request)
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+
+# Failures after which another cloud may serve the session: the cloud is gone, hung, full (at START)
+# or broke. Not INVALID_ARGUMENT or a message over a limit (another cloud would refuse them too), nor
+# auth and method errors.
+FAILOVER_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "INTERNAL", "RESOURCE_EXHAUSTED", "ABORTED", None})
+
+
+class _Endpoint:
+    """One cloud URL and its channel (made on first use, remade after a failure)."""
+
+    def __init__(self, url: str, credentials, options) -> None:
+        self.target, tls_required = parse_url(url)
+        self.tls = tls_required or credentials is not None
+        if tls_required and credentials is None:
+            credentials = grpc.ssl_channel_credentials()
+        self._credentials, self._options = credentials, options
+        self._channel: grpc.Channel | None = None
+        self.broken = False
+
+    @property
+    def channel(self) -> grpc.Channel:
+        if self._channel is not None and self.broken:  # connect from scratch, without inherited backoff
+            self._channel.close()
+            self._channel = None
+        if self._channel is None:
+            self.broken = False
+            if self._credentials is not None:
+                self._channel = grpc.secure_channel(self.target, self._credentials, options=self._options)
+            else:
+                self._channel = grpc.insecure_channel(self.target, options=self._options)
+        return self._channel
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+
 class GrpcLink:
-    """`Link` to a cloud served by `python -m src.cloud_server`."""
+    """`Link` to a cloud served by `python -m src.cloud_server`, failing over to the next URL where it has several."""
 
     def __init__(
         self,
-        url: str = "grpc://127.0.0.1:50051",
+        url: str | Sequence[str] = "grpc://127.0.0.1:50051",
         tls_ca: bytes | str | None = None,
         token: str | None = None,
         timeout: float = 120.0,
         tls_server_name: str | None = None,
         max_message_bytes: int = -1,
     ) -> None:
-        """`tls_ca`: PEM bytes (or a path) of the CA that signed the cloud's certificate; TLS is used
-        when it is given or the URL is grpcs://. `timeout`: seconds to wait for each reply."""
-        self.target, tls = parse_url(url)
+        """`url`: one URL or several (a list, or comma-separated): the first serves, the others take
+        over a session when it fails. `tls_ca`: PEM bytes (or a path) of the CA that signed the
+        clouds' certificates; TLS is used when it is given or the URL is grpcs://. `timeout`:
+        seconds to wait for each reply. `tls_server_name`: the name the certificates must carry,
+        where it is not the host dialled (e.g. dialling 127.0.0.1 with a certificate for a DNS name)."""
+        urls = [u for u in url.split(",") if u.strip()] if isinstance(url, str) else list(url)
+        if not urls:
+            raise TriadicError("--cloud: no URL given")
         if isinstance(tls_ca, str):
             tls_ca = read_file(tls_ca, "--tls-ca")
-        self.tls = tls or tls_ca is not None
         self.timeout = float(timeout)
         if not self.timeout > 0:
             raise TriadicError("the link timeout must be > 0 seconds")
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._options = [
+        options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             # Own subchannels: a link rebuilt after a failure connects afresh instead of
@@ -133,48 +211,99 @@ class GrpcLink:
             ("grpc.use_local_subchannel_pool", 1),
         ]
         if tls_server_name:
-            self._options.append(("grpc.ssl_target_name_override", tls_server_name))
-        self._credentials = grpc.ssl_channel_credentials(root_certificates=tls_ca) if self.tls else None
-        self.channel = self._new_channel()
-        self._broken = False
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
+        credentials = grpc.ssl_channel_credentials(root_certificates=tls_ca) if tls_ca is not None else None
+        self._endpoints = [_Endpoint(u, credentials, options) for u in urls]
+        self._current = 0
         self._stream: _Stream | None = None
         self._lock = threading.Lock()
         self.requests = 0
+        self.replay = ReplayLog()
+        self.failovers = 0  # of the current session (since its START)
+        self.replayed_bytes = 0  # of the current session
+        self.replay_mismatches = 0  # replayed replies whose CRC differs from the first cloud's
 
-    def _new_channel(self) -> grpc.Channel:
-        if self._credentials is not None:
-            return grpc.secure_channel(self.target, self._credentials, options=self._options)
-        return grpc.insecure_channel(self.target, options=self._options)
+    @property
+    def target(self) -> str:
+        """host:port of the cloud serving now."""
+        return self._endpoints[self._current].target
 
-    def _reconnect_if_broken(self) -> None:
-        if self._broken:  # the last stream failed: connect from scratch, without inherited backoff
-            self.channel.close()
-            self.channel, self._broken = self._new_channel(), False
+    @property
+    def tls(self) -> bool:
+        return self._endpoints[self._current].tls
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self._endpoints[self._current].channel
 
     # -- Link ------------------------------------------------------------------------------------
     def request(self, data: bytes) -> bytes:
         data = bytes(data)
         with self._lock:
-            if self._stream is None or _is_start(data):
-                self._end_stream()
-                self._reconnect_if_broken()
-                self._stream = _Stream(self.channel, self.metadata)
-            stream = self._stream
-            stream.requests.put(data)
+            if _is_start(data):
+                self.replay.reset()
+                self.failovers = self.replayed_bytes = 0
             try:
-                item = stream.replies.get(timeout=self.timeout)
-            except queue.Empty:
-                self._end_stream(cancel=True)
-                self._broken = True
-                raise LinkError(f"cloud at {self.target} did not reply within {self.timeout:g} s", "DEADLINE_EXCEEDED") from None
-            if isinstance(item, bytes):
-                self.requests += 1
-                return item
-            self._end_stream(cancel=True)
-            self._broken = True
-            if item is _END:
-                raise LinkError(f"cloud at {self.target} ended the session without a reply")
-            raise self._error(item) from None
+                reply = self._send(data, new_stream=_is_start(data) or self._stream is None)
+            except LinkError as error:
+                if len(self._endpoints) == 1 or isinstance(error, RejectedError) or error.code not in FAILOVER_CODES:
+                    raise
+                if error.code == "RESOURCE_EXHAUSTED" and not _is_start(data):
+                    raise  # a limit on this message, not a full cloud: another cloud would refuse it too
+                reply = self._fail_over(data, error)
+            self.replay.append(data, reply)
+            self.requests += 1
+            return reply
+
+    def _send(self, data: bytes, new_stream: bool = False) -> bytes:
+        """One request on the current stream (a new one where asked); LinkError, with the stream dropped, on failure."""
+        if new_stream:
+            previous = self._stream
+            self._end_stream()
+            if previous is not None:  # let the cloud free the last session first: a full cloud counts it until then
+                previous.reader.join(timeout=min(2.0, self.timeout))
+            self._stream = _Stream(self.channel, self.metadata)
+        stream = self._stream
+        stream.requests.put(data)
+        try:
+            item = stream.replies.get(timeout=self.timeout)
+        except queue.Empty:
+            self._drop_stream()
+            raise LinkError(f"cloud at {self.target} did not reply within {self.timeout:g} s", "DEADLINE_EXCEEDED") from None
+        if isinstance(item, bytes):
+            return item
+        self._drop_stream()
+        if item is _END:
+            raise LinkError(f"cloud at {self.target} ended the session without a reply")
+        raise self._error(item) from None
+
+    def _fail_over(self, data: bytes, error: LinkError) -> bytes:
+        """Open the session on the next cloud, replay this session's messages, then send `data` there."""
+        for _ in range(len(self._endpoints) - 1):
+            failed = self.target
+            self._current = (self._current + 1) % len(self._endpoints)
+            log(f"note: {error}; failing over to {self.target}, replaying {len(self.replay)} messages ({self.replay.bytes} bytes)")
+            try:
+                mismatches = 0
+                for i, message in enumerate(self.replay.messages):
+                    reply = self._send(message, new_stream=i == 0)
+                    mismatches += zlib.crc32(reply) != self.replay.reply_crcs[i]
+                reply = self._send(data, new_stream=not self.replay.messages)
+            except RejectedError:
+                raise
+            except LinkError as next_error:
+                if next_error.code not in FAILOVER_CODES:
+                    raise
+                error = next_error
+                continue
+            if mismatches:
+                self.replay_mismatches += mismatches
+                log(f"note: {mismatches} of {len(self.replay)} replayed replies from {self.target} differ from {failed}'s "
+                    "(another build or device?): the tokens may differ from an uninterrupted run")
+            self.failovers += 1
+            self.replayed_bytes += self.replay.bytes
+            return reply
+        raise error
 
     # -- session and channel -----------------------------------------------------------------------
     def cancel(self) -> None:
@@ -183,18 +312,22 @@ class GrpcLink:
             self._end_stream(cancel=True)
 
     def end_session(self) -> None:
-        """Half-close the current stream: the cloud frees the session."""
+        """Half-close the current stream and wait (2 s at most) until the cloud has freed the session."""
         with self._lock:
+            stream = self._stream
             self._end_stream()
+        if stream is not None:
+            stream.reader.join(timeout=min(2.0, self.timeout))
 
     def close(self) -> None:
-        """End the session (the cloud frees it at once) and the channel."""
+        """End the session (the cloud frees it at once) and the channels."""
         with self._lock:
             stream = self._stream
             self._end_stream()
             if stream is not None:
                 stream.reader.join(timeout=2.0)  # let the half-close reach the cloud before the channel goes
-            self.channel.close()
+            for endpoint in self._endpoints:
+                endpoint.close()
 
     def __enter__(self) -> GrpcLink:
         return self
@@ -203,10 +336,8 @@ class GrpcLink:
         self.close()
 
     def stats(self) -> dict:
-        """The cloud's /triadic.Cloud/Stats: open sessions, memory, ..."""
+        """The serving cloud's /triadic.Cloud/Stats: open sessions, computations, memory, ..."""
         with self._lock:
-            if self._stream is None:
-                self._reconnect_if_broken()
             channel = self.channel
         try:
             raw = channel.unary_unary(STATS_METHOD)(b"", metadata=self.metadata, timeout=min(self.timeout, 30.0))
@@ -219,6 +350,11 @@ class GrpcLink:
             self._stream.close(cancel)
             self._stream = None
 
+    def _drop_stream(self) -> None:
+        """After a failure: cancel the stream (the cloud stops its computation) and reconnect next time."""
+        self._end_stream(cancel=True)
+        self._endpoints[self._current].broken = True
+
     def _error(self, error: BaseException) -> LinkError:
         if not isinstance(error, grpc.RpcError) or not hasattr(error, "code"):
             return LinkError(f"link to the cloud at {self.target} failed: {type(error).__name__}: {error}")
@@ -230,7 +366,9 @@ class GrpcLink:
             return RejectedError(f"cloud rejected the message: {details}", name)
         if code is grpc.StatusCode.UNAVAILABLE:
             lowered = details.lower()
-            if "certificate_verify_failed" in lowered:
+            if "hostname verification" in lowered:
+                hint = " (the server's certificate does not name this host; --tls-server-name names the one it does)"
+            elif "certificate_verify_failed" in lowered:
                 hint = " (the server's certificate is not signed by --tls-ca)"
             elif "handshake" in lowered or "socket closed" in lowered:
                 hint = " (TLS on one side only? --tls-ca turns it on at the edge, --tls-cert at the server)"
@@ -242,7 +380,9 @@ class GrpcLink:
         if code is grpc.StatusCode.UNAUTHENTICATED:
             return LinkError(f"cloud at {self.target} refused the token: {details}", name)
         if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return LinkError(f"cloud at {self.target} is out of capacity: {details}", name)
+            if "sessions at once" in details:
+                return LinkError(f"cloud at {self.target} is out of capacity: {details}", name)
+            return LinkError(f"cloud at {self.target} refused the message as too large: {details}", name)
         if code is grpc.StatusCode.CANCELLED:
             return LinkError(f"cloud session at {self.target} was cancelled (idle timeout, server shutdown or client cancel)", name)
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -250,14 +390,17 @@ class GrpcLink:
         return LinkError(f"cloud at {self.target} failed ({name}): {details}", name)
 
 
-def make_link(url: str, tls_ca_path: str | None = None, token_file_path: str | None = None, timeout: float = 120.0) -> GrpcLink:
-    """A GrpcLink from command-line values: CA and token are read from files (TriadicError if unreadable)."""
+def make_link(
+    url: str, tls_ca_path: str | None = None, token_file_path: str | None = None, timeout: float = 120.0, tls_server_name: str | None = None,
+) -> GrpcLink:
+    """A GrpcLink from command-line values (`url` may list several, comma-separated): CA and token are read from files."""
     tls_ca = read_file(tls_ca_path, "--tls-ca") if tls_ca_path else None
     if tls_ca is not None and b"-----BEGIN CERTIFICATE-----" not in tls_ca:
         raise TriadicError(f"--tls-ca {tls_ca_path}: expected a PEM certificate")
     token = read_token(token_file_path) if token_file_path else None
-    link = GrpcLink(url, tls_ca=tls_ca, token=token, timeout=timeout)
-    host = link.target.rsplit(":", 1)[0].strip("[]")
-    if token and not link.tls and host not in ("127.0.0.1", "localhost", "::1"):
-        log(f"note: the token goes to {link.target} without TLS; pass --tls-ca to encrypt the link")
+    link = GrpcLink(url, tls_ca=tls_ca, token=token, timeout=timeout, tls_server_name=tls_server_name)
+    for endpoint in link._endpoints:
+        host = endpoint.target.rsplit(":", 1)[0].strip("[]")
+        if token and not endpoint.tls and host not in ("127.0.0.1", "localhost", "::1"):
+            log(f"note: the token goes to {endpoint.target} without TLS; pass --tls-ca to encrypt the link")
     return link

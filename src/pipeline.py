@@ -86,12 +86,13 @@ def build_pipeline(
     resplit_every: int = 1, two_part: bool = False, lora_weights: str | None = None,
     edge_side: SideOptions = SideOptions(), cloud_side: SideOptions = SideOptions(), with_tokenizer: bool = True,
     cloud_url: str | None = None, tls_ca_path: str | None = None, token_file_path: str | None = None, timeout: float = 120.0,
+    tls_server_name: str | None = None,
 ) -> Pipeline:
     """Edge and (where some step has a < b) Cloud, linked by bytes.
 
     Without `cloud_url` the cloud is built in this process (LocalLink); with it, only the edge is
     built here and talks to a cloud server over gRPC (see cloud_server.py), which must run the same
-    model, split sets and mode.
+    model, split sets and mode; several comma-separated URLs are clouds to fail over to.
     """
     get_codec(codec_name)  # an unknown codec is refused before any weights are read
     model_dir = resolve_model_dir(base_model)
@@ -106,7 +107,7 @@ def build_pipeline(
     if needs_cloud and cloud_url is not None:
         from .grpc_link import make_link
 
-        link = make_link(cloud_url, tls_ca_path, token_file_path, timeout)
+        link = make_link(cloud_url, tls_ca_path, token_file_path, timeout, tls_server_name)
     elif needs_cloud:
         cloud = build_cloud(model_dir, config, schedule, two_part, lora_weights, cloud_side)
         link = LocalLink(cloud)

@@ -112,8 +112,22 @@ def test_int8_message_size_is_bounded_even_when_the_values_are_not_gaussian():
     x[0, 6:] = rotation(HIDDEN)[0, 6:] * 10  # un-rotates to (nearly) one coordinate
     x[0, :6] = 0
     size = len(get_codec("int8").encode(x)[0])
-    bound = 2 + 6 * 4 + (HIDDEN * 7 + (2 * HIDDEN * 60 + HIDDEN) // 64 + 7) // 8
-    assert HIDDEN <= size <= bound
+    bound = 1 + 2 + 6 * 4 + (HIDDEN * 7 + (2 * HIDDEN * 60 + HIDDEN) // 64 + 7) // 8
+    assert HIDDEN <= size <= bound <= get_codec("int8").max_payload_size(1, HIDDEN)
+
+
+def test_int8_refuses_a_step_or_a_length_no_encoder_sends():
+    """A huge step (1e6, 1e30) would overflow the cloud's layers; a longer payload would only cost decoding time."""
+    codec = get_codec("int8")
+    payload, dtype = codec.encode(torch.randn(2, HIDDEN) * 1000)
+    assert codec.decode(memoryview(payload), 2, HIDDEN, dtype).shape == (2, HIDDEN)
+    for value in (1e6, 1e30):
+        step = torch.tensor([value, 1.0]).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
+        with pytest.raises(ProtocolError, match="step .* is out of range"):
+            protocol.decode(sealed(2, codec.codec_id, dtype, 2, payload[:1] + step + payload[5:]), HIDDEN)
+    longest = codec.max_payload_size(2, HIDDEN)
+    with pytest.raises(ProtocolError, match=f"at most {longest} can be valid"):
+        protocol.decode(sealed(2, codec.codec_id, dtype, 2, payload + b"\xff" * (longest + 1 - len(payload))), HIDDEN)
 
 
 def test_bnb8_round_trip():

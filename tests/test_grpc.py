@@ -275,7 +275,12 @@ def test_tls(servers, tiny_tied):
         with pytest.raises(LinkError) as caught:
             untrusted.request(start_message(folder, FIXED))
         assert caught.value.code == "UNAVAILABLE"
-    with make_link(server.url, str(certs["ca.pem"]), str(servers["token_file"])) as link:
+    # the name the certificate must carry, where it is not the host dialled (it holds IP:127.0.0.1 and DNS:localhost)
+    with GrpcLink(server.url, tls_ca=str(certs["ca.pem"]), token=TOKEN, timeout=30, tls_server_name="cloud.example.org") as renamed:
+        with pytest.raises(LinkError) as caught:
+            renamed.request(start_message(folder, FIXED))
+        assert caught.value.code == "UNAVAILABLE"
+    with make_link(server.url, str(certs["ca.pem"]), str(servers["token_file"]), tls_server_name="localhost") as link:
         assert link.tls
         for seed, prompt in zip((0, 5), PROMPTS):
             result = remote_edge(folder, FIXED, seed, link).generate(prompt, NEW)

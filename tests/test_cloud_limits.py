@@ -1,0 +1,381 @@
+"""The cloud server under attack and under failure: limits, cancellation, floods, failover.
+
+Servers are subprocesses on loopback over tiny random-init checkpoints:
+- `guarded`: a 6-layer model with a 2,048-position context, --max-sessions 1, a token, a short
+  session lifetime and 1,024 positions per message; attacked by cancel storms, unauthenticated
+  floods and messages past the limits.
+- `A`/`B` pairs (a fixed split and moving sets) over a 4-layer model with the embedded model's
+  tokenizer: A is killed mid-generation and the edge goes on at B.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+grpc = pytest.importorskip("grpc")
+
+from src import protocol  # noqa: E402
+from src.checkpoint import embedded_model_dir, load_config  # noqa: E402
+from src.cli import run as cli_run  # noqa: E402
+from src.codec import get_codec  # noqa: E402
+from src.grpc_link import GrpcLink, LinkError, RejectedError  # noqa: E402
+from src.pipeline import build_pipeline  # noqa: E402
+from src.schedule import SplitSchedule  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
+from tests.test_grpc import Hook, Server, remote_edge, wait_sessions  # noqa: E402
+from tests.tiny import make_tiny_checkpoint  # noqa: E402
+
+TOKEN = "limits-token"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+GUARDED_SETS = ((1,), (5,))
+CONTEXT = 2048
+FIXED = ((1,), (3,))
+MOVING = ((0, 1), (2, 3, 4))  # cuts move at every step
+PROMPT = [1, 5, 9, 33, 17, 80, 3, 41]
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory):
+    """6 layers, hidden 192, a 2,048-position context: a 1,024-position prefill takes a while on one thread."""
+    folder = tmp_path_factory.mktemp("long")
+    make_tiny_checkpoint(folder, seed=2, num_layers=6, hidden_size=192, intermediate_size=384, num_attention_heads=6,
+                         num_key_value_heads=2, max_position_embeddings=CONTEXT)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def talking_model(tmp_path_factory):
+    """4 layers with the embedded model's vocabulary and tokenizer, so that the command line runs on it."""
+    folder = tmp_path_factory.mktemp("talking")
+    make_tiny_checkpoint(folder, seed=4, num_layers=4, vocab_size=49152)
+    source = embedded_model_dir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (source / name).exists():
+            shutil.copy(source / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def servers(long_model, talking_model, tmp_path_factory):
+    """Every server of this module, started together so that their imports overlap.
+
+    `guarded`: --max-sessions 1, a token, a 3 s session lifetime, 1,024 positions per message.
+    (`fixed`|`moving`, `A`|`B`): a fixed split and moving sets, two servers each, for failover.
+    """
+    tmp = tmp_path_factory.mktemp("servers")
+    (tmp / "token").write_text(TOKEN)
+    started = {"guarded": Server(long_model, tmp / "guarded.log", GUARDED_SETS, "--max-sessions", "1", "--token-file", str(tmp / "token"),
+                                 "--session-lifetime", "3", "--max-message-positions", "1024")}
+    for name, sets in (("fixed", FIXED), ("moving", MOVING)):
+        for side in "AB":
+            started[name, side] = Server(talking_model, tmp / f"{name}-{side}.log", sets)
+    for server in started.values():
+        server.start()
+    for server in started.values():
+        server.wait_ready()
+    yield started
+    for server in started.values():
+        if server.process.poll() is None:
+            server.process.terminate()
+    for server in started.values():
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded(servers):
+    return servers["guarded"]
+
+
+def start_message(folder, sets) -> bytes:
+    config = load_config(folder)
+    schedule = SplitSchedule(sets[0], sets[1], config.num_hidden_layers, 0, 1)
+    return protocol.encode_start(0, 1, schedule.fingerprint(), config.hidden_size)
+
+
+def hidden_message(step: int, start: int, count: int, hidden: int, codec: str = "none") -> bytes:
+    return protocol.encode_hidden(step, start, torch.randn(count, hidden), get_codec(codec))
+
+
+def expect_refusal(link: GrpcLink, message: bytes, code: str) -> float:
+    """Send, expect the stream to end with `code`; the seconds it took."""
+    began = time.monotonic()
+    with pytest.raises(LinkError) as caught:
+        link.request(message)
+    assert caught.value.code == code, caught.value
+    return time.monotonic() - began
+
+
+def test_cancel_storm_runs_one_computation_at_a_time(guarded, long_model):
+    """10 clients open a session, send a 1,024-position prefill and cancel, in a loop: one computation at most."""
+    hidden = load_config(long_model).hidden_size
+    start, prefill = start_message(long_model, GUARDED_SETS), hidden_message(0, 0, 1024, hidden)
+    served, refused, errors = [0], [0], []
+    stop_at = time.monotonic() + 4.0
+
+    def client(i: int) -> None:
+        channel = grpc.insecure_channel(f"127.0.0.1:{guarded.port}")
+        method = channel.stream_stream("/triadic.Cloud/Session")
+        try:
+            while time.monotonic() < stop_at:
+                requests: queue.Queue = queue.Queue()
+                call = method(iter(requests.get, None), metadata=AUTH)
+                requests.put(start)
+                try:
+                    next(call)
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+                    refused[0] += 1
+                    time.sleep(0.005)
+                    continue
+                requests.put(prefill)
+                time.sleep(0.002 * (i % 5))  # cancel at different points of the prefill
+                call.cancel()
+                served[0] += 1
+        except BaseException as error:  # reported below
+            errors.append(error)
+        finally:
+            channel.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    with GrpcLink(guarded.url, token=TOKEN, timeout=10) as link:
+        stats = wait_sessions(link, 0)
+        assert served[0] >= 5 and refused[0] >= 10, (served, refused)
+        assert stats["max_computations_running"] == 1, stats
+        assert stats["computations_stopped"] >= 1, stats  # cancelled prefills stopped between layers
+        # a legitimate client is served within its deadline (10 s per reply) afterwards
+        began = time.monotonic()
+        result = remote_edge(long_model, GUARDED_SETS, 0, link).generate(PROMPT, 8)
+        assert time.monotonic() - began < 10
+    local = build_pipeline(str(long_model), {1}, {5}, "none", with_tokenizer=False)
+    assert result.token_ids == local.edge.generate(PROMPT, 8).token_ids
+
+
+def test_a_computation_stops_between_layers(tiny_tied):
+    """The server's stop check runs before every layer: an expired request runs none, a cancelled one stops at the next layer."""
+    from src.cloud_server import StopSignal, Stopped
+
+    folder, _ = tiny_tied
+    cloud = build_pipeline(str(folder), {0}, {4}, "none", with_tokenizer=False).cloud  # the cloud holds layers 0..3
+    hidden = load_config(folder).hidden_size
+    start, prefill = start_message(folder, ((0,), (4,))), hidden_message(0, 0, 6, hidden)
+    expired = StopSignal(deadline=time.monotonic() - 1)
+    cloud.handle(start)
+    cloud.on_layer = expired.check
+    with pytest.raises(Stopped, match="deadline"):
+        cloud.handle(prefill)
+    assert cloud.layer_evals == 0
+    cancel = StopSignal(deadline=time.monotonic() + 60)
+    calls = []
+
+    def cancelled_after_two_layers() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            cancel.cancelled.set()
+        cancel.check()
+
+    cloud.handle(start)
+    cloud.on_layer = cancelled_after_two_layers
+    with pytest.raises(Stopped, match="cancelled"):
+        cloud.handle(prefill)
+    assert cloud.layer_evals == 2 * 6  # two layers of six positions, then it stopped
+
+
+FLOODER = """
+import sys, threading, time, grpc
+url, until, start = sys.argv[1], time.monotonic() + float(sys.argv[2]), bytes.fromhex(sys.argv[3])
+def flood(i):
+    channel = grpc.insecure_channel(url)
+    stats, session = channel.unary_unary("/triadic.Cloud/Stats"), channel.stream_stream("/triadic.Cloud/Session")
+    while time.monotonic() < until:
+        try:
+            if i % 2:
+                stats(b"", timeout=5)
+            else:
+                next(session(iter([start]), timeout=5))
+        except grpc.RpcError:
+            pass
+threads = [threading.Thread(target=flood, args=(i,)) for i in range(32)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+"""
+
+
+def test_unauthenticated_floods_starve_nobody(guarded, long_model):
+    start = start_message(long_model, GUARDED_SETS)
+    flooders = [subprocess.Popen([sys.executable, "-c", FLOODER, f"127.0.0.1:{guarded.port}", "20", start.hex()], cwd=ROOT)
+                for _ in range(2)]
+    local = build_pipeline(str(long_model), {1}, {5}, "none", with_tokenizer=False)
+    expected = {seed: local.edge.generate(PROMPT[: 3 + seed % 5], 4).token_ids for seed in range(20)}
+    try:
+        time.sleep(1.0)  # the floods are running
+        with GrpcLink(guarded.url, token=TOKEN, timeout=10) as link:
+            stats = [link.stats() for _ in range(100)]
+            tokens = {seed: remote_edge(long_model, GUARDED_SETS, 0, link).generate(PROMPT[: 3 + seed % 5], 4).token_ids
+                      for seed in range(20)}
+        assert all(flooder.poll() is None for flooder in flooders)  # still flooding
+    finally:
+        for flooder in flooders:
+            flooder.kill()
+            flooder.wait()
+    assert len(stats) == 100 and tokens == expected
+    assert stats[-1]["refusals"]["UNAUTHENTICATED"] > 500, stats[-1]
+    refusals = [line for line in guarded.log.read_text().splitlines() if "UNAUTHENTICATED" in line]
+    assert "refused ipv4:127.0.0.1:" in refusals[0]  # one line per refusal, naming the peer
+
+
+def test_limits_refuse_before_computing(guarded, long_model):
+    hidden = load_config(long_model).hidden_size
+    start = start_message(long_model, GUARDED_SETS)
+    with GrpcLink(guarded.url, token=TOKEN, timeout=10) as link:
+        wait_sessions(link, 0)
+        before = link.stats()["computations_total"]
+        # a step past the model's context: after an 8-position prefill, a jump to step 2045 claims positions 8..2052
+        link.request(start)
+        link.request(hidden_message(0, 0, 8, hidden))
+        seconds = {"context": expect_refusal(link, protocol._pack(protocol.Kind.HIDDEN, 0, 0, hidden, 2045, 8, 2045, b""), "INVALID_ARGUMENT")}
+        # more positions than --max-message-positions 1024, then more bytes than derived from them
+        link.request(start)
+        seconds["positions"] = expect_refusal(link, hidden_message(0, 0, 1025, hidden, "int8"), "RESOURCE_EXHAUSTED")
+        link.request(start)
+        seconds["bytes"] = expect_refusal(link, b"x" * (1024 * hidden * 4 + 4097), "RESOURCE_EXHAUSTED")
+        # a session past --session-lifetime 3: refused when it ends, and what follows gets the status
+        link.request(start)
+        time.sleep(3.2)
+        seconds["lifetime"] = expect_refusal(link, hidden_message(0, 0, 8, hidden), "DEADLINE_EXCEEDED")
+        stats = wait_sessions(link, 0)
+    assert stats["computations_total"] == before + 1, stats  # the one valid prefill
+    assert max(seconds.values()) < 1.0, seconds
+    log = guarded.log.read_text()
+    for reason in ("beyond the model's context of 2048", "1025 positions, more than the limit of 1024",
+                   "exceeds the limit of 790528", "past its lifetime of 3 s"):
+        assert sum(reason in line for line in log.splitlines()) == 1, reason
+
+
+def test_int8_with_a_huge_step_is_invalid_argument_logged_once(guarded, long_model):
+    hidden = load_config(long_model).hidden_size
+    good = hidden_message(0, 0, 8, hidden, "int8")
+    payload = bytearray(good[protocol.HEADER_SIZE:])
+    with GrpcLink(guarded.url, token=TOKEN, timeout=10) as link:
+        for value in (1e6, 1e30):
+            payload[1 : 1 + 2 * 8] = torch.full((8,), value).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()  # after the shift byte
+            message = protocol._pack(protocol.Kind.HIDDEN, 5, 0, hidden, 0, 0, 8, bytes(payload))
+            link.request(start_message(long_model, GUARDED_SETS))
+            with pytest.raises(RejectedError, match="codec int8: step .* is out of range"):
+                link.request(message)
+        wait_sessions(link, 0)
+    log = guarded.log.read_text()
+    assert "Traceback" not in log
+    lines = [line for line in log.splitlines() if "is out of range" in line]
+    assert len(lines) == 2 and all("INVALID_ARGUMENT" in line and "ipv4:127.0.0.1:" in line for line in lines), lines
+
+
+class KillBefore:
+    """A link that, before its n-th request (1-based), waits for the other edge to get there too; then one of them SIGKILLs the server."""
+
+    def __init__(self, link: GrpcLink, n: int, barrier: threading.Barrier) -> None:
+        self.link, self.n, self.barrier, self.count, self.sizes = link, n, barrier, 0, []
+
+    def request(self, data: bytes) -> bytes:
+        self.count += 1
+        if self.count == self.n:
+            self.barrier.wait(30)
+        else:
+            self.sizes.append(len(data))
+        return self.link.request(data)
+
+
+def test_a_hung_cloud_is_failed_over_after_the_timeout(servers, talking_model):
+    """A stops answering (SIGSTOP) after 5 tokens: after --cloud-timeout the edge goes on at B; A, resumed, frees the session."""
+    first, second = servers["fixed", "A"], servers["fixed", "B"]
+    local = build_pipeline(str(talking_model), {1}, {3}, "int8", seed=1, with_tokenizer=False)
+    remote = build_pipeline(str(talking_model), {1}, {3}, "int8", seed=1, with_tokenizer=False, cloud_url=f"{first.url},{second.url}", timeout=2)
+    link = remote.edge.link
+
+    def hang() -> None:
+        first.process.send_signal(signal.SIGSTOP)
+
+    remote.edge.link = Hook(link, 7, hang)  # START, steps 0..4, then step 5
+    try:
+        began = time.monotonic()
+        tokens = remote.edge.generate(PROMPT, 16).token_ids
+        elapsed = time.monotonic() - began
+    finally:
+        first.process.send_signal(signal.SIGCONT)
+        link.close()
+    assert tokens == local.edge.generate(PROMPT, 16).token_ids
+    assert link.failovers == 1 and link.target == f"127.0.0.1:{second.port}" and 2 <= elapsed < 15
+    with GrpcLink(first.url, timeout=10) as probe:
+        assert wait_sessions(probe, 0)["computations_total"] >= 5
+
+
+@pytest.mark.parametrize("name,sets", [("fixed", FIXED), ("moving", MOVING)])
+def test_failover_gives_the_uninterrupted_tokens(servers, talking_model, name, sets):
+    """Two edges (`none` and `int8`) on A; A is killed after 10 of 48 tokens; each replays its session at B and goes on."""
+    first, second = servers[name, "A"], servers[name, "B"]
+
+    def kill() -> None:
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait()
+
+    barrier = threading.Barrier(2, action=kill)
+    codecs = ("none", "int8")
+    local = {codec: build_pipeline(str(talking_model), set(sets[0]), set(sets[1]), codec, seed=3, with_tokenizer=False)
+             for codec in codecs}
+    remote = {codec: build_pipeline(str(talking_model), set(sets[0]), set(sets[1]), codec, seed=3, with_tokenizer=False,
+                                    cloud_url=f"{first.url},{second.url}") for codec in codecs}
+    links = {codec: remote[codec].edge.link for codec in codecs}
+    hooks = {codec: KillBefore(links[codec], 12, barrier) for codec in codecs}  # START, steps 0..9, then step 10
+    results, errors = {}, []
+
+    def generate(codec: str) -> None:
+        remote[codec].edge.link = hooks[codec]
+        try:
+            results[codec] = remote[codec].edge.generate(PROMPT, 48).token_ids
+        except BaseException as error:  # reported below
+            errors.append(error)
+            barrier.abort()
+        finally:
+            links[codec].close()
+
+    threads = [threading.Thread(target=generate, args=(codec,)) for codec in codecs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert first.process.returncode == -signal.SIGKILL
+    for codec in codecs:
+        link = links[codec]
+        assert results[codec] == local[codec].edge.generate(PROMPT, 48).token_ids, (name, codec)
+        assert (link.failovers, link.replayed_bytes, link.replay_mismatches) == (1, sum(hooks[codec].sizes[:11]), 0), codec
+        assert link.target == f"127.0.0.1:{second.port}"
+
+
+def test_command_line_fails_over_and_reports_it(servers, talking_model, capsys):
+    """--cloud with a dead first URL: the session opens on the second; the JSON says so."""
+    dead = __import__("socket").socket()
+    dead.bind(("127.0.0.1", 0))
+    port = dead.getsockname()[1]
+    dead.close()
+    argv = ["--base-model", str(talking_model), "--prompt", "Hello there", "--prompt-format", "raw", "--codec", "none",
+            "--max-new-tokens", "6", "--first", "1", "--second", "3", "--json"]
+    assert cli_run("three", None, None, argv + ["--cloud", f"grpc://127.0.0.1:{port},{servers['fixed', 'B'].url}"]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert cli_run("three", None, None, argv) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert remote["token_ids"] == local["token_ids"] and remote["failovers"] == 1 and remote["replayed_bytes"] == 0
+    assert local["failovers"] == 0
