@@ -156,7 +156,7 @@ def test_cloud_rejects_bad_requests_and_keeps_its_caches(tiny_tied):
         "wrong payload length": patch(protocol.encode_hidden(3, 7, states, get_codec("none")), 16, "<I", 2),
         "unknown dtype code": patch(protocol.encode_hidden(3, 7, states, get_codec("none")), 5, "<B", 7),
         "hidden size": protocol.encode_hidden(3, 7, torch.randn(1, 16), get_codec("none")),
-        "accepts START and HIDDEN": protocol.encode_token(3, 7, 5, 32),
+        "accepts START, TURN and HIDDEN": protocol.encode_token(3, 7, 5, 32),
     }
     for reason, request in bad_requests.items():
         with pytest.raises(ProtocolError, match=reason):
