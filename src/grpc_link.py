@@ -16,11 +16,15 @@ system's roots unless a CA is given). The port defaults to 50051.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 from urllib.parse import urlsplit
 
-import grpc
+# gRPC's C core logs a TLS handshake failure on stderr by itself, before our one error line says the
+# same; silence it (set before grpc is first imported; GRPC_VERBOSITY=INFO in the environment brings it back).
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+import grpc  # noqa: E402
 
 from .protocol import MAGIC, Kind
 from .utils import ProtocolError, TriadicError, log, read_file, read_token

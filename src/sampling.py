@@ -142,3 +142,52 @@ def model_generation_defaults(model_dir):
         return GenerationConfig.from_pretrained(model_dir)
     except (OSError, ValueError):
         return None
+
+
+class TextStream:
+    """Generated tokens as text, decoded incrementally, with stop strings (`--stop`).
+
+    Call `add(token)` per generated token: it returns True once the text contains a stop string,
+    which ends the generation (the tokens up to there stay in the result; the text is trimmed at the
+    stop string's first occurrence, as vLLM and llama.cpp do). `write` receives the text that is
+    final: a character is held back while it could still begin a stop string, and a multi-byte
+    character until it is complete. Decoding costs O(new tokens) per token: only the last few
+    tokens are decoded again (the offsets of text-generation-inference's incremental detokenizer).
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] | list[str] = (), write=None) -> None:
+        if any(not s for s in stop):
+            raise TriadicError("--stop: a stop string must not be empty")
+        self.tokenizer, self.stop, self.write = tokenizer, tuple(stop), write
+        self.tokens: list[int] = []
+        self.text = ""
+        self.shown = 0  # characters of text already written
+        self.stopped = False
+        self._prefix = self._read = 0  # token offsets: text of tokens[_prefix:_read] is already in self.text
+
+    def add(self, token: int) -> bool:
+        self.tokens.append(token)
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        before = decode(self.tokens[self._prefix : self._read])
+        after = decode(self.tokens[self._prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            searched_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=1) + 1)
+            self.text += after[len(before) :]
+            self._prefix, self._read = self._read, len(self.tokens)
+            hits = [i for i in (self.text.find(s, searched_from) for s in self.stop) if i >= 0]
+            if hits:
+                self.text, self.stopped = self.text[: min(hits)], True
+        self._emit(final=self.stopped)
+        return self.stopped
+
+    def finish(self) -> str:
+        """The generation ended: write what was held back; returns the whole (trimmed) text."""
+        self._emit(final=True)
+        return self.text
+
+    def _emit(self, final: bool) -> None:
+        hold = 0 if final else max((len(s) for s in self.stop), default=1) - 1
+        end = max(self.shown, len(self.text) - hold)
+        if self.write is not None and end > self.shown:
+            self.write(self.text[self.shown : end])
+        self.shown = end
