@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test summaries seed-table bench fidelity privacy grpc-soak clean
+.PHONY: run test summaries seed-table compare bench fidelity privacy grpc-soak clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ summaries: $(STAMP)
 
 seed-table: $(STAMP)
 	$(PY) -m tools.seed_table
+
+# Responses of every setting x codec beside unsplit generate, on the shipped prompts.
+compare: $(STAMP)
+	$(PY) -m tools.compare --prompts bench/data/prompts.txt --settings "1/29,4/26,1-6/24-29" --codecs none,int8 --out results/compare
 
 # Benchmarks: not part of `make test`; each writes figures under results/.
 bench: $(STAMP)
