@@ -4,9 +4,10 @@
     edge = build_edge(..., link=link)
     edge.generate(...)
 
-A START message (the first request of every `Edge.generate`) opens a new bidirectional stream to
-`/triadic.Cloud/Session` (closing the previous one); every later request goes down that stream and
-waits, at most `timeout` seconds, for its one reply. Any failure (cloud unreachable, message
+A START message (the first request of every `Edge.generate` or `Session`) opens a new bidirectional
+stream to `/triadic.Cloud/Session` (closing the previous one); every later request, the TURN messages
+of a session's later requests included, goes down that stream and waits, at most `timeout` seconds,
+for its one reply. Any failure (cloud unreachable, message
 refused, stream lost, no reply in time) raises `TriadicError` with one line; the stream is then
 dropped, so the next generation starts over with a fresh session.
 
