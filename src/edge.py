@@ -148,13 +148,18 @@ class Edge(Party):
         sampling = sampling if sampling is not None else SamplingConfig().resolved()
         if self.third is None and sampling.needs_token_ids:
             raise TriadicError("--repetition-penalty: in the two-part split the cloud chooses the token and never sees the prompt's tokens")
-        eos = set(eos_token_ids)
-        self._begin(list(token_ids), sampling)
-        self.layer_evals = self.peer_layer_evals = 0
-        result = Generation(prompt_token_ids=list(token_ids), cached_positions=self.end)
-        sampler = Sampler(sampling, self.device) if self.third is not None else None
+        try:
+            return self._decode(list(token_ids), max_new_tokens, set(eos_token_ids), on_token, keep_logits, forced_tokens, on_logits, sampling)
+        except BaseException:
+            self.reset()  # a request that failed half-way leaves no half-updated session: the next one starts afresh
+            raise
 
-        tokens = list(token_ids)
+    def _decode(self, tokens: list[int], max_new_tokens: int, eos: set[int], on_token, keep_logits: bool,
+                forced_tokens: list[int] | None, on_logits, sampling: SamplingConfig) -> Generation:
+        self._begin(tokens, sampling)
+        self.layer_evals = self.peer_layer_evals = 0
+        result = Generation(prompt_token_ids=list(tokens), cached_positions=self.end)
+        sampler = Sampler(sampling, self.device) if self.third is not None else None
         for _ in range(max_new_tokens):
             step, self.next_step = self.next_step, self.next_step + 1
             began = time.perf_counter()

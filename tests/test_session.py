@@ -140,10 +140,14 @@ def test_sessions_over_grpc_keep_one_stream(servers, tiny_tied):
         with GrpcLink(url, timeout=30) as probe:
             before = probe.stats()["sessions_total"]
         pipeline = build_pipeline(str(folder), *sets, "none", seed=5, two_part=two_part, cloud_url=url, with_tokenizer=False)
-        with pipeline.edge.session() as chat:
-            converse(chat, model, TURNS, sampling)
-            converse(chat, model, TURNS, sampling, edit=lambda c: c[:-3])  # a new conversation sharing a prefix
+        local = build_pipeline(str(folder), *sets, "none", seed=5, two_part=two_part, with_tokenizer=False)
+        with pipeline.edge.session() as chat, local.edge.session() as local_chat:
+            remote_turns = converse(chat, model, TURNS, sampling) + converse(chat, model, TURNS, sampling, edit=lambda c: c[:-3])
+            local_turns = converse(local_chat, model, TURNS, sampling) + converse(local_chat, model, TURNS, sampling, edit=lambda c: c[:-3])
             assert pipeline.edge.link.stats()["sessions"] == 1
+        for (_, remote), (_, here) in zip(remote_turns, local_turns):  # the same work per turn as in one process
+            assert (remote.cached_positions, remote.layer_evals, remote.bytes_up) == (here.cached_positions, here.layer_evals, here.bytes_up)
+        assert [r.cached_positions for _, r in remote_turns][1:3] == [len(TURNS[0]) + NEW - 1, len(TURNS[0]) + len(TURNS[1]) + 2 * NEW - 1]
         with GrpcLink(url, timeout=30) as probe:
             assert probe.stats()["sessions_total"] == before + 1, name
         pipeline.edge.link.close()
@@ -159,3 +163,30 @@ def test_sampling_over_grpc_two_part(servers, tiny_tied):
     finally:
         pipeline.edge.link.close()
     assert result.token_ids == hf_sample(model, TURNS[0], 16, 11, temperature=1.2, top_k=30, min_p=0.02)
+
+
+def test_a_failed_turn_leaves_no_half_updated_session(tiny_tied):
+    from src.utils import ProtocolError
+
+    folder, model = tiny_tied
+    pipeline = build_pipeline(str(folder), *MOVING, "none", seed=4, with_tokenizer=False)
+    cloud_link = pipeline.edge.link
+
+    class Failing:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def request(self, data: bytes) -> bytes:
+            self.calls += 1
+            if self.calls == NEW + 3:  # in the second turn
+                raise ProtocolError("link lost (test)")
+            return cloud_link.request(data)
+
+    pipeline.edge.link = Failing()
+    with pipeline.edge.session() as chat:
+        first = chat.generate(TURNS[0], NEW)
+        conversation = TURNS[0] + first.token_ids + TURNS[1]
+        with pytest.raises(ProtocolError, match="link lost"):
+            chat.generate(conversation, NEW)
+        again = chat.generate(conversation, NEW)  # starts over: START and a full prefill
+        assert again.cached_positions == 0 and again.token_ids == hf_greedy(model, conversation, NEW)[0]
