@@ -2,7 +2,6 @@
 import io
 import json
 
-import pytest
 import torch
 
 from src.cli import run
@@ -10,7 +9,7 @@ from src.pipeline import build_pipeline
 from src.sampling import SamplingConfig, model_generation_defaults
 from src.utils import conversation_ids
 
-NEW = 16
+NEW = 12
 SETTINGS = [  # (options, sampling seed)
     (dict(temperature=1.0), 1),
     (dict(temperature=0.7, top_k=20, top_p=0.9), 2),

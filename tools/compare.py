@@ -247,7 +247,7 @@ def render_markdown(config: CompareConfig, runs: list[Run], tokenizer) -> str:
     others = [run for run in runs if run.setting != BASELINE]
     decoding = "greedy" if not config.sampling.do_sample else f"sampling {asdict(config.sampling)}"
     lines = [
-        f"# Responses across splits and codecs, against unsplit `generate`\n",
+        "# Responses across splits and codecs, against unsplit `generate`\n",
         f"Model `{Path(config.model_dir).name}`, {len(config.prompts)} prompts, {config.max_new_tokens} new tokens at most, "
         f"{decoding}, schedule seed {config.schedule_seed}" + (f", stop strings {list(config.stop)}" if config.stop else "") + ".\n",
         "| setting | codec | same tokens as generate | bytes / token | tokens/s |",
