@@ -4,17 +4,7 @@ import json
 import pytest
 
 from tests.conftest import ROOT
-from tiny import make_tiny_checkpoint
 from tools import compare
-
-
-@pytest.fixture(scope="module")
-def tiny_with_tokenizer(tmp_path_factory, embedded):
-    """A tiny random-init model over SmolLM2's vocabulary, with its tokenizer: fast, and text to compare."""
-    folder, _, tokenizer = embedded
-    tiny, model = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_vocab"), seed=3, vocab_size=len(tokenizer), eos_token_id=2, pad_token_id=2)
-    tokenizer.save_pretrained(tiny)
-    return tiny, model
 
 
 def test_compare_rows_equal_generate(tiny_with_tokenizer, tmp_path, monkeypatch):
