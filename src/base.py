@@ -58,6 +58,15 @@ class HiddenStore:
         elif position > run_start:
             self.runs[layer] = (position, states[position - run_start :])
 
+    def truncate(self, end: int) -> None:
+        """Forget every position from `end` on (the sequence was cut back there)."""
+        for layer in list(self.runs):
+            run_start, states = self.runs[layer]
+            if run_start >= end:
+                del self.runs[layer]
+            elif run_start + len(states) > end:
+                self.runs[layer] = (run_start, states[: end - run_start])
+
     def num_positions(self) -> int:
         return sum(len(states) for _, states in self.runs.values())
 
@@ -109,6 +118,20 @@ class Party:
         self.peer_fill = [0] * (self.num_layers + 1)
         self.store = HiddenStore()
         self.end = 0  # positions 0 .. end-1 have been processed by the pipeline
+
+    def truncate(self, length: int) -> None:
+        """Cut the sequence back to positions 0 .. length-1: caches, fill counts, the peer's mirror, the store.
+
+        Both sides do this on the same TURN message, so the mirrors stay exact without a round trip.
+        """
+        for index in self.layer_owner:
+            extra = self.fill[index] - length
+            if extra > 0:
+                self.cache.layers[index].crop(-extra)
+                self.fill[index] = length
+        self.peer_fill = [min(fill, length) for fill in self.peer_fill]
+        self.store.truncate(length)
+        self.end = min(self.end, length)
 
     def run_layers(self, lo: int, hi: int, end: int) -> None:
         """Bring layers lo .. hi-1 up to position `end`, each from its own fill count."""

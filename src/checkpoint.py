@@ -13,6 +13,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,8 +195,29 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
+_IN_MEMORY: dict[Path, dict[str, torch.Tensor]] = {}
+
+
+@contextmanager
+def weights_in_memory(model_dir: Path, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Inside the block, parts built from `model_dir` take their tensors from `tensors` (checkpoint names).
+
+    For tools that build many pipelines from one model in one process (tools.compare): the files are
+    read once, by whoever produced `tensors`, and the parts share that memory.
+    """
+    key = Path(model_dir).resolve()
+    _IN_MEMORY[key] = tensors
+    try:
+        yield
+    finally:
+        _IN_MEMORY.pop(key, None)
+
+
 def read_tensors(model_dir: Path, names: dict[str, str], dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
     """Read only the requested tensors: `names` maps the part's parameter name to the checkpoint's name."""
+    held = _IN_MEMORY.get(Path(model_dir).resolve())
+    if held is not None:
+        return {target: held[source].to(device=device, dtype=dtype) for target, source in names.items()}
     files = _weight_files(model_dir)
     missing = sorted(source for source in names.values() if source not in files)
     if missing:

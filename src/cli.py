@@ -2,24 +2,28 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
 import torch
 
 from .pipeline import Pipeline, SideOptions, build_pipeline, parse_dtype
-from .utils import OneLineParser, TriadicError, format_prompt, log, parse_layer_set
+from .sampling import SamplingConfig, TextStream, model_generation_defaults
+from .utils import OneLineParser, TriadicError, conversation_ids, format_prompt, log, parse_layer_set
 
 MODES = {"one": "unsplit baseline", "two": "two-part split (edge -> cloud with head)", "three": "triadic split (edge -> cloud -> edge)"}
 
 
 def make_parser(prog: str, mode: str) -> argparse.ArgumentParser:
-    parser = OneLineParser(prog=prog, description=f"{MODES[mode]} of a dense decoder-only model, greedy decoding")
+    parser = OneLineParser(prog=prog, description=f"{MODES[mode]} of a dense decoder-only model, greedy or sampled decoding")
     parser.add_argument("--prompt", default="Tell me about Japan.")
     parser.add_argument("--prompt-format", choices=["auto", "chat", "alpaca", "raw"], default="auto", help="auto: the chat template where the tokenizer has one (raw text for the base model gemma3-270m), else Alpaca")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     add_pipeline_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON line on stdout; text goes to stderr")
+    parser.add_argument("--interactive", action="store_true", help="chat in the terminal: one line in, the answer out; /reset, /exit")
+    add_decoding_arguments(parser)
     return parser
 
 
@@ -46,6 +50,24 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--uplink-noise", type=float, default=0.0, help="privacy mitigation: noise (x typical |h|) on edge-to-cloud states")
 
 
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """The decoding options, as transformers' generate names them (shared with tools.compare)."""
+    group = parser.add_argument_group("decoding (transformers' logits processors; unset values: the model's generation_config)")
+    group.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    group.add_argument("--temperature", type=float, default=None, help="> 0; default 1.0")
+    group.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens; 0: off; default 50")
+    group.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; default 1.0")
+    group.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability, in [0, 1]")
+    group.add_argument("--repetition-penalty", type=float, default=None, help="> 0, 1.0 is off (CTRL's penalty)")
+    group.add_argument("--sampling-seed", type=int, default=0, help="seed of the sampler (torch.manual_seed before generate); not the split schedule's --seed")
+    group.add_argument("--stop", action="append", default=[], metavar="STRING", help="end when the text contains STRING (trimmed from the output); repeatable")
+
+
+def sampling_from_args(args) -> SamplingConfig:
+    """The options as given (validated: one line on a bad value); resolve against the model before use."""
+    return SamplingConfig(args.do_sample, args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.sampling_seed)
+
+
 def resolve_sets(mode: str, args, first: set[int] | None, second: set[int] | None, num_layers: int) -> tuple[set[int], set[int]]:
     """The script's sets, overridden by --first/--second; the baseline and two-part modes pin what they must."""
     first = parse_layer_set(args.first, "--first") if args.first is not None else first
@@ -70,6 +92,9 @@ def run(mode: str, first: set[int] | None, second: set[int] | None, argv: list[s
     except TriadicError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 def build_from_args(mode: str, args, first: set[int] | None, second: set[int] | None) -> Pipeline:
@@ -107,42 +132,95 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
 
     if args.max_new_tokens < 1:
         raise TriadicError("--max-new-tokens must be at least 1")
+    sampling = sampling_from_args(args)
+    TextStream(None, args.stop)  # refuses an empty stop string before any weights load
     pipeline = build_from_args(mode, args, first, second)
-    tokenizer = pipeline.tokenizer
+    if pipeline.edge.third is None and sampling.needs_token_ids:
+        raise TriadicError("--repetition-penalty: in the two-part split the cloud chooses the token and never sees the prompt's tokens")
+    sampling = sampling.resolved(model_generation_defaults(pipeline.model_dir))
     prompt_format = args.prompt_format
     if prompt_format == "auto":  # an embedded base model is prompted with raw text, not a chat template
         prompt_format = default_prompt_format(pipeline.model_dir) or "auto"
-    prompt_ids = format_prompt(tokenizer, args.prompt, prompt_format)
+    decoding = "greedy" if not sampling.do_sample else f"sampling (seed {sampling.seed})"
     log(f"[{MODES[mode]}] first={sorted(pipeline.schedule.first)} second={sorted(pipeline.schedule.second)} "
-        f"codec={args.codec} seed={args.seed} prompt={len(prompt_ids)} tokens")
-
-    out = sys.stderr if args.json else sys.stdout
-    generated: list[int] = []
-    shown = ""
-
-    def stream(token: int) -> None:
-        nonlocal shown
-        generated.append(token)
-        text = tokenizer.decode(generated, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            out.write(text[len(shown):])
-            out.flush()
-            shown = text
-
-    eos = eos_token_ids(tokenizer, pipeline.config)
+        f"codec={args.codec} seed={args.seed} {decoding}")
     try:
-        result = pipeline.edge.generate(prompt_ids, args.max_new_tokens, eos, on_token=stream)
+        with pipeline.edge.session() as chat:
+            if args.interactive:
+                _chat_loop(mode, args, pipeline, chat, sampling, prompt_format)
+            else:
+                prompt_ids = format_prompt(pipeline.tokenizer, args.prompt, prompt_format)
+                _answer(mode, args, pipeline, chat, prompt_ids, sampling)
     finally:
         close = getattr(pipeline.edge.link, "close", None)
-        if close is not None:  # a remote session is freed at once
+        if close is not None:  # the channel goes with the process
             close()
+    return 0
+
+
+def _answer(mode: str, args, pipeline, chat, token_ids: list[int], sampling: SamplingConfig) -> str:
+    """One request through the session: stream the text, report, return the (stop-trimmed) text."""
+    out = sys.stderr if args.json else sys.stdout
+    stream = TextStream(pipeline.tokenizer, args.stop, write=lambda text: (out.write(text), out.flush()))
+    eos = eos_token_ids(pipeline.tokenizer, pipeline.config)
+    try:
+        result = chat.generate(token_ids, args.max_new_tokens, eos, on_token=stream.add, sampling=sampling)
+    except BaseException:
+        if stream.shown:  # the error line starts on a line of its own, not glued to the streamed text
+            out.write("\n")
+            out.flush()
+        raise
+    text = stream.finish()
     out.write("\n")
-    text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    out.flush()
+    report = _report(mode, args, pipeline, result, text, sampling)
+    if args.json:
+        print(json.dumps(report), flush=True)
+    else:
+        log(f"[{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s, "
+            f"{result.bytes_up} bytes up, {result.bytes_down} bytes down]")
+        if report["failovers"]:
+            log(f"[{report['failovers']} failovers, {report['replayed_bytes']} bytes replayed]")
+    return text
+
+
+def _chat_loop(mode: str, args, pipeline, chat, sampling: SamplingConfig, prompt_format: str) -> None:
+    """--interactive: each line is a user turn; the session keeps both sides' caches between turns."""
+    messages: list[dict[str, str]] = []
+    log("interactive: type a message; /reset starts a new conversation, /exit (or end of input) quits")
+    while True:
+        sys.stderr.write("> ")
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            messages.clear()
+            chat.reset()
+            log("(new conversation)")
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        try:
+            ids = conversation_ids(pipeline.tokenizer, messages, prompt_format)
+            text = _answer(mode, args, pipeline, chat, ids, sampling)
+        except TriadicError as error:  # say so and go on with a fresh session: no state half-updated
+            log(f"error: {error}")
+            messages.pop()
+            chat.reset()
+            continue
+        messages.append({"role": "assistant", "content": text})
+
+
+def _report(mode: str, args, pipeline, result, text: str, sampling: SamplingConfig) -> dict:
     steps = max(1, len(result.token_ids))
-    report = {
+    new_positions = len(result.prompt_token_ids) - result.cached_positions + steps - 1
+    return {
         "text": text,
         "prompt_token_ids": result.prompt_token_ids,
         "token_ids": result.token_ids,
+        "cached_positions": result.cached_positions,
         "splits": [list(pair) for pair in result.splits],
         "bytes_up": result.bytes_up,
         "bytes_down": result.bytes_down,
@@ -153,7 +231,7 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
         "mean_positions_per_message_up": result.positions_up / max(1, result.messages_up),
         "mean_positions_per_message_down": result.positions_down / max(1, result.messages_down),
         "layer_evals": result.layer_evals,
-        "layer_evals_per_position": {k: v / (len(prompt_ids) + steps - 1) for k, v in result.layer_evals.items()},
+        "layer_evals_per_position": {k: v / max(1, new_positions) for k, v in result.layer_evals.items()},
         "tokens_per_second": result.tokens_per_second,
         "link_seconds": result.link_seconds,
         "failovers": getattr(pipeline.edge.link, "failovers", 0),  # clouds that failed mid-generation and were replaced
@@ -162,18 +240,12 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
         "codec": args.codec,
         "seed": args.seed,
         "resplit_every": args.resplit_every,
+        "sampling": dataclasses.asdict(sampling),
+        "stop": args.stop,
         "first": sorted(pipeline.schedule.first),
         "second": sorted(pipeline.schedule.second),
         "model": str(pipeline.model_dir),
     }
-    if args.json:
-        print(json.dumps(report))
-    else:
-        log(f"[{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s, "
-            f"{result.bytes_up} bytes up, {result.bytes_down} bytes down]")
-        if report["failovers"]:
-            log(f"[{report['failovers']} failovers, {report['replayed_bytes']} bytes replayed]")
-    return 0
 
 
 def eos_token_ids(tokenizer, config) -> list[int]:

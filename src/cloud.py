@@ -2,8 +2,14 @@
 
 In the three-part split it holds layers [min(first), max(second)) and returns hidden states at the
 second cut; in the two-part split (`with_head`) it holds [min(first), L) with norm and head and
-returns the greedy token. Every request is validated in full before any state changes, so a
-malformed message leaves the session's caches as they were.
+returns the token, chosen with the request's sampling options (START or TURN). Every request is
+validated in full before any state changes, so a malformed message leaves the session's caches as
+they were.
+
+A session may hold several requests (turns): START opens it, each later request begins with TURN,
+which says where the turn starts (step), how many positions both sides keep (a truncation when
+fewer than cached) and how many its first step appends, so that every later message's end
+position is known: the sequence ends at `turn_end + (step - turn_step)` after step `step`.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from .base import Party
 from .codec import CODECS_BY_ID
 from .models import SecondLlamaForCausalLM, ThirdLlamaForCausalLM
 from .protocol import Kind
+from .sampling import Sampler
 from .schedule import SplitSchedule
 from .utils import ProtocolError
 
@@ -35,6 +42,13 @@ class Cloud(Party):
     def reset(self) -> None:
         super().reset()
         self.last_step = -1
+        self.turn_step = 0  # the current request's first step
+        self.turn_end: int | None = None  # sequence length after turn_step; unknown after START until the first HIDDEN
+        self.sampler: Sampler | None = None
+
+    def expected_end(self, step: int) -> int | None:
+        """The sequence length after `step` of the current request (each step after its first appends one position)."""
+        return None if self.turn_end is None else self.turn_end + step - self.turn_step
 
     def handle(self, request: bytes) -> bytes:
         """One request, one reply. Raises ProtocolError (state unchanged) on a bad request."""
@@ -42,17 +56,47 @@ class Cloud(Party):
             message = protocol.decode(request, self.hidden_size)
         if message.kind is Kind.START:
             return self._start(message)
+        if message.kind is Kind.TURN:
+            return self._turn(message)
         if message.kind is not Kind.HIDDEN:
-            raise ProtocolError(f"the cloud accepts START and HIDDEN messages, not {message.kind.name}")
+            raise ProtocolError(f"the cloud accepts START, TURN and HIDDEN messages, not {message.kind.name}")
         return self._step(message)
 
     def _start(self, message: protocol.Message) -> bytes:
         if message.fingerprint != self.schedule.fingerprint():
             raise ProtocolError("the edge's split sets or model differ from the cloud's (schedule fingerprint mismatch)")
+        self._check_sampling(message.sampling)
         self.schedule = dataclasses.replace(self.schedule, seed=message.seed, resplit_every=message.resplit_every)
         self.reset()
         self.session = True
+        self.sampler = Sampler(message.sampling, self.device) if self.with_head else None
         return protocol.encode_start(message.seed, message.resplit_every, message.fingerprint, self.hidden_size)
+
+    def _check_sampling(self, sampling) -> None:
+        if self.with_head and sampling.needs_token_ids:
+            raise ProtocolError("the two-part cloud never sees the prompt's tokens: it cannot apply a repetition penalty")
+
+    def _turn(self, message: protocol.Message) -> bytes:
+        """A new request: mirror the edge's steps the cloud did not see, truncate, reseed the sampler."""
+        if not self.session:
+            raise ProtocolError("no session: the edge must send START first")
+        step, keep, edge_end = message.step, message.start, message.edge_end
+        if step <= self.last_step:
+            raise ProtocolError(f"a request starting at step {step} does not follow step {self.last_step}")
+        expected = self.expected_end(step - 1)
+        if expected is not None and edge_end != expected:
+            raise ProtocolError(f"the edge says it processed {edge_end} positions; the cloud's mirror says {expected}")
+        if keep > edge_end:
+            raise ProtocolError(f"cannot keep {keep} positions of a sequence of {edge_end}")
+        self._check_sampling(message.sampling)
+
+        # Valid: from here on the state changes.
+        if step > self.last_step + 1:  # the steps since the last message ran wholly on the edge
+            self.advance_peer(self.peer_layers, edge_end)
+        self.truncate(keep)
+        self.last_step, self.turn_step, self.turn_end = step - 1, step, keep + message.count
+        self.sampler = Sampler(message.sampling, self.device) if self.with_head else None
+        return protocol.encode_turn(step, keep, message.count, edge_end, message.sampling, self.hidden_size)
 
     def _step(self, message: protocol.Message) -> bytes:
         if not self.session:
@@ -66,20 +110,23 @@ class Cloud(Party):
         if start != self.fill[a]:
             raise ProtocolError(f"positions start at {start} but the cloud's cache at this cut holds {self.fill[a]}")
         end = start + count
-        # Steps after the prefill add one position each; steps the cloud did not see ran wholly on the edge.
-        if self.last_step >= 0 and end != self.end + (step - self.last_step):
-            raise ProtocolError(f"message ends at position {end - 1}, expected {self.end + step - self.last_step - 1}")
-        if self.last_step < 0 and end < step + 1:
+        # Steps after a request's first add one position each; steps the cloud did not see ran wholly on the edge.
+        expected = self.expected_end(step)
+        if expected is not None and end != expected:
+            raise ProtocolError(f"message ends at position {end - 1}, expected {expected - 1}")
+        if expected is None and end < step - self.turn_step + 1:
             raise ProtocolError(f"message ends at position {end - 1}, too early for step {step}")
 
         # Valid: from here on the state changes.
+        if self.turn_end is None:
+            self.turn_end = end - (step - self.turn_step)
         if step > self.last_step + 1:
             self.advance_peer(self.peer_layers, end - 1)
         self.store.put(a, start, self.to_compute(message.hidden))
         self.run_layers(a, b, end)
         if self.with_head:
             with self.timed("compute"):
-                token = int(self.part.head(self.store.get(b, end - 1, end)).argmax(-1))
+                token = self.sampler.choose(self.part.head(self.store.get(b, end - 1, end))[0])
             reply = protocol.encode_token(step, end - 1, token, self.hidden_size)
         else:
             out_start, states = self.outgoing(b, end)

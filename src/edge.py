@@ -1,4 +1,4 @@
-"""The edge: tokenizer, embeddings, the first and last layers, the norm and the head, and greedy decoding.
+"""The edge: embeddings, the first and last layers, the norm and the head, decoding and sessions.
 
 Prompt and generated tokens never leave this object; what goes to the cloud is the bytes of
 `protocol.encode_hidden`. Per step t (prefill is step 0) with cuts (a, b) from the shared schedule:
@@ -23,6 +23,7 @@ from .base import Party
 from .codec import Codec
 from .models import FirstLlamaForCausalLM, ThirdLlamaForCausalLM
 from .protocol import Kind
+from .sampling import Sampler, SamplingConfig
 from .schedule import SplitSchedule
 from .utils import ProtocolError, TriadicError
 
@@ -45,7 +46,8 @@ class LocalLink:
 
 @dataclass
 class Generation:
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int]  # the whole sequence the request continued (a session: the conversation so far)
+    cached_positions: int = 0  # positions of it that were already in the caches (a session's earlier turns)
     token_ids: list[int] = field(default_factory=list)
     splits: list[tuple[int, int]] = field(default_factory=list)
     bytes_up: int = 0
@@ -90,62 +92,134 @@ class Edge(Party):
         self.peer_layer_evals += sum(max(0, end - self.peer_fill[i]) for i in layers)
         super().advance_peer(layers, end)
 
+    def reset(self) -> None:
+        """Forget the sequence and the session: the next request sends START and prefills from scratch."""
+        super().reset()
+        self.tokens: list[int] = []  # the token ids of positions 0 .. end-1, as in the caches
+        self.next_step = 0  # steps count on across the requests of a session (the schedule's t)
+        self.started = False  # whether the cloud has this session (START sent)
+
     @torch.no_grad()
     def generate(
         self,
         prompt_ids: list[int],
         max_new_tokens: int,
         eos_token_ids: Iterable[int] = (),
-        on_token: Callable[[int], None] | None = None,
+        on_token: Callable[[int], bool | None] | None = None,
         keep_logits: bool = False,
         forced_tokens: list[int] | None = None,
         on_logits: Callable[[int, torch.Tensor], None] | None = None,
+        sampling: SamplingConfig | None = None,
     ) -> Generation:
-        """Greedy decoding, as `generate(do_sample=False)`: stops after an EOS token (kept) or max_new_tokens.
+        """One request from empty caches: a session of one turn (see `Session` for more)."""
+        self.reset()
+        return self.continue_with(prompt_ids, max_new_tokens, eos_token_ids, on_token, keep_logits, forced_tokens, on_logits, sampling)
 
-        With `forced_tokens` the next token is taken from that list instead (teacher forcing, for
-        fidelity measurements); `on_logits(step, logits)` sees the edge's logits at every step.
+    def session(self) -> Session:
+        return Session(self)
+
+    @torch.no_grad()
+    def continue_with(
+        self,
+        token_ids: list[int],
+        max_new_tokens: int,
+        eos_token_ids: Iterable[int] = (),
+        on_token: Callable[[int], bool | None] | None = None,
+        keep_logits: bool = False,
+        forced_tokens: list[int] | None = None,
+        on_logits: Callable[[int, torch.Tensor], None] | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> Generation:
+        """Decode after `token_ids` (the whole sequence so far), reusing the cached prefix they share.
+
+        As `generate(do_sample=...)` with transformers' processors for `sampling` (resolved against
+        the model's generation_config by the caller; greedy when None). Stops after an EOS token
+        (kept), after max_new_tokens, or when `on_token(token)` returns True. With `forced_tokens` the
+        next token is taken from that list instead (teacher forcing, for fidelity measurements);
+        `on_logits(step, logits)` sees the edge's logits at every step.
         """
         context = self.config.max_position_embeddings
-        if not prompt_ids:
+        if not token_ids:
             raise TriadicError("empty prompt")
-        if len(prompt_ids) + max_new_tokens > context:
+        if len(token_ids) + max_new_tokens > context:
             raise TriadicError(
-                f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens exceeds the model's context of {context}"
+                f"prompt of {len(token_ids)} tokens + {max_new_tokens} new tokens exceeds the model's context of {context}"
             )
-        eos = set(eos_token_ids)
-        self.reset()
-        self.layer_evals = self.peer_layer_evals = 0
-        result = Generation(prompt_token_ids=list(prompt_ids))
-        if self.link is not None:
-            start = protocol.encode_start(self.schedule.seed, self.schedule.resplit_every, self.schedule.fingerprint(), self.hidden_size)
-            reply = protocol.decode(self.link.request(start), self.hidden_size)
-            if reply.kind is not Kind.START:
-                raise ProtocolError(f"the cloud answered START with {reply.kind.name}")
+        sampling = sampling if sampling is not None else SamplingConfig().resolved()
+        if self.third is None and sampling.needs_token_ids:
+            raise TriadicError("--repetition-penalty: in the two-part split the cloud chooses the token and never sees the prompt's tokens")
+        try:
+            return self._decode(list(token_ids), max_new_tokens, set(eos_token_ids), on_token, keep_logits, forced_tokens, on_logits, sampling)
+        except BaseException:
+            self.reset()  # a request that failed half-way leaves no half-updated session: the next one starts afresh
+            raise
 
-        tokens = list(prompt_ids)
-        for step in range(max_new_tokens):
+    def _decode(self, tokens: list[int], max_new_tokens: int, eos: set[int], on_token, keep_logits: bool,
+                forced_tokens: list[int] | None, on_logits, sampling: SamplingConfig) -> Generation:
+        self._begin(tokens, sampling)
+        self.layer_evals = self.peer_layer_evals = 0
+        result = Generation(prompt_token_ids=list(tokens), cached_positions=self.end)
+        sampler = Sampler(sampling, self.device) if self.third is not None else None
+        for _ in range(max_new_tokens):
+            step, self.next_step = self.next_step, self.next_step + 1
             began = time.perf_counter()
-            token, logits = self._step(step, tokens, result)
+            token, logits = self._step(step, tokens, result, sampler)
             result.step_seconds.append(time.perf_counter() - began)
             if on_logits is not None and logits is not None:
                 on_logits(step, logits)
             if forced_tokens is not None:
-                if step == len(forced_tokens):
+                if len(result.token_ids) == len(forced_tokens):
                     break
-                token = forced_tokens[step]
+                token = forced_tokens[len(result.token_ids)]
             tokens.append(token)
             result.token_ids.append(token)
             if keep_logits and logits is not None:
                 result.logits.append(logits)
-            if on_token is not None:
-                on_token(token)
-            if token in eos:
+            stop = on_token(token) if on_token is not None else False
+            if token in eos or stop:
                 break
         result.layer_evals = {"edge": self.layer_evals, "cloud": self.peer_layer_evals}
         return result
 
-    def _step(self, step: int, tokens: list[int], result: Generation) -> tuple[int, torch.Tensor | None]:
+    def reusable_prefix(self, token_ids: list[int]) -> int:
+        """Positions of `token_ids` the caches hold already and can keep: the longest common prefix (at least
+        one position must run), or 0 where a sliding-window cache has dropped what truncating to it would need."""
+        keep, limit = 0, min(len(self.tokens), len(token_ids) - 1)
+        while keep < limit and self.tokens[keep] == token_ids[keep]:
+            keep += 1
+        return keep if keep >= self.end or self.can_truncate() else 0
+
+    def _begin(self, token_ids: list[int], sampling: SamplingConfig) -> None:
+        """Keep the longest cached prefix of `token_ids` and tell the cloud."""
+        keep = self.reusable_prefix(token_ids)
+        if keep < self.end and not self.can_truncate():
+            self.reset()  # a sliding-window cache has dropped what truncation would need: start over
+        if self.link is not None:
+            if not self.started:
+                plain = not (sampling.do_sample or sampling.needs_token_ids)  # a greedy START stays as it was
+                start = protocol.encode_start(
+                    self.schedule.seed, self.schedule.resplit_every, self.schedule.fingerprint(), self.hidden_size,
+                    None if plain else sampling,
+                )
+                self._expect(start, Kind.START)
+            else:
+                turn = protocol.encode_turn(self.next_step, keep, len(token_ids) - keep, self.end, sampling, self.hidden_size)
+                self._expect(turn, Kind.TURN)
+        self.started = True
+        self.truncate(keep)
+        self.tokens = self.tokens[:keep]
+
+    def can_truncate(self) -> bool:
+        """Whether the caches can be cut back: a sliding-window layer past its window has dropped old positions."""
+        windows = [getattr(layer, "sliding_window", None) for layer in self.cache.layers if getattr(layer, "is_sliding", False)]
+        return not windows or self.end < min(w for w in windows if w is not None)
+
+    def _expect(self, request: bytes, kind: Kind) -> None:
+        reply = protocol.decode(self.link.request(request), self.hidden_size)
+        if reply.kind is not kind:
+            raise ProtocolError(f"the cloud answered {kind.name} with {reply.kind.name}")
+
+    def _step(self, step: int, tokens: list[int], result: Generation, sampler: Sampler | None) -> tuple[int, torch.Tensor | None]:
         start, end = self.end, len(tokens)
         a, b = self.schedule.cuts(step)
         result.splits.append((a, b))
@@ -165,9 +239,10 @@ class Edge(Party):
             self.run_layers(b, self.num_layers, end)
             with self.timed("compute"):
                 logits = self.third.head(self.store.get(self.num_layers, end - 1, end))[0]
-                token = int(logits.argmax())
+                token = sampler.choose(logits, tokens if sampler.config.needs_token_ids else None)
         self.prune()
         self.end = end
+        self.tokens.extend(tokens[len(self.tokens) : end])
         return token, logits
 
     def protect(self, states: torch.Tensor) -> torch.Tensor:
@@ -211,3 +286,41 @@ class Edge(Party):
             raise ProtocolError(f"reply carries positions {reply.start}..{reply.start + reply.count - 1}, expected {expected}..{end - 1}")
         result.positions_down += reply.count
         return reply
+
+
+class Session:
+    """A conversation whose KV caches, on the edge and in the cloud, survive between requests.
+
+        with edge.session() as chat:
+            first = chat.generate(ids_of_turn_1, 64, eos)
+            second = chat.generate(ids_of_turns_1_and_2, 64, eos)  # runs only the new positions
+
+    Each request passes the whole sequence so far; the positions it shares with the cached ones are
+    kept and only the rest is run (over gRPC: the same stream, one TURN message per request). A
+    request whose history differs from the cached one cuts both sides back to the longest common
+    prefix. Leaving the block ends the cloud's session.
+    """
+
+    def __init__(self, edge: Edge) -> None:
+        self.edge = edge
+
+    def __enter__(self) -> Session:
+        self.edge.reset()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def generate(self, token_ids: list[int], max_new_tokens: int, eos_token_ids: Iterable[int] = (), on_token=None,
+                 sampling: SamplingConfig | None = None) -> Generation:
+        return self.edge.continue_with(token_ids, max_new_tokens, eos_token_ids, on_token, sampling=sampling)
+
+    def reset(self) -> None:
+        """Forget the conversation; the next request starts a new session with the cloud."""
+        self.edge.reset()
+
+    def close(self) -> None:
+        self.edge.reset()
+        end_session = getattr(self.edge.link, "end_session", None)
+        if end_session is not None:  # a remote session is freed at once
+            end_session()

@@ -4,9 +4,10 @@
     edge = build_edge(..., link=link)
     edge.generate(...)
 
-A START message (the first request of every `Edge.generate`) opens a new bidirectional stream to
-`/triadic.Cloud/Session` (closing the previous one); every later request goes down that stream and
-waits, at most `timeout` seconds, for its one reply. Any failure (cloud unreachable, message
+A START message (the first request of every `Edge.generate` or `Session`) opens a new bidirectional
+stream to `/triadic.Cloud/Session` (closing the previous one); every later request, the TURN messages
+of a session's later requests included, goes down that stream and waits, at most `timeout` seconds,
+for its one reply. Any failure (cloud unreachable, message
 refused, stream lost, no reply in time) raises `TriadicError` with one line; the stream is then
 dropped (cancelled: the cloud stops computing), so the next generation starts over with a fresh session.
 
@@ -23,13 +24,17 @@ system's roots unless a CA is given). The port defaults to 50051.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import zlib
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-import grpc
+# gRPC's C core logs a TLS handshake failure on stderr by itself, before our one error line says the
+# same; silence it (set before grpc is first imported; GRPC_VERBOSITY=INFO in the environment brings it back).
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+import grpc  # noqa: E402
 
 from .protocol import MAGIC, Kind
 from .utils import ProtocolError, TriadicError, log, read_file, read_token

@@ -33,6 +33,16 @@ class GrowingLayer(DynamicLayer):
         self.values = self._value_buffer[..., :end, :]
         return self.keys, self.values
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last `-tokens_to_remove` positions (a session cut back to a common prefix); the buffer stays."""
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes the negative number of positions to remove")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self.length = max(0, self.length + tokens_to_remove)
+        self.keys = self._key_buffer[..., : self.length, :]
+        self.values = self._value_buffer[..., : self.length, :]
+
     def _grow(self, buffer: torch.Tensor | None, like: torch.Tensor, capacity: int) -> torch.Tensor:
         grown = like.new_empty(*like.shape[:-2], capacity, like.shape[-1])
         if buffer is not None:

@@ -5,7 +5,7 @@ Every message is a 24-byte little-endian header followed by a payload:
     offset size field
     0      2    magic  b"TS"
     2      1    version (1)
-    3      1    kind: 1 START, 2 HIDDEN, 3 TOKEN
+    3      1    kind: 1 START, 2 HIDDEN, 3 TOKEN, 4 TURN
     4      1    codec id (see codec.py): 0 none, 1 fp16, 2 bf16, 3 int8-fixed, 4 bnb8, 5 int8
     5      1    dtype code of the payload: 0 float32, 1 float16, 2 bfloat16
     6      2    hidden size
@@ -14,9 +14,18 @@ Every message is a 24-byte little-endian header followed by a payload:
     16     4    number of positions carried
     20     4    CRC-32 of the whole message with this field set to zero
 
-    START  payload: seed u64, resplit_every u32, schedule fingerprint u32 (count = 0)
+    START  payload: seed u64, resplit_every u32, schedule fingerprint u32 (count = 0),
+           then optionally the SAMPLING block of the session's first request (absent: greedy)
     HIDDEN payload: the codec's encoding of `count` hidden states of size `hidden`
-    TOKEN  payload: the greedy token id, u32 (two-part split: the cloud holds the head)
+    TOKEN  payload: the chosen token id, u32 (two-part split: the cloud holds the head)
+    TURN   a new request in the same session: step = its first step, start = the positions both
+           sides keep (fewer than cached: the caches are truncated to them), count = the positions
+           its first step appends; payload: the edge's processed length u32 before the turn, then
+           the SAMPLING block of this request
+
+    SAMPLING (48 bytes): flags u8 (bit 0: sample), 3 zero bytes, top_k u32, temperature f64,
+           top_p f64, min_p f64 (0: off), repetition_penalty f64, sampling seed u64 (all
+           resolved: the cloud applies exactly these; it chooses the token in the two-part split)
 
 Decoding checks everything a receiver relies on (length, magic, version, kind, codec, dtype, CRC,
 hidden size, finiteness) and raises ProtocolError with one line saying what is wrong.
@@ -31,7 +40,8 @@ from enum import IntEnum
 import torch
 
 from .codec import CODE_DTYPES, CODECS_BY_ID, Codec
-from .utils import ProtocolError
+from .sampling import SamplingConfig
+from .utils import ProtocolError, TriadicError
 
 MAGIC = b"TS"
 VERSION = 1
@@ -39,6 +49,8 @@ HEADER = struct.Struct("<2sBBBBHIIII")
 HEADER_SIZE = HEADER.size  # 24
 START_PAYLOAD = struct.Struct("<QII")
 TOKEN_PAYLOAD = struct.Struct("<I")
+SAMPLING_PAYLOAD = struct.Struct("<B3xIddddQ")
+TURN_PAYLOAD = struct.Struct("<I")
 MAX_POSITIONS = 1 << 20
 
 
@@ -46,6 +58,7 @@ class Kind(IntEnum):
     START = 1
     HIDDEN = 2
     TOKEN = 3
+    TURN = 4
 
 
 @dataclass
@@ -60,6 +73,8 @@ class Message:
     seed: int = 0
     resplit_every: int = 1
     fingerprint: int = 0
+    sampling: SamplingConfig = SamplingConfig().resolved()  # START and TURN: the request's decoding options
+    edge_end: int = 0  # TURN: positions the edge had processed before this request
 
 
 def _pack(kind: Kind, codec_id: int, dtype_code: int, hidden_size: int, step: int, start: int, count: int, payload: bytes) -> bytes:
@@ -68,8 +83,33 @@ def _pack(kind: Kind, codec_id: int, dtype_code: int, hidden_size: int, step: in
     return header[:-4] + struct.pack("<I", crc) + payload
 
 
-def encode_start(seed: int, resplit_every: int, fingerprint: int, hidden_size: int) -> bytes:
-    return _pack(Kind.START, 0, 0, hidden_size, 0, 0, 0, START_PAYLOAD.pack(seed, resplit_every, fingerprint))
+def encode_start(seed: int, resplit_every: int, fingerprint: int, hidden_size: int, sampling: SamplingConfig | None = None) -> bytes:
+    """`sampling` (resolved) travels only where given; a START without it means greedy."""
+    payload = START_PAYLOAD.pack(seed, resplit_every, fingerprint) + (_pack_sampling(sampling) if sampling is not None else b"")
+    return _pack(Kind.START, 0, 0, hidden_size, 0, 0, 0, payload)
+
+
+def encode_turn(step: int, keep: int, count: int, edge_end: int, sampling: SamplingConfig, hidden_size: int) -> bytes:
+    """A new request in the session: keep positions [0, keep), its first step appends `count` positions."""
+    return _pack(Kind.TURN, 0, 0, hidden_size, step, keep, count, TURN_PAYLOAD.pack(edge_end) + _pack_sampling(sampling))
+
+
+def _pack_sampling(config: SamplingConfig) -> bytes:
+    return SAMPLING_PAYLOAD.pack(
+        int(config.do_sample), config.top_k, config.temperature, config.top_p, config.min_p or 0.0,
+        config.repetition_penalty, config.seed,
+    )
+
+
+def _unpack_sampling(payload: memoryview) -> SamplingConfig:
+    flags, top_k, temperature, top_p, min_p, penalty, seed = SAMPLING_PAYLOAD.unpack_from(payload)
+    if flags > 1:
+        raise ProtocolError(f"unknown sampling flags {flags:#x}")
+    try:
+        config = SamplingConfig(bool(flags), temperature, top_k, top_p, min_p, penalty, seed)
+    except TriadicError as error:
+        raise ProtocolError(f"bad sampling options: {error}") from None
+    return config.resolved()
 
 
 def encode_hidden(step: int, start: int, hidden: torch.Tensor, codec: Codec) -> bytes:
@@ -108,9 +148,20 @@ def decode(buffer: bytes, hidden_size: int) -> Message:
     kind = Kind(kind)
 
     if kind is Kind.START:
-        _expect_length(payload, START_PAYLOAD.size, "START")
+        if len(payload) != START_PAYLOAD.size + SAMPLING_PAYLOAD.size:  # without the block: a greedy START
+            _expect_length(payload, START_PAYLOAD.size, "START")
         seed, resplit_every, fingerprint = START_PAYLOAD.unpack_from(payload)
-        return Message(kind, seed=seed, resplit_every=resplit_every, fingerprint=fingerprint)
+        message = Message(kind, seed=seed, resplit_every=resplit_every, fingerprint=fingerprint)
+        if len(payload) > START_PAYLOAD.size:
+            message.sampling = _unpack_sampling(payload[START_PAYLOAD.size :])
+        return message
+    if kind is Kind.TURN:
+        _expect_length(payload, TURN_PAYLOAD.size + SAMPLING_PAYLOAD.size, "TURN")
+        if not 0 < count <= MAX_POSITIONS:
+            raise ProtocolError(f"TURN appends {count} positions: out of range (1..{MAX_POSITIONS})")
+        (edge_end,) = TURN_PAYLOAD.unpack_from(payload)
+        sampling = _unpack_sampling(payload[TURN_PAYLOAD.size :])
+        return Message(kind, step=step, start=start, count=count, sampling=sampling, edge_end=edge_end)
     if kind is Kind.TOKEN:
         _expect_length(payload, TOKEN_PAYLOAD.size, "TOKEN")
         return Message(kind, step=step, start=start, count=1, token=TOKEN_PAYLOAD.unpack_from(payload)[0])

@@ -111,3 +111,27 @@ def format_prompt(tokenizer, prompt: str, prompt_format: str) -> list[int]:
     if prompt_format == "raw":
         return list(tokenizer(prompt)["input_ids"])
     raise TriadicError(f"unknown prompt format {prompt_format!r}")
+
+
+def conversation_ids(tokenizer, messages: list[dict[str, str]], prompt_format: str) -> list[int]:
+    """Token ids of a whole conversation (user and assistant turns, ending with a user turn), ready for the answer.
+
+    One message is `format_prompt`'s prompt. Longer conversations use the chat template, or repeat the
+    Alpaca template per exchange (each response followed by a blank line), or join raw texts by newlines.
+    """
+    if len(messages) == 1:
+        return format_prompt(tokenizer, messages[0]["content"], prompt_format)
+    if prompt_format == "auto":
+        prompt_format = "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+    if prompt_format == "chat":
+        format_prompt(tokenizer, "", "chat")  # the same refusal when there is no template
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return list(encoded["input_ids"])
+    if prompt_format == "alpaca":
+        text = "".join(
+            ALPACA_TEMPLATE.format(instruction=m["content"]) if m["role"] == "user" else m["content"] + "\n\n" for m in messages
+        )
+        return list(tokenizer(text)["input_ids"])
+    if prompt_format == "raw":
+        return list(tokenizer("\n".join(m["content"] for m in messages))["input_ids"])
+    raise TriadicError(f"unknown prompt format {prompt_format!r}")

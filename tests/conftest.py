@@ -41,3 +41,12 @@ def japan_ids(embedded):
     from src.utils import format_prompt
 
     return format_prompt(embedded[2], "Tell me about Japan.", "auto")
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tmp_path_factory, embedded):
+    """A tiny random-init model over SmolLM2's vocabulary, with its tokenizer: fast, and it has text (CLI, compare)."""
+    _, _, tokenizer = embedded
+    folder, model = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_vocab"), seed=3, vocab_size=len(tokenizer), eos_token_id=2, pad_token_id=2)
+    tokenizer.save_pretrained(folder)
+    return folder, model

@@ -24,6 +24,12 @@ THREE = ({1}, {29})
         (["--prompt", "word " * 9000], "exceeds the model's context of 8192"),
         (["--edge-dtype", "float8"], "unknown dtype 'float8'"),
         (["--max-new-tokens", "0"], "at least 1"),
+        (["--do-sample", "--temperature", "0"], "--temperature 0.0: must be > 0 when sampling"),
+        (["--top-p", "1.5"], "--top-p 1.5: must be in (0, 1]"),
+        (["--top-k", "-1"], "--top-k -1: must be an integer >= 0"),
+        (["--min-p", "2"], "--min-p 2.0: must be in [0, 1]"),
+        (["--repetition-penalty", "0"], "--repetition-penalty 0.0: must be > 0"),
+        (["--stop", ""], "--stop: a stop string must not be empty"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(argv, expected, capsys):
@@ -47,3 +53,9 @@ def test_a_real_process_prints_no_traceback():
     assert process.returncode == 2
     assert process.stderr.strip().splitlines() == ["main_3_split.py: error: max(first) = 9 > min(second) = 7: the pair (9, 7) would put the second cut before the first"]
     assert process.stdout == ""
+
+
+def test_two_part_refuses_a_repetition_penalty(capsys):
+    assert run("two", {15}, None, ["--repetition-penalty", "1.2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "never sees the prompt's tokens" in err[0]

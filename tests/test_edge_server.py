@@ -282,12 +282,12 @@ def test_engine_time_limit_and_cancel(tiny_server):
     engine = EdgeEngine(pipeline, "tiny", ChatTokenizer(pipeline.tokenizer))
     prompt = engine.prepare([{"role": "user", "content": "Hi"}])
     seen: list = []
-    done = engine.run(prompt, Options(max_tokens=50, time_limit=1e-9), seen.append, lambda: False)
+    done = engine.run(prompt, Options(max_tokens=50, temperature=0, time_limit=1e-9), seen.append, lambda: False)
     assert isinstance(seen[0], Started) and len(done.token_ids) == 1 == len(seen) - 1
     assert (done.finish_reason, done.stopped_by) == ("length", "time_limit")
     with pytest.raises(Cancelled):
-        engine.run(prompt, Options(max_tokens=50), lambda event: None, lambda: True)
-    again = engine.run(prompt, Options(max_tokens=5), lambda event: None, lambda: False)
+        engine.run(prompt, Options(max_tokens=50, temperature=0), lambda event: None, lambda: True)
+    again = engine.run(prompt, Options(max_tokens=5, temperature=0), lambda event: None, lambda: False)
     assert again.token_ids[:1] == done.token_ids and len(again.token_ids) == 5 and again.stopped_by == "max_tokens"
 
 

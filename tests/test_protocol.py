@@ -156,7 +156,7 @@ def test_cloud_rejects_bad_requests_and_keeps_its_caches(tiny_tied):
         "wrong payload length": patch(protocol.encode_hidden(3, 7, states, get_codec("none")), 16, "<I", 2),
         "unknown dtype code": patch(protocol.encode_hidden(3, 7, states, get_codec("none")), 5, "<B", 7),
         "hidden size": protocol.encode_hidden(3, 7, torch.randn(1, 16), get_codec("none")),
-        "accepts START and HIDDEN": protocol.encode_token(3, 7, 5, 32),
+        "accepts START, TURN and HIDDEN": protocol.encode_token(3, 7, 5, 32),
     }
     for reason, request in bad_requests.items():
         with pytest.raises(ProtocolError, match=reason):
@@ -176,3 +176,24 @@ def test_cloud_refuses_a_session_with_other_split_sets(tiny_tied):
         other.edge.generate([1, 5, 9], 2)
     with pytest.raises(ProtocolError, match="no session"):
         build_pipeline(str(folder), {1}, {3}, with_tokenizer=False).cloud.handle(protocol.encode_hidden(0, 0, torch.randn(3, 32), get_codec("none")))
+
+
+def test_start_carries_the_sampling_options_and_stays_readable_without_them(tiny_tied):
+    from src.sampling import SamplingConfig
+
+    options = SamplingConfig(do_sample=True, temperature=0.7, top_k=0, top_p=0.9, min_p=0.05, repetition_penalty=1.1, seed=2**64 - 1).resolved()
+    start = protocol.decode(protocol.encode_start(5, 1, 77, HIDDEN, options), HIDDEN)
+    assert (start.seed, start.fingerprint, start.sampling) == (5, 77, options)
+    plain = protocol.decode(protocol.encode_start(5, 1, 77, HIDDEN), HIDDEN)  # a START as before: greedy
+    assert plain.sampling == SamplingConfig().resolved() and not plain.sampling.do_sample
+    bad = bytearray(protocol.encode_start(5, 1, 77, HIDDEN, options))
+    struct.pack_into("<d", bad, HEADER_SIZE + 16 + 8 + 8, 0.0)  # top_p = 0
+    with pytest.raises(ProtocolError, match="bad sampling options: --top-p 0.0"):
+        protocol.decode(reseal(bytes(bad)), HIDDEN)
+    # the two-part cloud chooses the token but never sees the prompt: it refuses a repetition penalty
+    folder, _ = tiny_tied
+    pipeline = build_pipeline(str(folder), {1}, {4}, two_part=True, with_tokenizer=False)
+    fingerprint = pipeline.schedule.fingerprint()
+    with pytest.raises(ProtocolError, match="cannot apply a repetition penalty"):
+        pipeline.cloud.handle(protocol.encode_start(0, 1, fingerprint, HIDDEN, options))
+    assert not pipeline.cloud.session

@@ -40,3 +40,14 @@ def hf_greedy(model: LlamaForCausalLM, prompt_ids: list[int], max_new_tokens: in
         output_logits=True, return_dict_in_generate=True, eos_token_id=None, pad_token_id=0,
     )
     return out.sequences[0, len(prompt_ids):].tolist(), [l[0] for l in out.logits]
+
+
+def hf_sample(model, prompt_ids: list[int], max_new_tokens: int, seed: int, pad_token_id: int = 0, **options) -> list[int]:
+    """Reference: unsplit Hugging Face generate(do_sample=True, ...) after torch.manual_seed(seed)."""
+    ids = torch.tensor([prompt_ids])
+    torch.manual_seed(seed)
+    out = model.generate(  # an all-ones mask, as above
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=True,
+        eos_token_id=None, pad_token_id=pad_token_id, **options,
+    )
+    return out[0, len(prompt_ids):].tolist()

@@ -4,17 +4,16 @@
     prompt = engine.prepare(messages)                  # token ids; TriadicError for what the model cannot take
     done = engine.run(prompt, options, emit, cancelled)  # emit(Started), then emit(TokenEvent) per token
 
-Everything the HTTP layer (src/serve/app.py) and the page know about the split comes through here, so
-that the decoding issue's session object replaces `Edge.generate` in this file alone. What it does on
-the current Edge, and what moves into that session when it lands:
+Everything the HTTP layer (src/serve/app.py) and the page know about the split comes through here:
 
-- decoding is greedy (`Edge.generate`); `temperature`, `top_p` and `seed` are accepted, and the trace
-  says `"decoding": "greedy"`;
-- stop strings are matched here (`TextAssembler`, on the detokenized text) and end the generation
-  from the `on_token` hook (`_Stop`); the decoding issue's `TextStream` and its `on_token` returning
-  True take these over;
-- every request starts from empty caches (`Edge.generate` resets them): `cached_tokens` is 0 and every
-  prompt position is prefilled (`"prefix_reuse": false`).
+- one edge session (`edge.session()`) serves every request, so a conversation whose messages extend
+  the previous request's keeps both sides' caches and prefills only its new positions (llama.cpp's
+  prefix reuse; `cached_tokens` in the usage and the trace); an edited history is cut back to the
+  longest common prefix on both sides;
+- `temperature`, `top_p` and `seed` become a `SamplingConfig` (temperature 0: greedy), applied with
+  transformers' own logits processors;
+- stop strings are matched on the detokenized text by `TextStream` and end the generation from the
+  `on_token` hook.
 
 The per-token trace does not need the decoding API at all: the cuts of step t are the shared
 schedule's pure function `schedule.cuts(t)`, and the bytes are counted where they cross, on the link
@@ -23,6 +22,7 @@ schedule's pure function `schedule.cuts(t)`, and the bytes are counted where the
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from .. import protocol
 from ..cli import eos_token_ids
 from ..pipeline import Pipeline
+from ..sampling import SEED_LIMIT, SamplingConfig, TextStream, model_generation_defaults
 from ..utils import ALPACA_TEMPLATE, TriadicError
 
 logger = logging.getLogger(__name__)
@@ -44,9 +45,9 @@ class Options:
 
     max_tokens: int  # new tokens at most, the end-of-sequence token included
     stop: tuple[str, ...] = ()  # the text ends before the first of these; finish_reason "stop"
-    temperature: float | None = None  # None: not given; 0 = greedy. Not applied before the sampling API
-    top_p: float | None = None  # nucleus mass; not applied before the sampling API
-    seed: int | None = None  # the sampler's seed (not the split schedule's); not applied yet
+    temperature: float | None = None  # 0: greedy; None (not given): sample at the model's default, as OpenAI's API
+    top_p: float | None = None  # nucleus mass
+    seed: int | None = None  # the sampler's seed (not the split schedule's); None: a fresh one per request
     time_limit: float | None = None  # seconds of decoding at most; then finish_reason "length"
 
 
@@ -176,79 +177,9 @@ class ChatTokenizer:
             raise TriadicError(f"the chat template refused these messages: {error}") from None
         return list(encoded["input_ids"])
 
-    def decode(self, token_ids: Sequence[int]) -> str:
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         with self.lock:
-            return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
-
-
-class TextAssembler:
-    """Token ids to text with bounded work per token, releasing only what cannot be part of a stop string.
-
-    Detokenizes a short window (the last few tokens) rather than the whole answer at every step, as
-    text-generation-inference does: `prefix` is the context that keeps a leading space or a split
-    multi-byte character right, `read` the end of what is already text.
-    """
-
-    def __init__(self, chat: ChatTokenizer, stop: Sequence[str]) -> None:
-        self.chat = chat
-        self.stop = tuple(s for s in stop if s)
-        self.longest = max((len(s) for s in self.stop), default=0)
-        self.ids: list[int] = []
-        self.prefix = self.read = 0
-        self.text = ""  # everything decoded so far
-        self.released = 0  # characters of `text` handed to the client
-        self.stop_at: int | None = None
-
-    def add(self, token_id: int) -> tuple[str, str]:
-        """Append a token; return (its piece of text, the text that may be released now)."""
-        self.ids.append(token_id)
-        before = self.chat.decode(self.ids[self.prefix:self.read])
-        after = self.chat.decode(self.ids[self.prefix:])
-        piece = ""
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            piece = after[len(before):]
-            self.prefix, self.read = self.read, len(self.ids)
-        searched_from = max(0, len(self.text) - self.longest + 1)
-        self.text += piece
-        if self.stop:
-            found = [i for s in self.stop if (i := self.text.find(s, searched_from)) >= 0]
-            if found:
-                self.stop_at = min(found)
-                return piece, self._release(self.stop_at)
-        return piece, self._release(len(self.text) - self._held_back())
-
-    def finish(self) -> str:
-        """The generation ended without a stop string: release what was held back, an incomplete character included."""
-        if self.stop_at is not None:
-            return ""
-        tail = self.chat.decode(self.ids[self.prefix:])[len(self.chat.decode(self.ids[self.prefix:self.read])):]
-        self.text += tail
-        return self._release(len(self.text))
-
-    @property
-    def final_text(self) -> str:
-        return self.text[: self.released]
-
-    def _held_back(self) -> int:
-        """Length of the longest tail of the text that is the start of some stop string."""
-        for size in range(min(self.longest - 1, len(self.text) - self.released), 0, -1):
-            tail = self.text[-size:]
-            if any(s.startswith(tail) for s in self.stop):
-                return size
-        return 0
-
-    def _release(self, end: int) -> str:
-        out = self.text[self.released:end] if end > self.released else ""
-        self.released = max(self.released, end)
-        return out
-
-
-class _Stop(Exception):
-    """Raised from the on_token hook to end `Edge.generate` early (stop string, time limit, cancel)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+            return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
 
 class Cancelled(Exception):
@@ -270,6 +201,8 @@ class EdgeEngine:
         self.link = TracingLink(self.edge.link) if self.edge.link is not None else None
         if self.link is not None:
             self.edge.link = self.link
+        self.session = self.edge.session()  # one conversation's caches, kept between requests, on both sides
+        self.generation_defaults = model_generation_defaults(pipeline.model_dir)
 
     def describe(self) -> dict:
         """The trace fields that do not change from token to token."""
@@ -278,7 +211,7 @@ class EdgeEngine:
             "first": list(self.schedule.first), "second": list(self.schedule.second),
             "codec": self.edge.codec.name if self.split else "none",
             "resplit_every": self.schedule.resplit_every,
-            "prefix_reuse": False,  # TODO(sessions): True with the session API
+            "prefix_reuse": True,
         }
 
     def prepare(self, messages: Sequence[dict]) -> Prompt:
@@ -288,49 +221,61 @@ class EdgeEngine:
             raise TriadicError("the messages encode to an empty prompt")
         return Prompt(tuple(ids))
 
-    def run(self, prompt: Prompt, options: Options, emit: Callable[[Started | TokenEvent], None], cancelled: Callable[[], bool]) -> Completion:
-        """Decode; `emit` sees `Started`, then every token as it comes. Raises Cancelled when `cancelled()` turns true.
+    def sampling(self, options: Options) -> SamplingConfig:
+        """OpenAI's options as transformers' (temperature 0: greedy; left out: sampling, the model's generation_config)."""
+        if options.temperature == 0:
+            return SamplingConfig().resolved(self.generation_defaults)
+        seed = options.seed if options.seed is not None else secrets.randbits(63)
+        config = SamplingConfig(True, options.temperature, None, options.top_p, None, None, seed % SEED_LIMIT)
+        return config.resolved(self.generation_defaults)
 
-        TODO(sessions): cached = the prefix the session keeps; decoding = sampling when asked.
-        """
-        cached = 0
-        head = {**self.describe(), "prompt_tokens": len(prompt.token_ids), "cached_tokens": cached,
-                "prefilled": len(prompt.token_ids) - cached, "decoding": "greedy"}
+    def run(self, prompt: Prompt, options: Options, emit: Callable[[Started | TokenEvent], None], cancelled: Callable[[], bool]) -> Completion:
+        """Decode; `emit` sees `Started`, then every token as it comes. Raises Cancelled when `cancelled()` turns true."""
+        ids = list(prompt.token_ids)
+        sampling = self.sampling(options)
+        cached = self.edge.reusable_prefix(ids)
+        decoding = f"sampling (seed {sampling.seed})" if sampling.do_sample else "greedy"
+        head = {**self.describe(), "prompt_tokens": len(ids), "cached_tokens": cached, "prefilled": len(ids) - cached, "decoding": decoding}
         emit(Started(head))
-        text = TextAssembler(self.chat, options.stop)
+        written: list[str] = []
+        text = TextStream(self.chat, options.stop, write=written.append)
         events: list[TokenEvent] = []
         deadline = None if options.time_limit is None else time.monotonic() + options.time_limit
         if self.link is not None:
             self.link.take()
+        stopped_by = None
 
-        def on_token(token: int) -> None:
-            step = len(events)
+        def on_token(token: int) -> bool:
+            nonlocal stopped_by
+            step = self.edge.next_step - 1  # steps count on across a session's requests
             a, b = self.schedule.cuts(step)
             up, down, positions_up, positions_down = self.link.take() if self.link is not None else (0, 0, 0, 0)
-            piece, released = text.add(token)
+            before = len(text.text)
+            if text.add(token):
+                stopped_by = "stop"
+            piece = text.text[before:]
+            released = "".join(written)
+            written.clear()
             event = TokenEvent(step, token, piece, released, a, b, up, down, positions_up, positions_down)
             events.append(event)
             emit(event)
-            if text.stop_at is not None:
-                raise _Stop("stop")
-            if cancelled():
-                raise _Stop("cancelled")
-            if deadline is not None and time.monotonic() > deadline and token not in self.eos:
-                raise _Stop("time_limit")
+            if stopped_by is None and cancelled():
+                stopped_by = "cancelled"
+            elif stopped_by is None and deadline is not None and time.monotonic() > deadline:
+                stopped_by = "time_limit"
+            return stopped_by is not None
 
-        stopped_by = None
         try:
-            self.edge.generate(list(prompt.token_ids), options.max_tokens, self.eos, on_token=on_token)
-        except _Stop as stop:
-            stopped_by = stop.reason
-        finally:
-            end_session = getattr(self.edge.link, "end_session", None)
-            if end_session is not None:  # the cloud frees this request's session now, not at its idle timeout
-                end_session()
+            result = self.session.generate(ids, options.max_tokens, self.eos, on_token=on_token, sampling=sampling)
+        except TriadicError:
+            self.session.close()  # the link or the cloud failed: the next request starts a new session
+            raise
+        if result.cached_positions != cached:
+            logger.warning("the session kept %d positions where %d were expected", result.cached_positions, cached)
         if stopped_by == "cancelled":
             raise Cancelled()
-        if stopped_by is None:
+        if stopped_by is None or (stopped_by == "time_limit" and events[-1].token_id in self.eos):
             stopped_by = "eos" if events and events[-1].token_id in self.eos else "max_tokens"
         finish = "stop" if stopped_by in ("eos", "stop") else "length"
-        tail = text.finish()
-        return Completion(text.final_text, [e.token_id for e in events], finish, stopped_by, head, events, tail)
+        final = text.finish()
+        return Completion(final, [e.token_id for e in events], finish, stopped_by, head, events, "".join(written))

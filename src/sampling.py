@@ -1,0 +1,193 @@
+"""How the next token is chosen: transformers' own logits processors and warpers, and its sampling step.
+
+`SamplingConfig` holds the decoding options a user sets (`--do-sample`, `--temperature`, ...).
+`Sampler` turns one step's logits into a token exactly as `GenerationMixin._sample` does: float32
+logits, the `LogitsProcessorList` that `GenerationMixin._get_logits_processor` builds for the same
+`GenerationConfig`, then argmax (greedy) or softmax + `torch.multinomial`. transformers samples from
+the global generator after `torch.manual_seed(seed)`; a private `torch.Generator` seeded the same way
+draws the same numbers, so `Sampler(config)` with `seed=s` gives the tokens of
+`torch.manual_seed(s); model.generate(do_sample=True, ...)` without touching the global state.
+Each request (each turn of a session) starts from a freshly seeded generator, as a `generate` call would.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .utils import TriadicError
+
+SEED_LIMIT = 1 << 64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1; the wire carries a u64
+# The five options a request may set, as GenerationConfig names them.
+OPTION_NAMES = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Decoding options. None means "as transformers would": the model's generation_config, else its global default."""
+
+    do_sample: bool = False  # False: greedy (argmax after the processors), the default here whatever the model's config says
+    temperature: float | None = None  # divides the logits before sampling; > 0 (ignored when greedy); transformers' default 1.0
+    top_k: int | None = None  # keep the k most likely tokens; 0 turns it off; transformers' default 50
+    top_p: float | None = None  # nucleus: the smallest set holding this much probability, in (0, 1]; default 1.0 (off)
+    min_p: float | None = None  # drop tokens below min_p x the top probability, in [0, 1]; None or 0: off
+    repetition_penalty: float | None = None  # > 0; penalizes tokens already in the sequence (CTRL), also when greedy; 1.0: off
+    seed: int = 0  # the sampling seed, as torch.manual_seed(seed) before generate; not the split schedule's --seed
+
+    def __post_init__(self) -> None:
+        """Refuse out-of-range values with one line (transformers would raise deep inside generate)."""
+        t, k, p, m, r = self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty
+        if t is not None and (not math.isfinite(t) or t < 0 or (self.do_sample and t == 0)):
+            raise TriadicError(f"--temperature {t}: must be > 0 when sampling (use greedy decoding instead of 0)")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise TriadicError(f"--top-k {k}: must be an integer >= 0 (0 turns it off)")
+        if p is not None and not 0 < p <= 1:
+            raise TriadicError(f"--top-p {p}: must be in (0, 1]")
+        if m is not None and not 0 <= m <= 1:
+            raise TriadicError(f"--min-p {m}: must be in [0, 1]")
+        if r is not None and not (math.isfinite(r) and r > 0):
+            raise TriadicError(f"--repetition-penalty {r}: must be > 0 (1 turns it off)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
+            raise TriadicError(f"--sampling-seed {self.seed}: must be an integer in [0, 2**64)")
+
+    def resolved(self, model_defaults=None) -> SamplingConfig:
+        """Every option explicit: unset ones from the model's GenerationConfig, else transformers' global defaults.
+
+        This is the order `GenerationMixin._prepare_generation_config` applies; only the five options
+        above are taken from the model's file (its other entries, e.g. no_repeat_ngram_size, are not used).
+        """
+        from transformers import GenerationConfig
+
+        global_defaults = GenerationConfig()._get_default_generation_params()
+        values = {}
+        for name in OPTION_NAMES:
+            value = getattr(self, name)
+            if value is None and model_defaults is not None:
+                value = getattr(model_defaults, name, None)
+            if value is None:
+                value = global_defaults.get(name)
+            values[name] = value
+        if values["min_p"] == 0:
+            values["min_p"] = None  # min-p 0 keeps every token: transformers' warper would be a no-op
+        values = {name: float(v) if name != "top_k" and v is not None else v for name, v in values.items()}
+        return dataclasses.replace(self, **values)
+
+    def generation_config(self):
+        """The transformers GenerationConfig of these options (resolve first: None means transformers' default)."""
+        from transformers import GenerationConfig
+
+        return GenerationConfig(do_sample=self.do_sample, **{name: getattr(self, name) for name in OPTION_NAMES})
+
+    @property
+    def needs_token_ids(self) -> bool:
+        """The repetition penalty looks at the sequence's token ids; the other options see only the logits."""
+        return self.repetition_penalty is not None and self.repetition_penalty != 1.0
+
+
+class _ProcessorFactory:
+    """Just enough of a model for `GenerationMixin._get_logits_processor`: a decoder-only config."""
+
+    def __init__(self) -> None:
+        from transformers import PretrainedConfig
+
+        self.config = PretrainedConfig(is_encoder_decoder=False)
+
+
+def logits_processors(config: SamplingConfig, device: torch.device | str = "cpu"):
+    """transformers' own LogitsProcessorList for these options, built by transformers' own code and in its order."""
+    from transformers.generation.utils import GenerationMixin
+
+    factory = type("ProcessorFactory", (_ProcessorFactory, GenerationMixin), {})()
+    return factory._get_logits_processor(config.generation_config(), input_ids_seq_length=1, device=str(device))
+
+
+class Sampler:
+    """One request's token choice: processors built once, a generator seeded once (at the request's start)."""
+
+    def __init__(self, config: SamplingConfig, device: torch.device | str = "cpu") -> None:
+        """`config` must be resolved (every option explicit): both sides of a two-part split then agree exactly."""
+        if any(getattr(config, name) is None for name in OPTION_NAMES if name != "min_p"):
+            raise ValueError("Sampler needs a resolved SamplingConfig (SamplingConfig.resolved)")
+        self.config = config
+        self.processors = logits_processors(config, device)
+        self.generator = torch.Generator(device=device).manual_seed(config.seed) if config.do_sample else None
+
+    @property
+    def is_plain_greedy(self) -> bool:
+        return not self.config.do_sample and len(self.processors) == 0
+
+    def choose(self, logits: torch.Tensor, token_ids: list[int] | None = None) -> int:
+        """The next token from the last position's logits ([vocab]), as `GenerationMixin._sample` picks it."""
+        if self.is_plain_greedy:
+            return int(logits.argmax())
+        scores = logits.reshape(1, -1).to(dtype=torch.float32, copy=True)
+        if len(self.processors):
+            if self.config.needs_token_ids and token_ids is None:
+                raise ValueError("the repetition penalty needs the sequence's token ids")
+            ids = torch.tensor([token_ids or []], dtype=torch.long, device=scores.device)
+            scores = self.processors(ids, scores)
+        if not self.config.do_sample:
+            return int(scores.argmax(dim=-1))
+        probs = torch.nn.functional.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, num_samples=1, generator=self.generator))
+
+
+def model_generation_defaults(model_dir):
+    """The model folder's generation_config.json, as `from_pretrained` gives it to `generate` (None where absent)."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        return None
+
+
+class TextStream:
+    """Generated tokens as text, decoded incrementally, with stop strings (`--stop`).
+
+    Call `add(token)` per generated token: it returns True once the text contains a stop string,
+    which ends the generation (the tokens up to there stay in the result; the text is trimmed at the
+    stop string's first occurrence, as vLLM and llama.cpp do). `write` receives the text that is
+    final: a character is held back while it could still begin a stop string, and a multi-byte
+    character until it is complete. Decoding costs O(new tokens) per token: only the last few
+    tokens are decoded again (the offsets of text-generation-inference's incremental detokenizer).
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] | list[str] = (), write=None) -> None:
+        if any(not s for s in stop):
+            raise TriadicError("--stop: a stop string must not be empty")
+        self.tokenizer, self.stop, self.write = tokenizer, tuple(stop), write
+        self.tokens: list[int] = []
+        self.text = ""
+        self.shown = 0  # characters of text already written
+        self.stopped = False
+        self._prefix = self._read = 0  # token offsets: text of tokens[_prefix:_read] is already in self.text
+
+    def add(self, token: int) -> bool:
+        self.tokens.append(token)
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        before = decode(self.tokens[self._prefix : self._read])
+        after = decode(self.tokens[self._prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            searched_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=1) + 1)
+            self.text += after[len(before) :]
+            self._prefix, self._read = self._read, len(self.tokens)
+            hits = [i for i in (self.text.find(s, searched_from) for s in self.stop) if i >= 0]
+            if hits:
+                self.text, self.stopped = self.text[: min(hits)], True
+        self._emit(final=self.stopped)
+        return self.stopped
+
+    def finish(self) -> str:
+        """The generation ended: write what was held back; returns the whole (trimmed) text."""
+        self._emit(final=True)
+        return self.text
+
+    def _emit(self, final: bool) -> None:
+        hold = 0 if final else max((len(s) for s in self.stop), default=1) - 1
+        end = max(self.shown, len(self.text) - hold)
+        if self.write is not None and end > self.shown:
+            self.write(self.text[self.shown : end])
+        self.shown = end
