@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .codec import Codec
 from .kv_cache import growing_cache
 from .models import Chunk, SplitLlamaForCausalLM, SplitLlamaModel
 from .schedule import SplitSchedule
@@ -95,6 +96,8 @@ class Party:
         self.num_layers = self.config.num_hidden_layers
         self.send_cuts = frozenset(send_cuts)  # layers whose input this side sends to the peer
         self.peer_layers = frozenset(peer_layers)
+        # Per cut, the channel weights a lossy link quantizes with (src/families.py, `link_gain_offset`).
+        self.link_gains: dict[int, torch.Tensor] = {c: g for part in self.parts for c, g in getattr(part, "link_gains", {}).items()}
         # The compute dtype: int8 weights (--load-in-8bit) do not count, the norms' weights do.
         reference = next(p for part in self.parts for p in part.parameters() if p.is_floating_point())
         self.device, self.dtype = reference.device, reference.dtype
@@ -180,6 +183,16 @@ class Party:
             if layer in self.send_cuts and layer in self.peer_layers:
                 keep.append(self.peer_fill[layer])
             self.store.keep_from(layer, min(keep) if keep else None)
+
+    def weigh(self, cut: int, states: torch.Tensor, codec: Codec) -> torch.Tensor:
+        """What goes into the codec at `cut`: the states times the receiving norm's gains, where they apply."""
+        gain = self.link_gains.get(cut) if codec.channel_weighted else None
+        return states if gain is None else states * gain.to(states)
+
+    def unweigh(self, cut: int, states: torch.Tensor, codec: Codec) -> torch.Tensor:
+        """The inverse of the sender's `weigh`, on the decoded states."""
+        gain = self.link_gains.get(cut) if codec.channel_weighted else None
+        return states if gain is None else states / gain.to(states)
 
     def to_compute(self, states: torch.Tensor) -> torch.Tensor:
         return states.to(device=self.device, dtype=self.dtype)

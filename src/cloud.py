@@ -122,7 +122,8 @@ class Cloud(Party):
             self.turn_end = end - (step - self.turn_step)
         if step > self.last_step + 1:
             self.advance_peer(self.peer_layers, end - 1)
-        self.store.put(a, start, self.to_compute(message.hidden))
+        codec = CODECS_BY_ID[message.codec_id]
+        self.store.put(a, start, self.to_compute(self.unweigh(a, message.hidden, codec)))
         self.run_layers(a, b, end)
         if self.with_head:
             with self.timed("compute"):
@@ -133,7 +134,7 @@ class Cloud(Party):
             if not torch.isfinite(states).all():  # finite but huge inputs overflow in the layers
                 raise ProtocolError("the states sent drive the model to Inf or NaN (the session's caches are no longer usable)")
             with self.timed("encode"):
-                reply = protocol.encode_hidden(step, out_start, states, CODECS_BY_ID[message.codec_id])
+                reply = protocol.encode_hidden(step, out_start, self.weigh(b, states, codec), codec)
         self.advance_peer([i for i in self.peer_layers if i < a or i >= b], end)
         self.prune()
         self.last_step, self.end = step, end

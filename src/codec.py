@@ -29,6 +29,9 @@ def bytes_tensor(payload: bytes | memoryview, dtype: torch.dtype, shape: tuple[i
 class Codec:
     name: str
     codec_id: int
+    # Quantizes on one grid for all channels: the sides weigh the channels first where the family says so
+    # (Party.weigh). Lossless and plain casts keep every channel's own precision and are never weighed.
+    channel_weighted = False
 
     def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
         """Payload bytes and the dtype code for the header."""
@@ -159,6 +162,8 @@ class RotatedInt8Codec(Codec):
     per message, the outliers' power-of-two shift (`split_outliers`).
     """
 
+    channel_weighted = True
+
     def __init__(self, name: str, codec_id: int, outliers: int):
         self.name, self.codec_id, self.outliers = name, codec_id, outliers
 
@@ -241,6 +246,8 @@ class RiceCodec(Codec):
     little with the content and is bounded: the step is tied to the RMS, so the unary parts of one
     position add at most (2 * hidden * steps_per_rms + hidden) / 2**k bits.
     """
+
+    channel_weighted = True
 
     def __init__(self, name: str, codec_id: int, outliers: int, steps_per_rms: float, k: int):
         self.name, self.codec_id, self.outliers, self.steps_per_rms, self.k = name, codec_id, outliers, steps_per_rms, k

@@ -234,7 +234,7 @@ class Edge(Party):
             if reply.kind is Kind.TOKEN:
                 token = reply.token
             else:
-                self.store.put(b, reply.start, self.to_compute(reply.hidden))
+                self.store.put(b, reply.start, self.to_compute(self.unweigh(b, reply.hidden, self.codec)))
         if token is None:
             self.run_layers(b, self.num_layers, end)
             with self.timed("compute"):
@@ -261,7 +261,7 @@ class Edge(Party):
         """Send h_a for the positions the cloud lacks; receive and check h_b (or the token)."""
         out_start, states = self.outgoing(a, end)
         with self.timed("encode"):
-            request = protocol.encode_hidden(step, out_start, self.protect(states), self.codec)
+            request = protocol.encode_hidden(step, out_start, self.weigh(a, self.protect(states), self.codec), self.codec)
         began = time.perf_counter()
         raw_reply = self.link.request(request)
         result.link_seconds += time.perf_counter() - began

@@ -8,7 +8,8 @@ dense decoder-only families is small and lives here, one `Family` entry each:
   global RoPE);
 - factors the family's `forward` applies around the modules (Granite's embedding multiplier and logit
   divisor, Cohere's logit scale, Gemma 2's final logit soft-capping);
-- module names that are not LLaMA's (Phi's `final_layernorm`).
+- module names that are not LLaMA's (Phi's `final_layernorm`);
+- how a lossy link weighs the channels it quantizes (Gemma 3: by the receiving norm's gain).
 
 Which mask a layer uses follows from the config's layer types (full or sliding attention), for every
 family alike. To add a family: make a tiny random-init checkpoint of it (tests/families.py), add its
@@ -39,6 +40,10 @@ class Family:
     logit_divisor: str | None = None  # config field the logits are divided by
     logit_multiplier: str | None = None  # config field the logits are multiplied by
     norm: str = "norm"  # attribute of the base model holding the final norm
+    # Lossy links (int8) quantize h * g and send back h, with g = |offset + w| the gain the receiving
+    # layer's norm gives each channel (None: g = 1). Gemma's residual stream carries small channels that
+    # its norms scale up; quantizing evenly across channels buries them (KL 1e-3 instead of 5e-5).
+    link_gain_offset: float | None = None
 
     def scale_embeddings(self, config: PretrainedConfig, embeddings: torch.Tensor) -> torch.Tensor:
         if self.embedding_multiplier is None:
@@ -68,7 +73,7 @@ FAMILIES = (
         "gemma",  # Gemma scales its embeddings inside its own embedding module
     )),
     Family(("gemma2",), logit_softcap="final_logit_softcapping"),
-    Family(("gemma3_text",), rotary_per_layer_type=True, logit_softcap="final_logit_softcapping"),
+    Family(("gemma3_text",), rotary_per_layer_type=True, logit_softcap="final_logit_softcapping", link_gain_offset=1.0),
     Family(("olmo3",), rotary_per_layer_type=True),
     Family(("granite", "granite_swa"), embedding_multiplier="embedding_multiplier", logit_divisor="logits_scaling"),
     Family(("cohere", "cohere2"), logit_multiplier="logit_scale"),

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_config, load_tokenizer, resolve_model_dir
+from .checkpoint import load_config, load_tokenizer, read_tensors, resolve_model_dir
 from .cloud import Cloud
 from .codec import get_codec
 from .edge import Edge, LocalLink
+from .families import family_for
 from .models import FirstLlamaForCausalLM, SecondLlamaForCausalLM, ThirdLlamaForCausalLM
 from .schedule import SplitSchedule
 from .utils import TriadicError
@@ -44,6 +45,24 @@ def _maybe_quantize(parts, side: SideOptions) -> None:
             quantize_linear_layers_8bit(part)
 
 
+def link_gains(model_dir: Path, config, schedule: SplitSchedule) -> dict[int, torch.Tensor]:
+    """Per cut of the schedule, the gain the receiving layer's norm gives each channel, where the family
+    weighs its lossy link by it (`Family.link_gain_offset`); clamped at a tenth of the mean so that no
+    channel is divided by almost nothing. A few norm vectors per side, read like any other tensor."""
+    family = family_for(config)
+    if family.link_gain_offset is None:
+        return {}
+    L = config.num_hidden_layers
+    cuts = sorted(set(schedule.first) | set(schedule.second))
+    names = {str(c): f"model.layers.{c}.input_layernorm.weight" if c < L else f"model.{family.norm}.weight" for c in cuts}
+    weights = read_tensors(model_dir, names, torch.float32, "cpu")
+    gains = {}
+    for c in cuts:
+        gain = (family.link_gain_offset + weights[str(c)]).abs()
+        gains[c] = gain.clamp_min(0.1 * float(gain.mean()))
+    return gains
+
+
 def build_edge(
     model_dir: Path, config, schedule: SplitSchedule, codec_name: str, two_part: bool = False,
     lora_weights: str | None = None, side: SideOptions = SideOptions(), link=None,
@@ -58,6 +77,7 @@ def build_edge(
             model_dir, config, schedule.edge_third_layers, side.dtype, side.device, lora_weights, shared=tied
         )
     _maybe_quantize([first] + ([third] if third else []), side)
+    first.link_gains = link_gains(model_dir, config, schedule)
     return Edge(schedule, first, third, get_codec(codec_name), link)
 
 
@@ -68,6 +88,7 @@ def build_cloud(
     part_class = ThirdLlamaForCausalLM if two_part else SecondLlamaForCausalLM
     part = part_class.from_checkpoint(model_dir, config, schedule.cloud_layers, side.dtype, side.device, lora_weights)
     _maybe_quantize([part], side)
+    part.link_gains = link_gains(model_dir, config, schedule)
     return Cloud(schedule, part)
 
 

@@ -198,3 +198,23 @@ def test_bad_base_model_gives_one_line_and_exit_2(tmp_path, capsys):
         lines = captured.err.strip().splitlines()
         assert expected in lines[-1] and lines[-1].startswith("main_3_split.py: error:"), (what, captured.err)
         assert "Traceback" not in captured.err and captured.out == "", what
+
+
+def test_gemma3_lossy_link_weighs_channels_by_the_receiving_norm_gain(tmp_path_factory):
+    """int8 quantizes h * |1 + w| (w: the receiving layer's norm weight) and the receiver divides it back out."""
+    from src.codec import get_codec
+
+    folder, model, reference, _ = checkpoint("gemma3_text", True, tmp_path_factory)
+    pipeline = build_pipeline(str(folder), {1, 2}, {3, 4}, "int8", with_tokenizer=False)
+    for side in (pipeline.edge, pipeline.cloud):
+        assert sorted(side.link_gains) == [1, 2, 3, 4]
+    norm = model.model.layers[3].input_layernorm.weight.detach()
+    gain = pipeline.edge.link_gains[3]
+    assert torch.allclose(gain, (1 + norm).abs().clamp_min(0.1 * float((1 + norm).abs().mean())))
+    states = torch.randn(3, gain.shape[0])
+    int8, lossless = get_codec("int8"), get_codec("none")
+    assert torch.allclose(pipeline.cloud.unweigh(3, pipeline.edge.weigh(3, states, int8), int8), states, atol=1e-6)
+    assert pipeline.edge.weigh(3, states, lossless) is states  # lossless transport is never weighed
+    assert pipeline.edge.generate(PROMPT, NEW).token_ids == reference  # and the tiny model's tokens survive int8
+    llama = build_pipeline(str(checkpoint("llama", True, tmp_path_factory)[0]), {1}, {3}, "int8", with_tokenizer=False)
+    assert llama.edge.link_gains == {} and llama.cloud.link_gains == {}  # LLaMA's link is unweighted, as before
