@@ -7,7 +7,8 @@ import sys
 
 import torch
 
-from .pipeline import SideOptions, build_pipeline, parse_dtype
+from .pipeline import SideOptions, build_pipeline
+from .precision import dtype_name, resolve_dtype
 from .utils import OneLineParser, TriadicError, format_prompt, log, parse_layer_set
 
 MODES = {"one": "unsplit baseline", "two": "two-part split (edge -> cloud with head)", "three": "triadic split (edge -> cloud -> edge)"}
@@ -27,8 +28,9 @@ def make_parser(prog: str, mode: str) -> argparse.ArgumentParser:
     parser.add_argument("--lora-weights", default=None, help="PEFT LoRA adapter folder or hub id")
     parser.add_argument("--edge-device", default="cpu")
     parser.add_argument("--cloud-device", default="cpu")
-    parser.add_argument("--edge-dtype", default="float32")
-    parser.add_argument("--cloud-dtype", default="float32")
+    parser.add_argument("--dtype", default="auto", help="compute dtype of both sides: auto (bfloat16 where the device computes it natively, else float32), float32, bfloat16, float16")
+    parser.add_argument("--edge-dtype", default=None, help="the edge's compute dtype (overrides --dtype)")
+    parser.add_argument("--cloud-dtype", default=None, help="the in-process cloud's compute dtype (overrides --dtype)")
     parser.add_argument("--load-in-8bit", action="store_true", help="8-bit weights through bitsandbytes on both sides")
     parser.add_argument("--cloud", default=None, help="grpc://host:port of a cloud server (python -m src.cloud_server); default: in this process")
     parser.add_argument("--tls-ca", default=None, help="with --cloud: PEM CA certificate of the server (turns TLS on)")
@@ -80,11 +82,13 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
         raise TriadicError("--tls-ca and --token-file go with --cloud")
     if args.cloud is not None and mode == "one":
         raise TriadicError("--cloud: main_1_split.py runs unsplit, without a cloud")
+    edge_dtype, edge_reason = resolve_dtype(args.edge_dtype or args.dtype, args.edge_device)
+    cloud_dtype, cloud_reason = resolve_dtype(args.cloud_dtype or args.dtype, args.cloud_device)
     model_dir = str(resolve_model_dir(args.base_model))  # once: a hub id is downloaded here, not again below
     num_layers = load_config(model_dir).num_hidden_layers
     first, second = resolve_sets(mode, args, first, second, num_layers)
-    edge_side = SideOptions(args.edge_device, parse_dtype(args.edge_dtype), args.load_in_8bit)
-    cloud_side = SideOptions(args.cloud_device, parse_dtype(args.cloud_dtype), args.load_in_8bit)
+    edge_side = SideOptions(args.edge_device, edge_dtype, args.load_in_8bit)
+    cloud_side = SideOptions(args.cloud_device, cloud_dtype, args.load_in_8bit)
     torch.manual_seed(0)
     pipeline = build_pipeline(
         model_dir, first, second, args.codec, args.seed, args.resplit_every, two_part=mode == "two",
@@ -94,8 +98,12 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
     pipeline.edge.uplink_noise = args.uplink_noise
     tokenizer = pipeline.tokenizer
     prompt_ids = format_prompt(tokenizer, args.prompt, args.prompt_format)
+    in_process_cloud = pipeline.cloud is not None
+    dtypes = {"edge": dtype_name(edge_dtype), "cloud": dtype_name(cloud_dtype) if in_process_cloud else None}
+    shown_dtype = dtypes["edge"] if dtypes["cloud"] in (None, dtypes["edge"]) else f"{dtypes['edge']} (edge), {dtypes['cloud']} (cloud)"
+    reasons = sorted({edge_reason} | ({cloud_reason} if in_process_cloud else set()))
     log(f"[{MODES[mode]}] first={sorted(pipeline.schedule.first)} second={sorted(pipeline.schedule.second)} "
-        f"codec={args.codec} seed={args.seed} prompt={len(prompt_ids)} tokens")
+        f"codec={args.codec} dtype={shown_dtype} ({'; '.join(reasons)}) seed={args.seed} prompt={len(prompt_ids)} tokens")
 
     out = sys.stderr if args.json else sys.stdout
     generated: list[int] = []
@@ -139,6 +147,8 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
         "link_seconds": result.link_seconds,
         "mode": mode,
         "codec": args.codec,
+        "dtype": dtypes,
+        "dtype_reason": "; ".join(reasons),
         "seed": args.seed,
         "resplit_every": args.resplit_every,
         "first": sorted(pipeline.schedule.first),
