@@ -115,6 +115,7 @@ class Party:
         self.device, self.dtype = reference.device, reference.dtype
         self.layer_evals = 0
         self.peak_stored = 0
+        self.batcher = None  # a cloud serving many sessions runs their layer work together (src/batching.py)
         self.reset()
 
     @contextmanager
@@ -139,7 +140,10 @@ class Party:
     def run_layers(self, lo: int, hi: int, end: int) -> None:
         """Bring layers lo .. hi-1 up to position `end`, each from its own fill count."""
         with self.timed("compute"):
-            self._run_layers(lo, hi, end)
+            if self.batcher is not None and lo < hi:
+                self.batcher.run(self, lo, hi, end)
+            else:
+                self._run_layers(lo, hi, end)
 
     def _run_layers(self, lo: int, hi: int, end: int) -> None:
         for index in range(lo, hi):

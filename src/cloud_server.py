@@ -99,6 +99,7 @@ class CloudService:
         self._stopping = threading.Event()
         self._reaper = threading.Thread(target=self._reap_idle, name="idle-reaper", daemon=True)
         self._reaper.start()
+        self.batcher = None  # cross-session batching of the sessions' layer work (src/batching.py), if on
 
     # -- gRPC wiring -------------------------------------------------------------------------
     def handler(self) -> grpc.GenericRpcHandler:
@@ -145,6 +146,7 @@ class CloudService:
         session = self._open(context)
         context.add_callback(lambda: self._close(session, "ended (connection closed)"))
         cloud = self._cloud_class(self.schedule, self.part)
+        cloud.batcher = self.batcher
         outcome = "ended by the client"
         try:
             for request in requests:
@@ -233,6 +235,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sessions", type=int, default=8, help="sessions open at once; more get RESOURCE_EXHAUSTED")
     p.add_argument("--idle-timeout", type=float, default=300.0, help="seconds a session may wait for its next message")
     p.add_argument("--max-message-mb", type=float, default=64.0, help="largest request accepted, in MiB")
+    p.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="cross-session batching: how long a step may wait for other sessions' steps to run with them (0: off)")
     return p
 
 
@@ -249,6 +253,8 @@ def _check_args(args) -> None:
         raise TriadicError("--tls-cert and --tls-key go together")
     if args.threads is not None and args.threads < 1:
         raise TriadicError("--threads must be at least 1")
+    if not 0 <= args.batch_window_ms <= 1000:
+        raise TriadicError("--batch-window-ms must be in [0, 1000]")
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -305,6 +311,11 @@ def build_server(args) -> tuple[grpc.Server, CloudService, int]:
     cloud = build_cloud(model_dir, config, schedule, args.two_part, args.lora_weights, side)
 
     service = CloudService(schedule, cloud.part, args.max_sessions, args.idle_timeout, token)
+    if args.batch_window_ms > 0:
+        from .batching import Batcher, enable_packing
+
+        enable_packing(cloud.part)
+        service.batcher = Batcher(args.batch_window_ms / 1e3, active=lambda: service.open_sessions)
     workers = args.max_sessions + 8  # a stream holds a worker; the spare ones answer Stats and refusals
     limit = int(args.max_message_mb * (1 << 20))
     server = grpc.server(
