@@ -170,17 +170,18 @@ def run_dtype(folder: Path, dtype: torch.dtype, args) -> list[str]:
     return lines
 
 
-class _DecodeProfiler:
+class DecodeProfiler:
     """Starts the profiler once the first token exists, so that the table shows decode steps, not the prefill.
 
     Serves as an Edge `on_token` hook and as an HF `generate` streamer (whose first `put` is the prompt).
+    With `cuda`, GPU kernels are recorded too and the table is sorted by their time.
     """
 
-    def __init__(self, skip: int) -> None:
+    def __init__(self, skip: int, cuda: bool = False) -> None:
         from torch.profiler import ProfilerActivity, profile
 
-        self.profiler = profile(activities=[ProfilerActivity.CPU])
-        self.skip, self.calls = skip, 0
+        self.profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+        self.skip, self.calls, self.cuda = skip, 0, cuda
 
     def __call__(self, token) -> None:
         self.calls += 1
@@ -194,7 +195,8 @@ class _DecodeProfiler:
 
     def table(self, rows: int) -> str:
         self.profiler.stop()
-        return self.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48)
+        sort = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        return self.profiler.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=48)
 
 
 def profile_tables(pipelines, model, args) -> list[str]:
@@ -210,7 +212,7 @@ def profile_tables(pipelines, model, args) -> list[str]:
                 pipelines[label].edge.generate(PROMPT, args.profile_tokens + 1, on_token=hook)
 
         run()
-        hook = _DecodeProfiler(skip=2 if label == "HF generate" else 1)
+        hook = DecodeProfiler(skip=2 if label == "HF generate" else 1)
         with torch.no_grad():
             run(hook)
         lines += [f"#### {label}\n", "```", hook.table(args.rows).strip(), "```\n"]
