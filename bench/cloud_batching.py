@@ -1,10 +1,10 @@
 """Cloud throughput with many edges: the server's CPU time per token served, batching on and off.
 
-    python -m bench.cloud_batching [--edges 1 2 4 8 16] [--windows 0 5] [--new-tokens 32]
+    python -m bench.cloud_batching [--edges 1 2 4 8 16] [--windows off 0 2 20] [--new-tokens 32]
       -> results/cloud_batching.md, results/cloud_batching.png
 
 One gRPC cloud server on loopback (embedded model, default moving sets, one torch thread) per
-batching window (0: off), and N edges as separate processes, each with its own prompt, int8, fp32.
+batching window ("off": no batching), and N edges as separate processes, each with its own prompt, int8, fp32.
 Every edge loads its model, says it is ready, and all start generating together. On a 2-core
 machine the edges' own compute shares the cores with the server, so the server's CPU time (utime +
 stime from /proc, over the generation) per token served is the fair measure of what batching saves;
@@ -59,10 +59,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_server(window_ms: float) -> tuple[subprocess.Popen, str]:
+def start_server(window: str) -> tuple[subprocess.Popen, str]:
+    batching = ["--no-batching"] if window == "off" else ["--batch-window-ms", window]
     server = subprocess.Popen(
-        [sys.executable, "-m", "src.cloud_server", "--port", "0", "--max-sessions", "16", "--threads", "1",
-         "--batch-window-ms", str(window_ms)],
+        [sys.executable, "-m", "src.cloud_server", "--port", "0", "--max-sessions", "16", "--threads", "1", *batching],
         cwd=ROOT, stderr=subprocess.PIPE, text=True,
     )
     for line in server.stderr:
@@ -99,7 +99,7 @@ def run_edges(server: subprocess.Popen, url: str, count: int, new_tokens: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--edges", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--windows", type=float, nargs="+", default=[0.0, 5.0], help="batching windows in ms (0: off)")
+    parser.add_argument("--windows", nargs="+", default=["off", "2"], help="batching windows in ms, or off")
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     rows = []
@@ -120,7 +120,7 @@ def main() -> None:
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         alone = next((r for r in rows if r["window_ms"] == row["window_ms"] and r["edges"] == 1), row)
-        lines.append(f"| {row['window_ms']:g} | {row['edges']} | {row['tokens']} | {1e3 * row['server_cpu_per_token']:.1f} | "
+        lines.append(f"| {row['window_ms']} | {row['edges']} | {row['tokens']} | {1e3 * row['server_cpu_per_token']:.1f} | "
                      f"{row['server_cpu_per_token'] / alone['server_cpu_per_token']:.2f}x | {row['aggregate']:.1f} | {row['latency_ms']:.0f} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "cloud_batching.md").write_text("\n".join(lines) + "\n\n![cloud batching](cloud_batching.png)\n")
@@ -137,7 +137,7 @@ def plot(rows: list[dict]) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
     for window in dict.fromkeys(r["window_ms"] for r in rows):
         mine = [r for r in rows if r["window_ms"] == window]
-        label = "batching off" if window == 0 else f"window {window:g} ms"
+        label = "batching off" if window == "off" else f"batching, window {window} ms"
         xs = [r["edges"] for r in mine]
         axes[0].plot(xs, [1e3 * r["server_cpu_per_token"] for r in mine], marker="o", label=label)
         axes[1].plot(xs, [r["aggregate"] for r in mine], marker="o", label=label)

@@ -235,8 +235,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sessions", type=int, default=8, help="sessions open at once; more get RESOURCE_EXHAUSTED")
     p.add_argument("--idle-timeout", type=float, default=300.0, help="seconds a session may wait for its next message")
     p.add_argument("--max-message-mb", type=float, default=64.0, help="largest request accepted, in MiB")
-    p.add_argument("--batch-window-ms", type=float, default=5.0,
-                   help="cross-session batching: how long a step may wait for other sessions' steps to run with them (0: off)")
+    p.add_argument("--batch-window-ms", type=float, default=2.0,
+                   help="cross-session batching: how long a step may wait for other sessions' steps to run with it "
+                        "(0: no waiting, steps that are already pending still run together)")
+    p.add_argument("--no-batching", action="store_true", help="run every session's steps on its own")
     return p
 
 
@@ -311,7 +313,7 @@ def build_server(args) -> tuple[grpc.Server, CloudService, int]:
     cloud = build_cloud(model_dir, config, schedule, args.two_part, args.lora_weights, side)
 
     service = CloudService(schedule, cloud.part, args.max_sessions, args.idle_timeout, token)
-    if args.batch_window_ms > 0:
+    if not args.no_batching:
         from .batching import Batcher, enable_packing
 
         enable_packing(cloud.part)
