@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: two threads thrash on a busy 2-core machine)")
     parser.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"], help="dtypes of the interleaved same-dtype comparison")
+    parser.add_argument("--dtypes-only", action="store_true", help="only the interleaved same-dtype comparison -> results/bench_dtypes.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
@@ -163,6 +164,15 @@ def main() -> None:
     lines = [f"# Benchmarks\n\nMachine: {machine()}. Prompt: `Tell me about Japan.` ({len(prompt_ids)} tokens), "
              f"{args.new_tokens} new tokens, EOS ignored, median of {args.repeats} after a warm-up, all in one process "
              "(`make bench`).\n"]
+
+    if args.dtypes_only:
+        lines = [lines[0].replace("(`make bench`)", f"(`python -m bench.speed --dtypes-only --new-tokens {args.new_tokens}`)")]
+        for name in args.dtypes:
+            lines += interleaved_rows(model_dir, prompt_ids, args.new_tokens, args.repeats, getattr(torch, name))
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "bench_dtypes.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
 
     # Memory first (fresh processes, before this one loads anything), each side alone in a fresh process.
     if not args.no_memory:

@@ -226,7 +226,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--second", default=DEFAULT_SECOND, help=f"second split set, as the edge's (default {DEFAULT_SECOND})")
     p.add_argument("--two-part", action="store_true", help="two-part split: the cloud runs to the last layer and returns tokens")
     p.add_argument("--cloud-device", default="cpu")
-    p.add_argument("--cloud-dtype", default="float32")
+    p.add_argument("--cloud-dtype", default="float32", help="float32, bfloat16, float16, or auto (bfloat16 where the device computes it natively)")
     p.add_argument("--load-in-8bit", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
@@ -279,14 +279,15 @@ def _check_port_free(host: str, port: int) -> None:
 def build_server(args) -> tuple[grpc.Server, CloudService, int]:
     """Load the cloud part, bind the port, start serving. Raises TriadicError on bad input."""
     from .checkpoint import load_config, resolve_model_dir
-    from .pipeline import SideOptions, build_cloud, parse_dtype
+    from .pipeline import SideOptions, build_cloud
+    from .precision import resolve_dtype
     from .schedule import SplitSchedule
 
     _check_args(args)
     _check_port_free(args.host, args.port)
     first = parse_layer_set(args.first, "--first")
     second = parse_layer_set(args.second, "--second")
-    side = SideOptions(args.cloud_device, parse_dtype(args.cloud_dtype), args.load_in_8bit)
+    side = SideOptions(args.cloud_device, resolve_dtype(args.cloud_dtype, args.cloud_device)[0], args.load_in_8bit)
     token = read_token(args.token_file) if args.token_file else None
     credentials = None
     if args.tls_cert:
