@@ -4,9 +4,10 @@ A decode step of one session reads every weight of the layers it runs to process
 positions; eight sessions stepping at once read them eight times. Here the steps that arrive within
 a short window run layer by layer together: for each layer index, the chunks of every session that
 must run that layer now are packed into one row block, so the projections, the MLP and the norms
-run once over all of them (transformers' own `LlamaDecoderLayer`, called once), while attention
+run once over all of them (one `run_layer` call: transformers' own decoder layer), while attention
 runs per session against that session's own KV cache with its own mask (transformers' own sdpa
-attention, called once per session through a registered attention function). Each session keeps
+attention, called once per session through a registered attention function that finds the
+packing of the current call in a thread-local). Each session keeps
 its cuts, fill counts, stores and caches; only the arithmetic is shared.
 
 Packing changes the shape of the matrix products, so results may differ from a session's run
@@ -26,6 +27,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .base import Party
+from .models import Chunk
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +59,12 @@ class PackedCache:
         return key_states, value_states  # unused: packed_attention reads each segment's own keys and values
 
 
-def packed_attention(module, query, key, value, attention_mask, packed: PackedCache | None = None, **kwargs):
-    """sdpa per session over its own cache; without `packed`, exactly transformers' sdpa attention."""
+_current = threading.local()  # .packed: the PackedCache of the layer call this thread is running, if any
+
+
+def packed_attention(module, query, key, value, attention_mask, **kwargs):
+    """sdpa per session over its own cache; outside a packed call, exactly transformers' sdpa attention."""
+    packed = getattr(_current, "packed", None)
     if packed is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     outputs = []
@@ -97,7 +103,7 @@ def run_layers_together(jobs: Sequence[tuple[Party, int, int, int]]) -> int:
             party._run_layers(index, index + 1, end)
             continue
         model = members[0][0].layer_owner[index]
-        rows, cos, sin, segments, offset = [], [], [], [], 0
+        rows, positions, cos, sin, segments, offset = [], [], [], [], [], 0
         for party, end in members:
             if party.layer_owner[index] is not model:
                 raise RuntimeError("internal: batched sessions must share one part")
@@ -106,18 +112,17 @@ def run_layers_together(jobs: Sequence[tuple[Party, int, int, int]]) -> int:
             chunk = party._chunk(model, states.unsqueeze(0), start, end, index)
             segments.append(Segment(party.cache, offset, end - start, chunk.mask))
             rows.append(states)
+            positions.append(chunk.position_ids)
             cos.append(chunk.position_embeddings[0])
             sin.append(chunk.position_embeddings[1])
             offset += end - start
-        packed = PackedCache(segments)
-        output = model.layers[index](
-            torch.cat(rows).unsqueeze(0),
-            attention_mask=None,
-            past_key_values=packed,
-            use_cache=True,
-            position_embeddings=(torch.cat(cos, dim=1), torch.cat(sin, dim=1)),
-            packed=packed,
-        )[0]
+        # One chunk over all rows, each with its own position; the masks are per session, in the segments.
+        chunk = Chunk(0, offset, torch.cat(positions, dim=1), (torch.cat(cos, dim=1), torch.cat(sin, dim=1)), None)
+        packed = _current.packed = PackedCache(segments)
+        try:
+            output = model.run_layer(index, torch.cat(rows).unsqueeze(0), chunk, packed)[0]
+        finally:
+            _current.packed = None
         for (party, end), s in zip(members, segments):
             party.store.put(index + 1, party.fill[index], output[s.offset : s.offset + s.length])
             party.layer_evals += s.length
