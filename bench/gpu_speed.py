@@ -1,6 +1,7 @@
 """Speed on a GPU with a random-init LLaMA-7B-shaped model in fp16 (optional; not part of the tests).
 
-    python -m bench.gpu_speed [--tiny] [--new-tokens 128]  ->  prints a markdown table (and $OUT/gpu.md if set)
+    python -m bench.gpu_speed [--tiny] [--new-tokens 128] [--profile-tokens 8]
+      ->  prints a markdown table and the profile of each configuration's decode steps (and $OUT/gpu.md if set)
 
 The weights are random (no 7B checkpoint is reachable offline), so the figures are about speed,
 not text. Both sides run on the same GPU in one process, linked by bytes as always.
@@ -34,6 +35,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile-tokens", type=int, default=8, help="decode steps profiled per configuration (0: none)")
+    parser.add_argument("--rows", type=int, default=12, help="operations per profile table")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -73,9 +76,10 @@ def main() -> None:
         ("main_1_split loop (unsplit)", {L}, {L}, "none"),
         (f"three-part fixed (1, {L - 1}), lossless", {1}, {L - 1}, "none"),
         (f"three-part fixed (1, {L - 1}), int8", {1}, {L - 1}, "int8"),
+        (f"three-part random {{1..{w}}},{{{L - w}..{L - 1}}}, lossless", set(range(1, w + 1)), set(range(L - w, L)), "none"),
         (f"three-part random {{1..{w}}},{{{L - w}..{L - 1}}}, int8", set(range(1, w + 1)), set(range(L - w, L)), "int8"),
     ]
-    same = {}
+    same, profiles = {}, []
     for label, first, second, codec in configs:
         pipeline = build_pipeline(str(folder), first, second, codec, edge_side=side, cloud_side=side, with_tokenizer=False)
         runs = []
@@ -87,6 +91,12 @@ def main() -> None:
             runs.append(len(result.token_ids) / (time.perf_counter() - t))
         rates[label] = runs[1:]
         same[label] = pipeline.edge.generate(prompt, 32).token_ids == reference
+        if args.profile_tokens > 0:
+            from bench.profile_wide import DecodeProfiler
+
+            hook = DecodeProfiler(skip=1, cuda=device == "cuda")
+            pipeline.edge.generate(prompt, args.profile_tokens + 1, on_token=hook)
+            profiles += [f"#### {label}\n", "```", hook.table(args.rows).strip(), "```\n"]
         del pipeline
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -101,6 +111,8 @@ def main() -> None:
     for label, values in rates.items():
         rate = statistics.median(values)
         lines.append(f"| {label} | {rate:.1f} | {rate / hf_rate:.2f}x | {same.get(label, '-')} |")
+    if profiles:
+        lines += ["", f"### Top operations of {args.profile_tokens} decode steps (prefill and first token excluded)\n"] + profiles
     text = "\n".join(lines) + "\n"
     print(text)
     if os.environ.get("OUT"):

@@ -61,6 +61,59 @@ def configurations(model_dir):
     ]
 
 
+def interleaved_rows(model_dir, prompt_ids, new_tokens: int, repeats: int, dtype: torch.dtype) -> list[str]:
+    """HF generate and the split in one dtype, interleaved round by round (round 0 warms up).
+
+    The ratio columns are medians of per-round ratios, so that load drifting between rounds (other
+    processes on the machine) cancels, in wall time and in this process's CPU time (which does not
+    count time given to other processes); lossless rows also check the tokens against HF's.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from src.pipeline import SideOptions
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").eval()
+    ids = torch.tensor([prompt_ids])
+
+    def hf() -> list[int]:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=2)
+        return out[0, len(prompt_ids):].tolist()
+
+    side = SideOptions(dtype=dtype)
+    runners = {"HF generate, unsplit": hf}
+    for label, first, second, codec in [
+        ("main_1_split loop (unsplit)", {L}, {L}, "none"),
+        ("three-part fixed (1, 29), lossless", {1}, {29}, "none"),
+        ("three-part fixed (1, 29), int8", {1}, {29}, "int8"),
+        ("three-part random {1..6},{24..29}, lossless", DEFAULT_FIRST, DEFAULT_SECOND, "none"),
+        ("three-part random {1..6},{24..29}, int8", DEFAULT_FIRST, DEFAULT_SECOND, "int8"),
+    ]:
+        pipeline = build_pipeline(str(model_dir), first, second, codec, edge_side=side, cloud_side=side, with_tokenizer=False)
+        runners[label] = (lambda p: lambda: p.edge.generate(prompt_ids, new_tokens).token_ids)(pipeline)
+    rates: dict[str, list[float]] = {label: [] for label in runners}
+    cpu_rates: dict[str, list[float]] = {label: [] for label in runners}  # tokens per CPU second of this process
+    tokens: dict[str, list[int]] = {}
+    for round_ in range(repeats + 1):
+        for label, run in runners.items():
+            began, began_cpu = time.perf_counter(), time.process_time()
+            tokens[label] = run()
+            if round_ > 0:
+                rates[label].append(len(tokens[label]) / (time.perf_counter() - began))
+                cpu_rates[label].append(len(tokens[label]) / (time.process_time() - began_cpu))
+    name = str(dtype).removeprefix("torch.")
+    hf_label = "HF generate, unsplit"
+    lines = [f"### {name}\n", f"| configuration | tokens/s | vs HF generate in {name}, wall | vs HF, CPU time | lossless tokens equal HF's |",
+             "|---|---|---|---|---|"]
+    for label, values in rates.items():
+        ratio = statistics.median(v / h for v, h in zip(values, rates[hf_label]))
+        cpu_ratio = statistics.median(v / h for v, h in zip(cpu_rates[label], cpu_rates[hf_label]))
+        same = "yes" if tokens[label] == tokens[hf_label] else "no"
+        same = same if ("lossless" in label or "unsplit" in label) and label != hf_label else "-"
+        lines.append(f"| {label} | {statistics.median(values):.1f} | {ratio:.2f}x | {cpu_ratio:.2f}x | {same} |")
+    return lines + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -68,6 +121,8 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=1024, help="tokens of the step-time-against-position runs")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: two threads thrash on a busy 2-core machine)")
+    parser.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"], help="dtypes of the interleaved same-dtype comparison")
+    parser.add_argument("--dtypes-only", action="store_true", help="only the interleaved same-dtype comparison -> results/bench_dtypes.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
@@ -79,6 +134,15 @@ def main() -> None:
              f"{args.new_tokens} new tokens, EOS ignored, median of {args.repeats} after a warm-up, all in one process "
              "(`make bench`).\n"]
 
+    if args.dtypes_only:
+        lines = [lines[0].replace("(`make bench`)", f"(`python -m bench.speed --dtypes-only --new-tokens {args.new_tokens}`)")]
+        for name in args.dtypes:
+            lines += interleaved_rows(model_dir, prompt_ids, args.new_tokens, args.repeats, getattr(torch, name))
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "bench_dtypes.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
+
     # Memory first (fresh processes, before this one loads anything), each side alone in a fresh process.
     if not args.no_memory:
         lines.append("## Peak resident memory, each built alone in a fresh process (default sets)\n\n"
@@ -88,7 +152,17 @@ def main() -> None:
             grown = m["peak"] - m["base"]
             lines.append(f"| {role} | {m['base'] / 1e6:.0f} | {m['peak'] / 1e6:.0f} | {grown / 1e6:.0f} | {m['param_bytes'] / 1e6:.0f} | {grown / m['param_bytes']:.2f} |")
 
-    # 1. Tokens per second.
+    # 0. Same dtype on both sides of the comparison, interleaved.
+    if args.dtypes:
+        from src.precision import native_bf16
+
+        lines.append(f"## Split against HF generate in the same dtype, interleaved rounds ({args.repeats} after a warm-up)\n\n"
+                     f"This CPU {'has' if native_bf16('cpu') else 'lacks'} native bf16, so `--dtype auto` (the default) "
+                     f"computes in {'bfloat16' if native_bf16('cpu') else 'float32'} here.\n")
+        for name in args.dtypes:
+            lines += interleaved_rows(model_dir, prompt_ids, args.new_tokens, args.repeats, getattr(torch, name))
+
+    # 1. Tokens per second (float32).
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     rates = {"HF generate, unsplit": median_rate(lambda: hf_tokens_per_second(model, prompt_ids, args.new_tokens), args.repeats)}
     short = 64
@@ -119,7 +193,7 @@ def main() -> None:
             "bytes_up": last.bytes_up, "bytes_down": last.bytes_down, "tokens": len(last.token_ids),
         }
     hf = rates["HF generate, unsplit"]
-    lines.append("## Tokens per second\n\n| configuration | tokens/s | vs HF generate | layer evaluations per token |\n|---|---|---|---|")
+    lines.append("## Tokens per second (float32)\n\n| configuration | tokens/s | vs HF generate | layer evaluations per token |\n|---|---|---|---|")
     for label, rate in rates.items():
         per_token = f"{evals[label] / (len(prompt_ids) + args.new_tokens - 1):.1f}" if label in evals else f"{L}"
         lines.append(f"| {label} | {rate:.1f} | {rate / hf:.2f}x | {per_token} |")

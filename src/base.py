@@ -24,52 +24,80 @@ from .models import Chunk, SplitLlamaForCausalLM, SplitLlamaModel
 from .schedule import SplitSchedule
 
 
+class _Run:
+    """One layer's stored positions [begin, end): rows of a buffer with spare room, so appends do not copy the run."""
+
+    def __init__(self, start: int, states: torch.Tensor) -> None:
+        self.buffer = states.new_empty(max(16, 2 * len(states)), states.shape[-1])
+        self.base = self.begin = start  # `base`: the position of buffer row 0
+        self.end = start + len(states)
+        self.buffer[: len(states)] = states
+
+    def write(self, start: int, states: torch.Tensor) -> None:
+        """Write positions that touch or overlap the run (they replace what is there), growing it as needed."""
+        begin, end = min(self.begin, start), max(self.end, start + len(states))
+        if begin < self.base or end - self.base > len(self.buffer) or states.dtype != self.buffer.dtype:
+            grown = states.new_empty(max(16, 2 * (end - begin)), states.shape[-1])
+            grown[self.begin - begin : self.end - begin] = self.buffer[self.begin - self.base : self.end - self.base]
+            self.buffer, self.base = grown, begin
+        self.buffer[start - self.base : start - self.base + len(states)] = states
+        self.begin, self.end = begin, end
+
+    def view(self, start: int, end: int) -> torch.Tensor:
+        return self.buffer[start - self.base : end - self.base]
+
+
 class HiddenStore:
-    """h_j(s) for the layers and positions a future step may still need, one contiguous run per layer."""
+    """h_j(s) for the layers and positions a future step may still need, one contiguous run per layer.
+
+    Each run lives in a buffer with spare room (as kv_cache.GrowingLayer): appending a step's
+    position writes one row instead of concatenating the whole run, and dropping old positions
+    moves a start index. `get` returns a view, valid until the next `put` to the same layer.
+    """
 
     def __init__(self) -> None:
-        self.runs: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (first position, [count, hidden])
+        self.runs: dict[int, _Run] = {}
 
     def put(self, layer: int, start: int, states: torch.Tensor) -> None:
         """Write positions start .. start+len-1, merging with what is stored when the runs touch."""
-        if layer in self.runs:
-            old_start, old = self.runs[layer]
-            old_end, end = old_start + len(old), start + len(states)
-            if old_start <= end and start <= old_end:
-                before = old[: max(0, start - old_start)]
-                after = old[max(0, end - old_start) :]
-                self.runs[layer] = (min(old_start, start), torch.cat([before, states, after]))
-                return
-        self.runs[layer] = (start, states)
+        run = self.runs.get(layer)
+        if run is not None and run.begin <= start + len(states) and start <= run.end:
+            run.write(start, states)
+        else:
+            self.runs[layer] = _Run(start, states)
 
     def get(self, layer: int, start: int, end: int) -> torch.Tensor:
-        run_start, states = self.runs.get(layer, (0, None))
-        if states is None or start < run_start or end > run_start + len(states):
-            held = "nothing" if states is None else f"{run_start}..{run_start + len(states) - 1}"
+        run = self.runs.get(layer)
+        if run is None or start < run.begin or end > run.end:
+            held = "nothing" if run is None else f"{run.begin}..{run.end - 1}"
             raise RuntimeError(f"internal: h_{layer} at {start}..{end - 1} is needed but the store holds {held}")
-        return states[start - run_start : end - run_start]
+        return run.view(start, end)
 
     def keep_from(self, layer: int, position: int | None) -> None:
         """Drop positions before `position`; None drops the layer entirely."""
-        if layer not in self.runs:
+        run = self.runs.get(layer)
+        if run is None:
             return
-        run_start, states = self.runs[layer]
-        if position is None or position >= run_start + len(states):
+        if position is None or position >= run.end:
             del self.runs[layer]
-        elif position > run_start:
-            self.runs[layer] = (position, states[position - run_start :])
+        elif position > run.begin:
+            run.begin = position
 
     def truncate(self, end: int) -> None:
         """Forget every position from `end` on (the sequence was cut back there)."""
         for layer in list(self.runs):
-            run_start, states = self.runs[layer]
-            if run_start >= end:
+            run = self.runs[layer]
+            if run.begin >= end:
                 del self.runs[layer]
-            elif run_start + len(states) > end:
-                self.runs[layer] = (run_start, states[: end - run_start])
+            elif run.end > end:
+                run.end = end
 
     def num_positions(self) -> int:
-        return sum(len(states) for _, states in self.runs.values())
+        return sum(run.end - run.begin for run in self.runs.values())
+
+    def held(self) -> dict[int, tuple[int, torch.Tensor]]:
+        """What is stored: layer -> (first position, states), for inspection and tests."""
+        return {layer: (run.begin, run.view(run.begin, run.end)) for layer, run in self.runs.items()}
 
 
 class Party:
@@ -103,6 +131,7 @@ class Party:
         self.device, self.dtype = reference.device, reference.dtype
         self.layer_evals = 0
         self.peak_stored = 0
+        self.batcher = None  # a cloud serving many sessions runs their layer work together (src/batching.py)
         self.reset()
 
     @contextmanager
@@ -121,6 +150,8 @@ class Party:
         self.peer_fill = [0] * (self.num_layers + 1)
         self.store = HiddenStore()
         self.end = 0  # positions 0 .. end-1 have been processed by the pipeline
+        self._chunks: dict[tuple[int, str], Chunk] = {}  # this step's chunks by (start, layer type), all ending at `_chunks_end`
+        self._chunks_end = -1
 
     def truncate(self, length: int) -> None:
         """Cut the sequence back to positions 0 .. length-1: caches, fill counts, the peer's mirror, the store.
@@ -135,14 +166,17 @@ class Party:
         self.peer_fill = [min(fill, length) for fill in self.peer_fill]
         self.store.truncate(length)
         self.end = min(self.end, length)
+        self._chunks_end = -1
 
     def run_layers(self, lo: int, hi: int, end: int) -> None:
         """Bring layers lo .. hi-1 up to position `end`, each from its own fill count."""
         with self.timed("compute"):
-            self._run_layers(lo, hi, end)
+            if self.batcher is not None and lo < hi:
+                self.batcher.run(self, lo, hi, end)
+            else:
+                self._run_layers(lo, hi, end)
 
     def _run_layers(self, lo: int, hi: int, end: int) -> None:
-        chunks: dict[tuple[int, str], Chunk] = {}
         for index in range(lo, hi):
             start = self.fill[index]
             if start >= end:
@@ -151,13 +185,25 @@ class Party:
                 self.on_layer()
             model = self.layer_owner[index]
             states = self.store.get(index, start, end).unsqueeze(0)
-            key = model.chunk_key(start, index)
-            if key not in chunks:
-                chunks[key] = model.make_chunk(states, start, self.cache, index)
-            output = model.run_layer(index, states, chunks[key], self.cache)
+            output = model.run_layer(index, states, self._chunk(model, states, start, end, index), self.cache)
             self.store.put(index + 1, start, output[0])
             self.fill[index] = end
             self.layer_evals += end - start
+
+    def _chunk(self, model: SplitLlamaModel, states: torch.Tensor, start: int, end: int, index: int) -> Chunk:
+        """Positions, rotary embedding and mask of chunk [start, end), built once per step for all layers that share it.
+
+        The mask depends only on (start, end) and the layer's attention type (full or sliding), because a
+        layer's cache holds exactly `start` positions when it runs that chunk, so the edge's first and last
+        layers share chunks too.
+        """
+        if end != self._chunks_end:
+            self._chunks, self._chunks_end = {}, end
+        key = model.chunk_key(start, index)
+        chunk = self._chunks.get(key)
+        if chunk is None:
+            chunk = self._chunks[key] = model.make_chunk(states, start, self.cache, index)
+        return chunk
 
     def outgoing(self, cut: int, end: int) -> tuple[int, torch.Tensor]:
         """The states at `cut` that the peer lacks: from its fill count there (or just the last one at cut L)."""

@@ -8,7 +8,8 @@ import sys
 
 import torch
 
-from .pipeline import Pipeline, SideOptions, build_pipeline, parse_dtype
+from .pipeline import Pipeline, SideOptions, build_pipeline
+from .precision import dtype_name, resolve_dtype
 from .sampling import SamplingConfig, TextStream, model_generation_defaults
 from .utils import OneLineParser, TriadicError, conversation_ids, format_prompt, log, parse_layer_set
 
@@ -38,8 +39,9 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-weights", default=None, help="PEFT LoRA adapter folder or hub id")
     parser.add_argument("--edge-device", default="cpu")
     parser.add_argument("--cloud-device", default="cpu")
-    parser.add_argument("--edge-dtype", default="float32")
-    parser.add_argument("--cloud-dtype", default="float32")
+    parser.add_argument("--dtype", default="auto", help="compute dtype of both sides: auto (bfloat16 where the device computes it natively, else float32), float32, bfloat16, float16")
+    parser.add_argument("--edge-dtype", default=None, help="the edge's compute dtype (overrides --dtype)")
+    parser.add_argument("--cloud-dtype", default=None, help="the in-process cloud's compute dtype (overrides --dtype)")
     parser.add_argument("--load-in-8bit", action="store_true", help="8-bit weights through bitsandbytes on both sides")
     parser.add_argument("--cloud", default=None, help="grpc://host:port of a cloud server (python -m src.cloud_server); "
                         "several, comma-separated, to fail over to the next mid-generation; default: in this process")
@@ -111,11 +113,13 @@ def build_from_args(mode: str, args, first: set[int] | None, second: set[int] | 
         raise TriadicError("--tls-ca, --tls-server-name and --token-file go with --cloud")
     if args.cloud is not None and mode == "one":
         raise TriadicError("--cloud: main_1_split.py runs unsplit, without a cloud")
+    edge_dtype, edge_reason = resolve_dtype(args.edge_dtype or args.dtype, args.edge_device)
+    cloud_dtype, cloud_reason = resolve_dtype(args.cloud_dtype or args.dtype, args.cloud_device)
     model_dir = str(resolve_model_dir(args.base_model))  # once: a hub id is downloaded here, not again below
     num_layers = load_config(model_dir).num_hidden_layers
     first, second = resolve_sets(mode, args, first, second, num_layers)
-    edge_side = SideOptions(args.edge_device, parse_dtype(args.edge_dtype), args.load_in_8bit)
-    cloud_side = SideOptions(args.cloud_device, parse_dtype(args.cloud_dtype), args.load_in_8bit)
+    edge_side = SideOptions(args.edge_device, edge_dtype, args.load_in_8bit)
+    cloud_side = SideOptions(args.cloud_device, cloud_dtype, args.load_in_8bit)
     torch.manual_seed(0)
     pipeline = build_pipeline(
         model_dir, first, second, args.codec, args.seed, args.resplit_every, two_part=mode == "two",
@@ -142,8 +146,10 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
     if prompt_format == "auto":  # an embedded base model is prompted with raw text, not a chat template
         prompt_format = default_prompt_format(pipeline.model_dir) or "auto"
     decoding = "greedy" if not sampling.do_sample else f"sampling (seed {sampling.seed})"
+    dtypes, reason = describe_dtypes(args, pipeline)
+    shown_dtype = dtypes["edge"] if dtypes["cloud"] in (None, dtypes["edge"]) else f"{dtypes['edge']} (edge), {dtypes['cloud']} (cloud)"
     log(f"[{MODES[mode]}] first={sorted(pipeline.schedule.first)} second={sorted(pipeline.schedule.second)} "
-        f"codec={args.codec} seed={args.seed} {decoding}")
+        f"codec={args.codec} dtype={shown_dtype} ({reason}) seed={args.seed} {decoding}")
     try:
         with pipeline.edge.session() as chat:
             if args.interactive:
@@ -238,6 +244,8 @@ def _report(mode: str, args, pipeline, result, text: str, sampling: SamplingConf
         "replayed_bytes": getattr(pipeline.edge.link, "replayed_bytes", 0),  # uplink bytes sent again to the replacements
         "mode": mode,
         "codec": args.codec,
+        "dtype": describe_dtypes(args, pipeline)[0],
+        "dtype_reason": describe_dtypes(args, pipeline)[1],
         "seed": args.seed,
         "resplit_every": args.resplit_every,
         "sampling": dataclasses.asdict(sampling),
@@ -246,6 +254,15 @@ def _report(mode: str, args, pipeline, result, text: str, sampling: SamplingConf
         "second": sorted(pipeline.schedule.second),
         "model": str(pipeline.model_dir),
     }
+
+
+def describe_dtypes(args, pipeline: Pipeline) -> tuple[dict[str, str | None], str]:
+    """The compute dtype of each side this process runs, and why (--dtype auto's choice, or the flag)."""
+    edge_dtype, edge_reason = resolve_dtype(args.edge_dtype or args.dtype, args.edge_device)
+    cloud_dtype, cloud_reason = resolve_dtype(args.cloud_dtype or args.dtype, args.cloud_device)
+    in_process_cloud = pipeline.cloud is not None
+    dtypes = {"edge": dtype_name(edge_dtype), "cloud": dtype_name(cloud_dtype) if in_process_cloud else None}
+    return dtypes, "; ".join(sorted({edge_reason} | ({cloud_reason} if in_process_cloud else set())))
 
 
 def eos_token_ids(tokenizer, config) -> list[int]:

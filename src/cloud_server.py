@@ -203,6 +203,7 @@ class CloudService:
         self._slots: asyncio.Semaphore | None = None  # made on the serving loop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self.batcher = None  # cross-session batching of the sessions' layer work (src/batching.py), if on
 
     # -- gRPC wiring -------------------------------------------------------------------------
     def handler(self) -> grpc.GenericRpcHandler:
@@ -253,6 +254,7 @@ class CloudService:
         try:
             session = self._open(peer)
             session.cloud = self._cloud_class(self.schedule, self.part)
+            session.cloud.batcher = self.batcher
             while True:
                 request = await self._next_request(session, context)
                 if request is aio.EOF:
@@ -475,7 +477,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--second", default=DEFAULT_SECOND, help=f"second split set, as the edge's (default {DEFAULT_SECOND})")
     p.add_argument("--two-part", action="store_true", help="two-part split: the cloud runs to the last layer and returns tokens")
     p.add_argument("--cloud-device", default="cpu")
-    p.add_argument("--cloud-dtype", default="float32")
+    p.add_argument("--cloud-dtype", default="float32", help="float32, bfloat16, float16, or auto (bfloat16 where the device computes it natively)")
     p.add_argument("--load-in-8bit", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
@@ -494,6 +496,12 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--connection-idle", type=float, default=120.0, help="seconds a connection without streams stays open (default 120)")
     g.add_argument("--max-connections", type=int, default=1024, help="TCP connections at once (default 1024; limits per peer belong in a firewall)")
     g.add_argument("--max-streams-per-connection", type=int, default=16, help="concurrent calls on one connection (default 16)")
+    g.add_argument("--batching", action="store_true",
+                   help="cross-session batching (off by default: packed products differ from a session's own in the last bits, "
+                        "so replay after failover is no longer bit-exact, and one batch's failure fails all of its sessions)")
+    g.add_argument("--batch-window-ms", type=float, default=2.0,
+                   help="with --batching: how long a step may wait for other sessions' steps to run with it "
+                        "(0: no waiting, steps that are already pending still run together)")
     return p
 
 
@@ -515,6 +523,8 @@ def _check_args(args) -> None:
         raise TriadicError("--tls-cert and --tls-key go together")
     if args.threads is not None and args.threads < 1:
         raise TriadicError("--threads must be at least 1")
+    if not 0 <= args.batch_window_ms <= 1000:
+        raise TriadicError("--batch-window-ms must be in [0, 1000]")
 
 
 def make_limits(args, config) -> Limits:
@@ -589,14 +599,15 @@ class Loaded:
 def load(args) -> Loaded:
     """Check the flags, load the cloud part. Raises TriadicError on bad input."""
     from .checkpoint import load_config, resolve_model_dir
-    from .pipeline import SideOptions, build_cloud, parse_dtype
+    from .pipeline import SideOptions, build_cloud
+    from .precision import resolve_dtype
     from .schedule import SplitSchedule
 
     _check_args(args)
     _check_port_free(args.host, args.port)
     first = parse_layer_set(args.first, "--first")
     second = parse_layer_set(args.second, "--second")
-    side = SideOptions(args.cloud_device, parse_dtype(args.cloud_dtype), args.load_in_8bit)
+    side = SideOptions(args.cloud_device, resolve_dtype(args.cloud_dtype, args.cloud_device)[0], args.load_in_8bit)
     token = read_token(args.token_file) if args.token_file else None
     credentials = None
     if args.tls_cert:
@@ -623,6 +634,15 @@ def load(args) -> Loaded:
     torch.manual_seed(0)
     cloud = build_cloud(model_dir, config, schedule, args.two_part, args.lora_weights, side)
     service = CloudService(schedule, cloud.part, limits, token)
+    if not args.batching:
+        pass
+    elif cloud.part.config._attn_implementation != "sdpa":  # e.g. Gemma 2's soft-capped eager attention
+        logger.warning("cross-session batching is off: it packs sdpa attention, and this model uses %s", cloud.part.config._attn_implementation)
+    else:
+        from .batching import Batcher, enable_packing
+
+        enable_packing(cloud.part)
+        service.batcher = Batcher(args.batch_window_ms / 1e3, active=lambda: service.open_sessions)
     return Loaded(service, credentials, server_options(args, limits))
 
 

@@ -76,6 +76,7 @@ FP16_MAX = torch.finfo(torch.float16).max
 MAX_OUTLIER_SHIFT = 60  # outliers up to 65504 * 2**60: beyond any float32 activation a model should have
 
 
+@functools.lru_cache(maxsize=16)
 def _rotation_block(hidden: int) -> int:
     """Rotate in blocks: the whole vector up to 1024 channels, else the largest divisor <= 1024 (4096 -> 1024)."""
     return max(b for b in range(1, min(hidden, 1024) + 1) if hidden % b == 0)
@@ -90,10 +91,17 @@ def rotation(block: int) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r))).to(torch.float32)
 
 
+@functools.lru_cache(maxsize=8)
+def _rotation_on(block: int, device: str) -> torch.Tensor:
+    """`rotation(block)` where the states live: copied once per device, not at every message."""
+    return rotation(block).to(device)
+
+
 def rotate(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     count, hidden = x.shape
     block = _rotation_block(hidden)
-    matrix = rotation(block).T if inverse else rotation(block)
+    matrix = _rotation_on(block, str(x.device))
+    matrix = matrix.T if inverse else matrix
     return (x.reshape(count, hidden // block, block) @ matrix).reshape(count, hidden)
 
 
@@ -103,7 +111,8 @@ def split_outliers(x: torch.Tensor, k: int, codec: str) -> tuple[torch.Tensor, t
     Returns (indices, fp16 values / 2**shift, shift, rest). The shift is the message's smallest power
     of two that brings its largest outlier into fp16's range: 0 where it fits already (SmolLM2's
     reach about 25,000), 1 for Gemma 3's residual stream (about 100,000). fp16 keeps its 11 bits of
-    precision either way.
+    precision either way. Runs where `x` lives; the range check reads one number back (on a GPU, a sync
+    the final copy pays anyway).
     """
     index = x.abs().topk(k, dim=-1).indices
     values = x.gather(-1, index)
@@ -121,6 +130,11 @@ def read_shift(payload: memoryview, codec: str) -> int:
     if payload[0] > MAX_OUTLIER_SHIFT:
         raise ProtocolError(f"codec {codec}: outlier shift {payload[0]} beyond {MAX_OUTLIER_SHIFT}")
     return payload[0]
+
+
+def host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The small final tensors of an encoding, copied to the host together."""
+    return [t.to("cpu") for t in tensors]
 
 
 def read_parts(payload: memoryview, parts: list[tuple[torch.dtype, tuple[int, ...]]]) -> tuple[list[torch.Tensor], int]:
@@ -175,13 +189,13 @@ class RotatedInt8Codec(Codec):
         return 1 + sum(dtype.itemsize * math.prod(shape) for dtype, shape in self._parts(count, hidden))
 
     def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
-        x = x.detach().to("cpu", torch.float32)
+        x = x.detach().to(torch.float32)  # on the device where it lives: only the final bytes go to the host
         index, values, shift, rest = split_outliers(x, self.outliers, self.name)
         rotated = rotate(rest)
         scale = rotated.abs().amax(-1, keepdim=True).clamp_min(1e-30).to(torch.float16).to(torch.float32)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row (or fp16 underflow)
         quantized = (rotated / scale * 127).round().clamp(-127, 127).to(torch.int8)
-        pieces = [scale.to(torch.float16), index.to(torch.int16), values, quantized]
+        pieces = host(scale.to(torch.float16), index.to(torch.int16), values, quantized)
         return bytes([shift]) + b"".join(tensor_bytes(p) for p in pieces), DTYPE_CODES[torch.float32]
 
     def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int) -> torch.Tensor:
@@ -256,14 +270,15 @@ class RiceCodec(Codec):
         return [(torch.bfloat16, (count, 1)), (torch.int16, (count, self.outliers)), (torch.float16, (count, self.outliers))]
 
     def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
-        x = x.detach().to("cpu", torch.float32)
+        x = x.detach().to(torch.float32)  # on the device where it lives: only the final integers go to the host
         index, values, shift, rest = split_outliers(x, self.outliers, self.name)
         rotated = rotate(rest)
         # bf16: the step needs range, not precision (both sides use the rounded value).
         step = (rotated.pow(2).mean(-1, keepdim=True).sqrt() / self.steps_per_rms).to(torch.bfloat16)
         step = torch.where(step > 0, step, torch.ones_like(step))  # an all-zero row
-        q = (rotated / step.float()).round().to(torch.int64).numpy().ravel()
-        pieces = [bytes([shift]), tensor_bytes(step), tensor_bytes(index.to(torch.int16)), tensor_bytes(values), rice_encode(q, self.k)]
+        q = (rotated / step.float()).round().to(torch.int32)  # |q| is bounded by hidden * steps_per_rms
+        step, index, values, q = host(step, index.to(torch.int16), values, q)
+        pieces = [bytes([shift]), tensor_bytes(step), tensor_bytes(index), tensor_bytes(values), rice_encode(q.numpy().ravel(), self.k)]
         return b"".join(pieces), DTYPE_CODES[torch.float32]
 
     def max_step(self, shift: int) -> float:

@@ -321,7 +321,7 @@ def embedded_server(tmp_path_factory):
     port = _free_port()
     cloud = Process(["-m", "src.cloud_server", "--host", "127.0.0.1", "--port", str(port), "--threads", "1"], logs / "cloud.log")
     try:
-        edge, url = start_edge(logs / "edge.log", "--codec", "none", "--cloud", f"grpc://127.0.0.1:{port}")
+        edge, url = start_edge(logs / "edge.log", "--codec", "none", "--dtype", "float32", "--cloud", f"grpc://127.0.0.1:{port}")
         cloud.wait_for(rf"listening on 127\.0\.0\.1:{port}")
     except BaseException:
         cloud.stop()
@@ -339,7 +339,7 @@ def test_text_equals_main_3_split(embedded_server, capsys):
     from src.cli import run
 
     new = 32
-    argv = ["--json", "--codec", "none", "--max-new-tokens", str(new), "--prompt", JAPAN[0]["content"]]
+    argv = ["--json", "--codec", "none", "--dtype", "float32", "--max-new-tokens", str(new), "--prompt", JAPAN[0]["content"]]
     assert run("three", main_3_split.first_split_layer_indices, main_3_split.second_split_layer_indices, argv) == 0
     script = json.loads(capsys.readouterr().out)
     client = openai.OpenAI(base_url=embedded_server + "/v1", api_key="unused", max_retries=0, timeout=300)

@@ -43,7 +43,7 @@ def test_sampled_generation_matches_generate(embedded, japan_ids):
 
 def test_cli_samples_and_stops_on_a_string(embedded, japan_ids, capsys):
     _, model, tokenizer = embedded
-    argv = ["--json", "--codec", "none", "--max-new-tokens", "24"]
+    argv = ["--json", "--codec", "none", "--dtype", "float32", "--max-new-tokens", "24"]
     sample = ["--do-sample", "--temperature", "0.8", "--top-p", "0.9", "--sampling-seed", "5"]
     assert run("three", *DEFAULT_SETS, argv + sample) == 0
     report = json.loads(capsys.readouterr().out)
@@ -84,7 +84,7 @@ def test_an_error_after_streaming_begins_is_one_line_of_its_own(monkeypatch, cap
 def test_interactive_chat_keeps_the_caches(embedded, monkeypatch, capsys):
     _, model, tokenizer = embedded
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi, who are you?\nName a fruit.\n/reset\nName a fruit.\n/exit\n"))
-    assert run("three", *DEFAULT_SETS, ["--interactive", "--json", "--codec", "none", "--max-new-tokens", "12"]) == 0
+    assert run("three", *DEFAULT_SETS, ["--interactive", "--json", "--codec", "none", "--dtype", "float32", "--max-new-tokens", "12"]) == 0
     reports = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(reports) == 3
     messages = []

@@ -1,8 +1,9 @@
 """Lossless transport reproduces unsplit HF generate(do_sample=False), for every fixed split of tiny models."""
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
-from src.pipeline import build_pipeline
+from src.pipeline import SideOptions, build_pipeline
 from tiny import hf_greedy
 
 PROMPT = [1, 5, 9, 33, 17, 80, 3, 41]
@@ -69,3 +70,30 @@ def test_cloud_and_edge_dtypes_may_differ(tiny_tied):
     assert next(pipeline.cloud.part.parameters()).dtype == torch.bfloat16
     result = pipeline.edge.generate(PROMPT, 4, keep_logits=True)
     assert 0 < max_logit_gap(result.logits, reference_logits[:4]) < 0.5
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_tied", "tiny_untied"])
+def test_bf16_splits_match_generate_in_bf16(checkpoint, request):
+    """bf16 on both sides of the comparison: every fixed split gives HF's bf16 logits bit for bit.
+
+    Moving cuts run catch-up chunks of several positions where HF runs one, which changes the order
+    of additions: same tokens, logits within a few bf16 steps.
+    """
+    folder, _ = request.getfixturevalue(checkpoint)
+    # from_pretrained, not .to(bfloat16): the latter would also round the rotary inv_freq buffer to bf16.
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    reference, reference_logits = hf_greedy(model, PROMPT, NEW)
+    assert len(set(reference)) > 3
+    side = SideOptions(dtype=torch.bfloat16)
+    L = model.config.num_hidden_layers
+    for a, b in [(a, b) for a in range(L + 1) for b in range(a, L + 1)]:
+        pipeline = build_pipeline(str(folder), {a}, {b}, edge_side=side, cloud_side=side, with_tokenizer=False)
+        result = pipeline.edge.generate(PROMPT, NEW, keep_logits=True)
+        assert result.logits[0].dtype == torch.bfloat16
+        assert result.token_ids == reference, (a, b)
+        assert max_logit_gap(result.logits, reference_logits) == 0, (a, b)
+    for seed in (0, 1):
+        pipeline = build_pipeline(str(folder), {0, 1, 2}, {2, 3, 4}, seed=seed, edge_side=side, cloud_side=side, with_tokenizer=False)
+        result = pipeline.edge.generate(PROMPT, NEW, keep_logits=True)
+        assert result.token_ids == reference, seed
+        assert max_logit_gap([x.float() for x in result.logits], [y.float() for y in reference_logits]) < 0.1, seed

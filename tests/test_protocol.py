@@ -110,7 +110,7 @@ def test_bit_flips_in_valid_messages_are_caught(data):
 
 def cloud_snapshot(cloud):
     keys = [(layer.keys.clone() if layer.is_initialized else None) for layer in cloud.cache.layers]
-    store = {j: (s, t.clone()) for j, (s, t) in cloud.store.runs.items()}
+    store = {j: (s, t.clone()) for j, (s, t) in cloud.store.held().items()}
     return keys, list(cloud.fill), list(cloud.peer_fill), store, cloud.last_step, cloud.end
 
 

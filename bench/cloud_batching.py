@@ -1,0 +1,155 @@
+"""Cloud throughput with many edges: the server's CPU time per token served, batching on and off.
+
+    python -m bench.cloud_batching [--edges 1 2 4 8 16] [--windows off 0 2 20] [--new-tokens 32]
+      -> results/cloud_batching.md, results/cloud_batching.png
+
+One gRPC cloud server on loopback (embedded model, default moving sets, one torch thread) per
+batching window ("off": no batching), and N edges as separate processes, each with its own prompt, int8, fp32.
+Every edge loads its model, says it is ready, and all start generating together. On a 2-core
+machine the edges' own compute shares the cores with the server, so the server's CPU time (utime +
+stime from /proc, over the generation) per token served is the fair measure of what batching saves;
+aggregate tokens/s and each edge's time per token are reported as well.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from bench.common import machine
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results"
+PROMPTS = [
+    "Tell me about Japan.", "Describe a sunset over the sea.", "Plan a one-day trip to Paris.", "What is a prime number?",
+    "Write a haiku about rain.", "How do bees make honey?", "Explain photosynthesis simply.", "Name three uses of copper.",
+    "Why is the sky blue?", "Give tips for learning to cook.", "What causes tides?", "Describe a busy market.",
+    "How does a bicycle stay upright?", "Summarize the water cycle.", "What is a black hole?", "Suggest a name for a cat.",
+]
+
+EDGE = """
+import json, sys, time, torch
+torch.set_num_threads(1)
+from src.checkpoint import resolve_model_dir
+from src.pipeline import build_pipeline
+from src.utils import format_prompt
+model_dir = resolve_model_dir(None)
+pipeline = build_pipeline(str(model_dir), set(range(1, 7)), set(range(24, 30)), "int8", seed=int(sys.argv[3]), cloud_url=sys.argv[1])
+prompt = format_prompt(pipeline.tokenizer, sys.argv[2], "chat")
+print("ready", flush=True)
+sys.stdin.readline()
+began = time.time()
+result = pipeline.edge.generate(prompt, int(sys.argv[4]))
+ended = time.time()
+pipeline.edge.link.close()
+print(json.dumps(dict(began=began, ended=ended, tokens=len(result.token_ids), step_seconds=sum(result.step_seconds))), flush=True)
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_server(window: str) -> tuple[subprocess.Popen, str]:
+    batching = [] if window == "off" else ["--batching", "--batch-window-ms", window]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "src.cloud_server", "--port", "0", "--max-sessions", "16", "--threads", "1", *batching],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    )
+    for line in server.stderr:
+        match = re.search(r"listening on (\S+)", line)
+        if match:
+            threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+            return server, f"grpc://{match.group(1)}"
+    raise RuntimeError("the cloud server did not start")
+
+
+def run_edges(server: subprocess.Popen, url: str, count: int, new_tokens: int) -> dict:
+    edges = [subprocess.Popen([sys.executable, "-c", EDGE, url, PROMPTS[i % len(PROMPTS)], str(i), str(new_tokens)],
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for i in range(count)]
+    try:
+        for edge in edges:
+            if edge.stdout.readline().strip() != "ready":
+                raise RuntimeError("an edge did not start")
+        before = cpu_seconds(server.pid)
+        for edge in edges:
+            edge.stdin.write("go\n")
+            edge.stdin.flush()
+        reports = [json.loads(edge.stdout.readline()) for edge in edges]
+        server_cpu = cpu_seconds(server.pid) - before
+    finally:
+        for edge in edges:
+            edge.wait(timeout=60)
+    tokens = sum(r["tokens"] for r in reports)
+    span = max(r["ended"] for r in reports) - min(r["began"] for r in reports)
+    return dict(edges=count, tokens=tokens, server_cpu_per_token=server_cpu / tokens, aggregate=tokens / span,
+                latency_ms=statistics.median(1e3 * r["step_seconds"] / r["tokens"] for r in reports))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--edges", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--windows", nargs="+", default=["off", "2"], help="batching windows in ms, or off")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    rows = []
+    for window in args.windows:
+        server, url = start_server(window)
+        try:
+            for count in args.edges:
+                row = run_edges(server, url, count, args.new_tokens) | {"window_ms": window}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    lines = [f"# Cloud throughput with many edges\n\nMachine: {machine()}. Embedded model, default moving sets, int8, fp32, "
+             f"{args.new_tokens} new tokens per edge, each edge a separate process on loopback gRPC; the server has one torch "
+             "thread (`python -m bench.cloud_batching`).\n",
+             "| batching window (ms) | edges | tokens | server CPU ms per token | vs one edge alone | aggregate tokens/s | per-edge ms per token (median) |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        alone = next((r for r in rows if r["window_ms"] == row["window_ms"] and r["edges"] == 1), row)
+        lines.append(f"| {row['window_ms']} | {row['edges']} | {row['tokens']} | {1e3 * row['server_cpu_per_token']:.1f} | "
+                     f"{row['server_cpu_per_token'] / alone['server_cpu_per_token']:.2f}x | {row['aggregate']:.1f} | {row['latency_ms']:.0f} |")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "cloud_batching.md").write_text("\n".join(lines) + "\n\n![cloud batching](cloud_batching.png)\n")
+    plot(rows)
+    print("\n".join(lines))
+
+
+def plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for window in dict.fromkeys(r["window_ms"] for r in rows):
+        mine = [r for r in rows if r["window_ms"] == window]
+        label = "batching off" if window == "off" else f"batching, window {window} ms"
+        xs = [r["edges"] for r in mine]
+        axes[0].plot(xs, [1e3 * r["server_cpu_per_token"] for r in mine], marker="o", label=label)
+        axes[1].plot(xs, [r["aggregate"] for r in mine], marker="o", label=label)
+        axes[2].plot(xs, [r["latency_ms"] for r in mine], marker="o", label=label)
+    for axis, title in zip(axes, ("server CPU ms per token", "aggregate tokens/s", "per-edge ms per token")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrent edges")
+        axis.set_title(title)
+        axis.set_ylim(bottom=0)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "cloud_batching.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()

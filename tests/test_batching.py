@@ -1,0 +1,69 @@
+"""Cross-session batching: concurrent sessions' layer work runs together and each gets its tokens alone."""
+import dataclasses
+import threading
+
+import torch
+
+from src.batching import Batcher, enable_packing
+from src.checkpoint import load_config
+from src.cloud import Cloud
+from src.edge import LocalLink
+from src.pipeline import build_cloud, build_edge, build_pipeline
+from src.schedule import SplitSchedule
+
+FIRST, SECOND = {0, 1, 2}, {2, 3}
+PROMPTS = [[1, 5, 9, 33, 17, 80, 3, 41], [7, 7, 12], [90, 4, 61, 22, 8, 15, 30, 2, 66, 71, 5], [3]]
+NEW = [20, 14, 20, 9]  # sessions end at different steps: the others go on batching without them
+
+
+def test_concurrent_sessions_give_their_tokens_alone(tiny_untied):
+    folder, _ = tiny_untied
+    config = load_config(folder)
+    alone = []
+    for i, (prompt, new) in enumerate(zip(PROMPTS, NEW)):
+        pipeline = build_pipeline(str(folder), FIRST, SECOND, seed=i, with_tokenizer=False)
+        alone.append(pipeline.edge.generate(prompt, new, keep_logits=True))
+
+    schedule = SplitSchedule(tuple(FIRST), tuple(SECOND), config.num_hidden_layers)
+    part = build_cloud(folder, config, schedule).part  # one part, shared by every session's Cloud
+    enable_packing(part)
+    running = len(PROMPTS)
+    batcher = Batcher(window=0.2, active=lambda: running)
+    edges = []
+    for i in range(len(PROMPTS)):
+        cloud = Cloud(schedule, part)
+        cloud.batcher = batcher
+        edges.append(build_edge(folder, config, dataclasses.replace(schedule, seed=i), "none", link=LocalLink(cloud)))
+    results, lock = [None] * len(PROMPTS), threading.Lock()
+
+    def session(i: int) -> None:
+        nonlocal running
+        try:
+            results[i] = edges[i].generate(PROMPTS[i], NEW[i], keep_logits=True)
+        finally:
+            with lock:
+                running -= 1
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for i, (together, single) in enumerate(zip(results, alone)):
+        assert together.token_ids == single.token_ids, i
+        assert together.splits == single.splits and len(set(together.splits)) > 1, i
+        assert max((x - y).abs().max().item() for x, y in zip(together.logits, single.logits)) < 1e-4, i
+        assert together.layer_evals == single.layer_evals, i
+    # The sessions really ran together: several steps per batch, fewer batches than steps.
+    assert batcher.largest >= 3 and batcher.batches < batcher.steps
+
+
+def test_packed_attention_without_packing_is_sdpa(tiny_tied):
+    """A part switched to packed attention gives the same tokens when a session runs alone."""
+    folder, _ = tiny_tied
+    reference = build_pipeline(str(folder), {1}, {3}, with_tokenizer=False).edge.generate(PROMPTS[0], 12, keep_logits=True)
+    pipeline = build_pipeline(str(folder), {1}, {3}, with_tokenizer=False)
+    enable_packing(pipeline.cloud.part)
+    result = pipeline.edge.generate(PROMPTS[0], 12, keep_logits=True)
+    assert result.token_ids == reference.token_ids
+    assert all(torch.equal(x, y) for x, y in zip(result.logits, reference.logits))
