@@ -11,10 +11,9 @@ import torch
 
 from src.checkpoint import EMBEDDED_MODELS, load_config, load_tokenizer
 from src.pipeline import build_pipeline
-from src.utils import format_prompt
+from tools.gemma_exact import chat_prompts, greedy_continuations
 
 NEW = 48
-PROMPTS = ["Tell me about Japan.", "Write a haiku about the sea.", "What is two plus three?"]
 # main_3_split.py's default sets {1..6}/{24..29} of 30 layers, scaled to 18 layers and rounded.
 MOVING = ({1, 2, 3, 4}, {14, 15, 16, 17})
 
@@ -28,13 +27,8 @@ def gemma():
     folder = embedded_model_dir("gemma3-270m")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(folder)
-    prompts = [format_prompt(tokenizer, text, "chat") for text in PROMPTS]
-    references = []
-    for ids in prompts:
-        tensor = torch.tensor([ids])
-        out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=NEW, do_sample=False, eos_token_id=None)
-        references.append(out[0, len(ids):].tolist())
-    return folder, model, prompts, references
+    prompts = chat_prompts(tokenizer)
+    return folder, model, prompts, greedy_continuations(model, prompts, NEW)
 
 
 def test_gemma_is_what_the_readme_says(gemma):

@@ -23,6 +23,21 @@ NEW = 48
 SETTINGS = [({1}, {17}), ({3}, {15}), ({6}, {12}), ({8}, {10}), ({1, 2, 3, 4}, {14, 15, 16, 17})]
 
 
+def chat_prompts(tokenizer) -> list[list[int]]:
+    """PROMPTS in the Gemma turn format (the conversion's chat template)."""
+    return [format_prompt(tokenizer, text, "chat") for text in PROMPTS]
+
+
+def greedy_continuations(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """HF generate(do_sample=False) for each prompt: all-ones mask, no early stop at EOS."""
+    continuations = []
+    for ids in prompts:
+        tensor = torch.tensor([ids])
+        out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+        continuations.append(out[0, len(ids):].tolist())
+    return continuations
+
+
 def main() -> None:
     from transformers import AutoModelForCausalLM
 
@@ -31,12 +46,8 @@ def main() -> None:
     reference_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     folder = embedded_model_dir("gemma3-270m")
     tokenizer = load_tokenizer(folder)
-    prompts = [format_prompt(tokenizer, text, "chat") for text in PROMPTS]
-    references = []
-    for ids in prompts:
-        tensor = torch.tensor([ids])
-        out = reference_model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=NEW, do_sample=False, eos_token_id=None)
-        references.append(out[0, len(ids):].tolist())
+    prompts = chat_prompts(tokenizer)
+    references = greedy_continuations(reference_model, prompts, NEW)
     rows = []
     for first, second in SETTINGS:
         began = time.perf_counter()
