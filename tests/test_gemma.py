@@ -13,7 +13,7 @@ from src.checkpoint import EMBEDDED_MODELS, load_config, load_tokenizer
 from src.pipeline import build_pipeline
 from tools.gemma_exact import chat_prompts, greedy_continuations
 
-NEW = 48
+NEW = 32  # the full 48-token matrix against the GGUF-loaded model is tools.gemma_exact
 # main_3_split.py's default sets {1..6}/{24..29} of 30 layers, scaled to 18 layers and rounded.
 MOVING = ({1, 2, 3, 4}, {14, 15, 16, 17})
 
