@@ -20,6 +20,8 @@ from pathlib import Path
 
 import websocket
 
+from tests.conftest import stop_process
+
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
 
 
@@ -109,12 +111,7 @@ class Chromium:
         try:
             self.socket.close()
         finally:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            stop_process(self.process, grace=10.0)
 
     def __enter__(self) -> Chromium:
         return self

@@ -1,3 +1,4 @@
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,6 +10,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny import make_tiny_checkpoint  # noqa: E402
+
+def stop_process(process, grace: float = 15.0) -> None:
+    """Terminate a test's subprocess, and kill it if it has not ended after `grace` seconds."""
+    process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
 
 # One thread: on a shared or busy machine, two threads thrash on the small decode matmuls.
 torch.set_num_threads(1)

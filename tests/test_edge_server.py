@@ -24,7 +24,7 @@ openai = pytest.importorskip("openai")
 
 from src.schedule import SplitSchedule  # noqa: E402
 from tests.cdp import CdpError, Chromium, find_chromium  # noqa: E402
-from tests.conftest import ROOT  # noqa: E402
+from tests.conftest import ROOT, stop_process  # noqa: E402
 from tests.tiny import make_tiny_checkpoint  # noqa: E402
 
 KEY = "edge-test-key"
@@ -71,12 +71,7 @@ class Process:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            stop_process(self.process)
         self._file.close()
 
 

@@ -27,7 +27,7 @@ from src.grpc_link import GrpcLink, LinkError, RejectedError, make_link  # noqa:
 from src.pipeline import build_edge, build_pipeline  # noqa: E402
 from src.schedule import SplitSchedule  # noqa: E402
 from src.utils import TriadicError  # noqa: E402
-from tests.conftest import ROOT  # noqa: E402
+from tests.conftest import ROOT, stop_process  # noqa: E402
 
 MOVING = ((0, 1), (2, 3, 4))  # cuts move at every step
 FIXED = ((1,), (3,))
@@ -74,12 +74,7 @@ class Server:
 
     def stop(self) -> int | None:
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            stop_process(self.process)
         self._log_file.close()
         return self.process.returncode if self.process else None
 
