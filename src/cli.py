@@ -222,6 +222,7 @@ def _chat_loop(mode: str, args, pipeline, chat, sampling: SamplingConfig, prompt
 def _report(mode: str, args, pipeline, result, text: str, sampling: SamplingConfig) -> dict:
     steps = max(1, len(result.token_ids))
     new_positions = len(result.prompt_token_ids) - result.cached_positions + steps - 1
+    dtypes, dtype_reason = describe_dtypes(args, pipeline)
     return {
         "text": text,
         "prompt_token_ids": result.prompt_token_ids,
@@ -244,8 +245,8 @@ def _report(mode: str, args, pipeline, result, text: str, sampling: SamplingConf
         "replayed_bytes": getattr(pipeline.edge.link, "replayed_bytes", 0),  # uplink bytes sent again to the replacements
         "mode": mode,
         "codec": args.codec,
-        "dtype": describe_dtypes(args, pipeline)[0],
-        "dtype_reason": describe_dtypes(args, pipeline)[1],
+        "dtype": dtypes,
+        "dtype_reason": dtype_reason,
         "seed": args.seed,
         "resplit_every": args.resplit_every,
         "sampling": dataclasses.asdict(sampling),
