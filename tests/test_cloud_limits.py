@@ -31,7 +31,7 @@ from src.grpc_link import GrpcLink, LinkError, RejectedError  # noqa: E402
 from src.pipeline import build_pipeline  # noqa: E402
 from src.schedule import SplitSchedule  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
-from tests.test_grpc import Hook, Server, remote_edge, wait_sessions  # noqa: E402
+from tests.test_grpc import Hook, Server, remote_edge, running, wait_sessions  # noqa: E402
 from tests.tiny import make_tiny_checkpoint  # noqa: E402
 
 TOKEN = "limits-token"
@@ -78,16 +78,8 @@ def servers(long_model, talking_model, tmp_path_factory):
     for name, sets in (("fixed", FIXED), ("moving", MOVING)):
         for side in "AB":
             started[name, side] = Server(talking_model, tmp / f"{name}-{side}.log", sets)
-    for server in started.values():
-        server.start()
-    for server in started.values():
-        server.wait_ready()
-    yield started
-    for server in started.values():
-        if server.process.poll() is None:
-            server.process.terminate()
-    for server in started.values():
-        server.stop()
+    with running(started.values()):
+        yield started
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -79,6 +81,27 @@ class Server:
         return self.process.returncode if self.process else None
 
 
+@contextmanager
+def running(servers: Iterable[Server]) -> Iterator[None]:
+    """Start the servers together (their imports overlap), wait until each is ready; stop them all after.
+
+    They are all told to terminate before any is waited for, so that they also shut down together.
+    """
+    servers = list(servers)
+    for server in servers:
+        server.start()
+    try:
+        for server in servers:
+            server.wait_ready()
+        yield
+    finally:
+        for server in servers:
+            if server.process is not None and server.process.poll() is None:
+                server.process.terminate()
+        for server in servers:
+            server.stop()
+
+
 def make_certs(folder: Path) -> dict[str, Path]:
     """A CA and a server certificate for 127.0.0.1/localhost signed by it; a second, unrelated CA."""
     if shutil.which("openssl") is None:
@@ -116,15 +139,10 @@ def servers(tiny_tied, tmp_path_factory):
         # two-part split (the cloud holds the head and returns tokens), plaintext: killed and restarted
         "two": Server(folder, tmp / "two.log", TWO, "--two-part"),
     }
-    for server in started.values():
-        server.start()
-    for server in started.values():
-        server.wait_ready()
-    started["certs"] = certs
-    started["token_file"] = tmp / "token"
-    yield started
-    for name in ("plain", "secure", "two"):
-        started[name].stop()
+    with running(list(started.values())):
+        started["certs"] = certs
+        started["token_file"] = tmp / "token"
+        yield started
 
 
 @functools.lru_cache(maxsize=None)

@@ -116,18 +116,13 @@ def test_a_cloud_refuses_an_inconsistent_turn(tiny_tied):
 @pytest.fixture(scope="module")
 def servers(tiny_tied, tmp_path_factory):
     """A three-part cloud with moving cuts and a two-part cloud, as subprocesses."""
-    from tests.test_grpc import Server
+    from tests.test_grpc import Server, running
 
     folder, _ = tiny_tied
     tmp = tmp_path_factory.mktemp("session_grpc")
     started = {"three": Server(folder, tmp / "three.log", ((0, 1), (2, 3, 4))), "two": Server(folder, tmp / "two.log", ((1, 2), (4,)), "--two-part")}
-    for server in started.values():
-        server.start()
-    for server in started.values():
-        server.wait_ready()
-    yield started
-    for server in started.values():
-        server.stop()
+    with running(started.values()):
+        yield started
 
 
 def test_sessions_over_grpc_keep_one_stream(servers, tiny_tied):
