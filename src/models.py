@@ -191,7 +191,7 @@ class SplitLlamaForCausalLM(nn.Module):
         with local_torch_dtype(dtype):  # buffers in the model's dtype, as from_pretrained(dtype=...) makes them
             part = cls(config, owned_layers)
         shared = shared or {}
-        wanted = {name: cls.checkpoint_name(name, config) for name, _ in part.named_parameters() if name not in shared}
+        wanted = {name: part.checkpoint_name(name) for name, _ in part.named_parameters() if name not in shared}
         tensors = read_tensors(model_dir, wanted, dtype, device)
         if lora_weights:
             for name, delta in load_lora_deltas(lora_weights, part.model.owned_layers).items():
@@ -207,13 +207,12 @@ class SplitLlamaForCausalLM(nn.Module):
         part.to(device)  # the buffers; parameters are there already
         return part.eval().requires_grad_(False)
 
-    @staticmethod
-    def checkpoint_name(name: str, config: PretrainedConfig) -> str:
+    def checkpoint_name(self, name: str) -> str:
         """The checkpoint's name of a part's parameter: the tied head is the embedding, the norm the family's."""
-        if name == "lm_head.weight" and config.tie_word_embeddings:
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
             return "model.embed_tokens.weight"
         if name.startswith("model.norm."):
-            return f"model.{family_for(config).norm}." + name.removeprefix("model.norm.")
+            return f"model.{self.family.norm}." + name.removeprefix("model.norm.")
         return name
 
     def parameter_count(self, exclude: Iterable[torch.Tensor] = ()) -> int:
