@@ -21,26 +21,44 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from src.pipeline import SideOptions, build_pipeline
 
 
-def config(tiny: bool) -> LlamaConfig:
-    if tiny:  # a smoke test of this script on a CPU machine
-        return LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+def config(tiny: bool, layers: int | None = None) -> LlamaConfig:
+    if tiny:  # a smoke test on a CPU machine; with 32 layers its time is the per-step overhead a GPU sees
+        return LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=layers or 4,
                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
     return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
                        tie_word_embeddings=False)
 
 
+def python_profile(label: str, run, args) -> str:
+    """cProfile of one short generation: on a GPU this loop is bound by the host, so its own time is the cost."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run()
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.rows)
+    body = out.getvalue().strip().splitlines()
+    return "\n".join([f"#### {label}\n", "```"] + [line[:160] for line in body[-args.rows - 2 :]] + ["```\n"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--layers", type=int, help="layers of the --tiny model (default 4)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--profile-tokens", type=int, default=8, help="decode steps profiled per configuration (0: none)")
-    parser.add_argument("--rows", type=int, default=12, help="operations per profile table")
+    parser.add_argument("--profile-tokens", type=int, default=16, help="tokens of each profiled generation (0: no profiles)")
+    parser.add_argument("--more-codecs", nargs="*", default=[], help="codecs timed besides none and int8 (e.g. int8-fixed)")
+    parser.add_argument("--rows", type=int, default=25, help="functions per profile")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
-    cfg = config(args.tiny)
+    cfg = config(args.tiny, args.layers)
     L = cfg.num_hidden_layers
     torch.manual_seed(0)
     folder = Path(tempfile.mkdtemp(prefix="llama7b-random-"))
@@ -48,6 +66,9 @@ def main() -> None:
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype).eval()
     model.save_pretrained(folder)
+    # The baseline as users load it: from_pretrained keeps the rotary frequencies in float32, `.to(fp16)` would not.
+    del model
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device).eval()
     setup = time.perf_counter() - began
     prompt = list(range(5, 5 + 35))
 
@@ -66,9 +87,9 @@ def main() -> None:
     rates = {"HF generate, unsplit": [hf() for _ in range(args.repeats + 1)][1:]}
     with torch.no_grad():
         reference = model.generate(torch.tensor([prompt], device=device), max_new_tokens=32, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    profiles = [python_profile("HF generate, unsplit", lambda: model.generate(
+        torch.tensor([prompt], device=device), max_new_tokens=args.profile_tokens, min_new_tokens=args.profile_tokens,
+        do_sample=False, pad_token_id=0), args)] if args.profile_tokens > 0 else []
 
     side = SideOptions(device=device, dtype=dtype)
     w = min(6, L // 2)  # the default sets' width
@@ -79,27 +100,37 @@ def main() -> None:
         (f"three-part random {{1..{w}}},{{{L - w}..{L - 1}}}, lossless", set(range(1, w + 1)), set(range(L - w, L)), "none"),
         (f"three-part random {{1..{w}}},{{{L - w}..{L - 1}}}, int8", set(range(1, w + 1)), set(range(L - w, L)), "int8"),
     ]
-    same, profiles = {}, []
+    for codec in args.more_codecs:
+        configs += [
+            (f"three-part fixed (1, {L - 1}), {codec}", {1}, {L - 1}, codec),
+            (f"three-part random {{1..{w}}},{{{L - w}..{L - 1}}}, {codec}", set(range(1, w + 1)), set(range(L - w, L)), codec),
+        ]
+    same, split = {}, {}
     for label, first, second, codec in configs:
         pipeline = build_pipeline(str(folder), first, second, codec, edge_side=side, cloud_side=side, with_tokenizer=False)
         runs = []
         for _ in range(args.repeats + 1):
+            for party in (pipeline.edge, pipeline.cloud):
+                if party is not None:
+                    party.seconds.clear()
             sync()
             t = time.perf_counter()
             result = pipeline.edge.generate(prompt, args.new_tokens)
             sync()
             runs.append(len(result.token_ids) / (time.perf_counter() - t))
         rates[label] = runs[1:]
+        # Where the last run's time went, per token: each side's compute (layers, head), encode, decode.
+        parts = {f"edge {k}": v for k, v in pipeline.edge.seconds.items()}
+        if pipeline.cloud is not None:
+            parts.update({f"cloud {k}": v for k, v in pipeline.cloud.seconds.items()})
+        split[label] = ", ".join(f"{k} {1e3 * v / len(result.token_ids):.2f}" for k, v in sorted(parts.items()))
         same[label] = pipeline.edge.generate(prompt, 32).token_ids == reference
-        if args.profile_tokens > 0:
-            from bench.profile_wide import DecodeProfiler
-
-            hook = DecodeProfiler(skip=1, cuda=device == "cuda")
-            pipeline.edge.generate(prompt, args.profile_tokens + 1, on_token=hook)
-            profiles += [f"#### {label}\n", "```", hook.table(args.rows).strip(), "```\n"]
+        if args.profile_tokens > 0 and (label.endswith(", int8") or "unsplit" in label):
+            profiles.append(python_profile(label, lambda: pipeline.edge.generate(prompt, args.profile_tokens), args))
         del pipeline
         if device == "cuda":
             torch.cuda.empty_cache()
+    rates["HF generate, unsplit, again"] = [hf() for _ in range(args.repeats)]
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     hf_rate = statistics.median(rates["HF generate, unsplit"])
     lines = [
@@ -111,8 +142,10 @@ def main() -> None:
     for label, values in rates.items():
         rate = statistics.median(values)
         lines.append(f"| {label} | {rate:.1f} | {rate / hf_rate:.2f}x | {same.get(label, '-')} |")
+    lines += ["", "Milliseconds per token of the last timed run, by side and kind (`Party.seconds`):\n"]
+    lines += [f"- {label}: {text}" for label, text in split.items()]
     if profiles:
-        lines += ["", f"### Top operations of {args.profile_tokens} decode steps (prefill and first token excluded)\n"] + profiles
+        lines += ["", f"### Python profile of {args.profile_tokens} tokens (prefill included), top functions by own time\n"] + profiles
     text = "\n".join(lines) + "\n"
     print(text)
     if os.environ.get("OUT"):

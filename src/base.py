@@ -28,18 +28,19 @@ class _Run:
     """One layer's stored positions [begin, end): rows of a buffer with spare room, so appends do not copy the run."""
 
     def __init__(self, start: int, states: torch.Tensor) -> None:
-        self.buffer = states.new_empty(max(16, 2 * len(states)), states.shape[-1])
+        # The states themselves, not a copy: most runs are read once and dropped. The first write
+        # moves them into a buffer of the run's own (never writing into the caller's tensor).
+        self.buffer, self.borrowed = states, True
         self.base = self.begin = start  # `base`: the position of buffer row 0
         self.end = start + len(states)
-        self.buffer[: len(states)] = states
 
     def write(self, start: int, states: torch.Tensor) -> None:
         """Write positions that touch or overlap the run (they replace what is there), growing it as needed."""
         begin, end = min(self.begin, start), max(self.end, start + len(states))
-        if begin < self.base or end - self.base > len(self.buffer) or states.dtype != self.buffer.dtype:
+        if self.borrowed or begin < self.base or end - self.base > len(self.buffer) or states.dtype != self.buffer.dtype:
             grown = states.new_empty(max(16, 2 * (end - begin)), states.shape[-1])
             grown[self.begin - begin : self.end - begin] = self.buffer[self.begin - self.base : self.end - self.base]
-            self.buffer, self.base = grown, begin
+            self.buffer, self.base, self.borrowed = grown, begin, False
         self.buffer[start - self.base : start - self.base + len(states)] = states
         self.begin, self.end = begin, end
 
@@ -101,7 +102,13 @@ class HiddenStore:
 
 
 class Party:
-    """One side of the split: its layers, its KV caches, its store, and a mirror of the peer's fill counts."""
+    """One side of the split: its layers, its KV caches, its store, and a mirror of the peer's fill counts.
+
+    Every entry point that runs layers (Edge.generate / continue_with, Cloud.handle, the cloud's batcher)
+    runs under `torch.inference_mode()`, not just `no_grad()`: no autograd bookkeeping at all, which cuts
+    the host's cost of every tensor operation by about a tenth, and that cost is what bounds a decode
+    step on a GPU. Caches made there are inference tensors, so all steps must run there: they do.
+    """
 
     # Called before each layer runs; it may raise to stop the computation (the cloud server's
     # cancellation and deadline check). The caches are then mid-step: the session must be dropped.
@@ -151,6 +158,7 @@ class Party:
         self.store = HiddenStore()
         self.end = 0  # positions 0 .. end-1 have been processed by the pipeline
         self._chunks: dict[tuple[int, str], Chunk] = {}  # this step's chunks by (start, layer type), all ending at `_chunks_end`
+        self._rotary: dict[str, tuple] = {}  # this step's rotary range by layer type where the family has one per type: (first position, ids, (cos, sin))
         self._chunks_end = -1
 
     def truncate(self, length: int) -> None:
@@ -177,32 +185,49 @@ class Party:
                 self._run_layers(lo, hi, end)
 
     def _run_layers(self, lo: int, hi: int, end: int) -> None:
+        # A layer's output goes straight into the next layer when that layer runs the same chunk; it
+        # is stored only where it is needed later: at `hi`, where the next layer lags behind (its chunk
+        # starts earlier), and at cuts this side sends from.
+        carried: tuple[int, torch.Tensor] | None = None  # (start, h_index over start .. end-1), not stored
         for index in range(lo, hi):
             start = self.fill[index]
+            if carried is not None and (carried[0] != start or index in self.send_cuts):
+                self.store.put(index, carried[0], carried[1][0])
+                carried = None
             if start >= end:
                 continue
             if self.on_layer is not None:
                 self.on_layer()
             model = self.layer_owner[index]
-            states = self.store.get(index, start, end).unsqueeze(0)
+            states = carried[1] if carried is not None else self.store.get(index, start, end).unsqueeze(0)
             output = model.run_layer(index, states, self._chunk(model, states, start, end, index), self.cache)
-            self.store.put(index + 1, start, output[0])
+            carried = start, output
             self.fill[index] = end
             self.layer_evals += end - start
+        if carried is not None:
+            self.store.put(hi, carried[0], carried[1][0])
 
     def _chunk(self, model: SplitLlamaModel, states: torch.Tensor, start: int, end: int, index: int) -> Chunk:
         """Positions, rotary embedding and mask of chunk [start, end), built once per step for all layers that share it.
 
         The mask depends only on (start, end) and the layer's attention type (full or sliding), because a
         layer's cache holds exactly `start` positions when it runs that chunk, so the edge's first and last
-        layers share chunks too.
+        layers share chunks too. All chunks of a step end at `end`, so their rotary embeddings are slices
+        of one range per attention type, computed once (from the earliest start asked for so far).
         """
         if end != self._chunks_end:
-            self._chunks, self._chunks_end = {}, end
+            self._chunks, self._rotary, self._chunks_end = {}, {}, end
         key = model.chunk_key(start, index)
         chunk = self._chunks.get(key)
         if chunk is None:
-            chunk = self._chunks[key] = model.make_chunk(states, start, self.cache, index)
+            kind = key[1] if model.family.rotary_per_layer_type else ""  # one range per rotary, not per mask
+            rotary = self._rotary.get(kind)
+            if rotary is None or rotary[0] > start:
+                rotary = self._rotary[kind] = (start, *model.rotary(states, start, end, index))
+            first, position_ids, (cos, sin) = rotary
+            skip = start - first
+            rotary = (position_ids[:, skip:], (cos[:, skip:], sin[:, skip:])) if skip else (position_ids, (cos, sin))
+            chunk = self._chunks[key] = model.make_chunk(states, start, self.cache, index, rotary)
         return chunk
 
     def outgoing(self, cut: int, end: int) -> tuple[int, torch.Tensor]:

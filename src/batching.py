@@ -187,7 +187,7 @@ class Batcher:
 
     def _run(self, batch: list[_Job]) -> None:
         try:
-            with torch.no_grad():
+            with torch.inference_mode():
                 run_layers_together([(job.party, job.lo, job.hi, job.end) for job in batch])
         except BaseException as error:  # every waiting session hears of it; the worker goes on
             logger.exception("batched layer run failed")

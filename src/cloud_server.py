@@ -319,8 +319,7 @@ class CloudService:
         import torch
 
         try:
-            with torch.no_grad():
-                return cloud.handle(request)
+            return cloud.handle(request)
         except TriadicError as error:  # ProtocolError, or a codec refusing what the client's states became
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(error).splitlines()[0]) from None
 

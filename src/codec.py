@@ -37,8 +37,11 @@ class Codec:
         """Payload bytes and the dtype code for the header."""
         raise NotImplementedError
 
-    def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int) -> torch.Tensor:
-        """[count, hidden] float values; ProtocolError if the payload is malformed."""
+    def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[count, hidden] float values on `device`; ProtocolError if the payload is malformed.
+
+        Validation reads the small parts (scales, indices) on the host; the arithmetic over all values
+        (the inverse rotation) runs on `device`, where the receiver computes."""
         raise NotImplementedError
 
 
@@ -67,9 +70,9 @@ class RawCodec(Codec):
             raise ProtocolError(f"codec {self.name}: dtype code {dtype_code} does not match the codec")
         return count * hidden * dtype.itemsize
 
-    def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int) -> torch.Tensor:
+    def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int, device: torch.device | str = "cpu") -> torch.Tensor:
         expect_length(payload, self.payload_size(count, hidden, dtype_code), self.name, count)
-        return bytes_tensor(payload, CODE_DTYPES[dtype_code], (count, hidden))
+        return bytes_tensor(payload, CODE_DTYPES[dtype_code], (count, hidden)).to(device)
 
 
 FP16_MAX = torch.finfo(torch.float16).max
@@ -114,13 +117,15 @@ def split_outliers(x: torch.Tensor, k: int, codec: str) -> tuple[torch.Tensor, t
     precision either way. Runs where `x` lives; the range check reads one number back (on a GPU, a sync
     the final copy pays anyway).
     """
-    index = x.abs().topk(k, dim=-1).indices
-    values = x.gather(-1, index)
-    peak = float(values.abs().max()) if values.numel() else 0.0
+    top = x.abs().topk(k, dim=-1)  # sorted: column 0 holds each position's largest magnitude
+    index, values = top.indices, x.gather(-1, top.indices)
+    peak = float(top.values[:, 0].max()) if values.numel() else 0.0
     shift = math.ceil(math.log2(peak / FP16_MAX)) if peak > FP16_MAX else 0
     if shift > MAX_OUTLIER_SHIFT or not math.isfinite(peak):
         raise TriadicError(f"codec {codec}: an outlier of {peak:.3g} is beyond the codec's range; use --codec none")
-    return index, (values / 2.0**shift).to(torch.float16), shift, x.scatter(-1, index, 0.0)
+    if shift:
+        values = values / 2.0**shift
+    return index, values.to(torch.float16), shift, x.scatter(-1, index, 0.0)
 
 
 def read_shift(payload: memoryview, codec: str) -> int:
@@ -132,9 +137,13 @@ def read_shift(payload: memoryview, codec: str) -> int:
     return payload[0]
 
 
-def host(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """The small final tensors of an encoding, copied to the host together."""
-    return [t.to("cpu") for t in tensors]
+def host(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """The final tensors of an encoding as host byte arrays: from a GPU, one copy (and one wait) for all."""
+    flat = [t.reshape(-1).view(torch.uint8) for t in tensors]
+    if flat[0].device.type == "cpu":
+        return [f.numpy() for f in flat]
+    joined = torch.cat(flat).cpu().numpy()
+    return np.split(joined, np.cumsum([f.numel() for f in flat])[:-1])
 
 
 def read_parts(payload: memoryview, parts: list[tuple[torch.dtype, tuple[int, ...]]]) -> tuple[list[torch.Tensor], int]:
@@ -196,30 +205,31 @@ class RotatedInt8Codec(Codec):
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row (or fp16 underflow)
         quantized = (rotated / scale * 127).round().clamp(-127, 127).to(torch.int8)
         pieces = host(scale.to(torch.float16), index.to(torch.int16), values, quantized)
-        return bytes([shift]) + b"".join(tensor_bytes(p) for p in pieces), DTYPE_CODES[torch.float32]
+        return bytes([shift]) + b"".join(p.tobytes() for p in pieces), DTYPE_CODES[torch.float32]
 
-    def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int) -> torch.Tensor:
+    def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int, device: torch.device | str = "cpu") -> torch.Tensor:
         expect_length(payload, self.payload_size(count, hidden, dtype_code), self.name, count)
         shift = read_shift(payload, self.name)
         (scale, index, values, quantized), _ = read_parts(payload[1:], self._parts(count, hidden))
         scale, index = check_scale(scale, self.name), check_outliers(index, values, hidden, self.name)
-        rest = rotate(quantized.float() * (scale / 127), inverse=True)
-        return rest.scatter(-1, index, values.float() * 2.0**shift)
+        rest = rotate(quantized.to(device).float() * (scale.to(device) / 127), inverse=True)
+        return rest.scatter(-1, index.to(device), values.to(device).float() * 2.0**shift)
 
 
 def rice_encode(q: np.ndarray, k: int) -> bytes:
-    """Signed integers as a Rice code with k low bits, in two runs so that both sides stay vectorized.
+    """Signed integers as a Rice code with k <= 8 low bits, in two runs so that both sides stay vectorized.
 
     Zigzag first (z = 2q for q >= 0, -2q - 1 below), then the k low bits of every value (little-endian
     bit order, zero-padded to a byte), then z >> k of every value in unary: that many ones and a zero
     (zero-padded to a byte).
     """
-    z = np.where(q >= 0, 2 * q, -2 * q - 1).astype(np.int64)
-    low = ((z[:, None] >> np.arange(k)) & 1).astype(np.uint8)
-    high = z >> k
-    unary = np.ones(int(high.sum()) + len(z), dtype=np.uint8)
-    unary[np.cumsum(high + 1) - 1] = 0
-    return np.packbits(low.ravel(), bitorder="little").tobytes() + np.packbits(unary, bitorder="little").tobytes()
+    q = q.astype(np.int64, copy=False)
+    z = (q << 1) ^ (q >> 63)  # zigzag
+    low = np.unpackbits((z & ((1 << k) - 1)).astype(np.uint8)[:, None], axis=1, count=k, bitorder="little")
+    ends = np.cumsum((z >> k) + 1)  # one past each value's terminating zero
+    unary = np.ones(int(ends[-1]) if len(ends) else 0, dtype=np.uint8)
+    unary[ends - 1] = 0
+    return np.packbits(low, bitorder="little").tobytes() + np.packbits(unary, bitorder="little").tobytes()
 
 
 def rice_decode(buffer: memoryview, n: int, k: int, codec: str) -> np.ndarray:
@@ -230,7 +240,7 @@ def rice_decode(buffer: memoryview, n: int, k: int, codec: str) -> np.ndarray:
     low_bits = np.unpackbits(np.frombuffer(buffer, np.uint8, low_size), bitorder="little")
     if low_bits[n * k :].any():
         raise ProtocolError(f"codec {codec}: non-zero padding after the low bits")
-    low = (low_bits[: n * k].reshape(n, k).astype(np.int64) << np.arange(k)).sum(-1)
+    low = np.packbits(low_bits[: n * k].reshape(n, k), axis=1, bitorder="little")[:, 0].astype(np.int64) if k else 0
     unary = np.unpackbits(np.frombuffer(buffer, np.uint8, offset=low_size), bitorder="little")
     ends = np.flatnonzero(unary == 0)[:n]
     if len(ends) < n:
@@ -239,7 +249,7 @@ def rice_decode(buffer: memoryview, n: int, k: int, codec: str) -> np.ndarray:
     if len(unary) // 8 != used or unary[ends[-1] + 1 :].any():
         raise ProtocolError(f"codec {codec}: {len(unary) // 8 - used} bytes after the last value")
     z = (np.diff(ends, prepend=-1) - 1) << k | low
-    return np.where(z & 1, -(z + 1) // 2, z // 2)
+    return (z >> 1) ^ -(z & 1)
 
 
 class RiceCodec(Codec):
@@ -275,11 +285,10 @@ class RiceCodec(Codec):
         rotated = rotate(rest)
         # bf16: the step needs range, not precision (both sides use the rounded value).
         step = (rotated.pow(2).mean(-1, keepdim=True).sqrt() / self.steps_per_rms).to(torch.bfloat16)
-        step = torch.where(step > 0, step, torch.ones_like(step))  # an all-zero row
+        step = step.masked_fill(step == 0, 1.0)  # an all-zero row
         q = (rotated / step.float()).round().to(torch.int32)  # |q| is bounded by hidden * steps_per_rms
         step, index, values, q = host(step, index.to(torch.int16), values, q)
-        pieces = [bytes([shift]), tensor_bytes(step), tensor_bytes(index), tensor_bytes(values), rice_encode(q.numpy().ravel(), self.k)]
-        return b"".join(pieces), DTYPE_CODES[torch.float32]
+        return b"".join([bytes([shift]), step.tobytes(), index.tobytes(), values.tobytes(), rice_encode(q.view(np.int32), self.k)]), DTYPE_CODES[torch.float32]
 
     def max_step(self, shift: int) -> float:
         """The largest step an encoder can send: the values left after the outliers are each at most the
@@ -294,7 +303,7 @@ class RiceCodec(Codec):
         parts = sum(dtype.itemsize * math.prod(shape) for dtype, shape in self._parts(count))
         return 1 + parts + (count * hidden * self.k + 7) // 8 + math.ceil(unary_bits / 8) + 1  # + the shift byte
 
-    def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int) -> torch.Tensor:
+    def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int, device: torch.device | str = "cpu") -> torch.Tensor:
         limit = self.max_payload_size(count, hidden)
         if len(payload) > limit:
             raise ProtocolError(f"codec {self.name}: payload of {len(payload)} bytes for {count} positions, at most {limit} can be valid")
@@ -305,9 +314,9 @@ class RiceCodec(Codec):
         if (step > self.max_step(shift)).any():
             raise ProtocolError(f"codec {self.name}: step {step.max().item():.3g} is out of range (at most {self.max_step(shift):.4g})")
         q = rice_decode(payload[offset:], count * hidden, self.k, self.name)
-        q = torch.from_numpy(q.reshape(count, hidden))
-        rest = rotate(q.float() * step, inverse=True)
-        return rest.scatter(-1, index, values.float() * 2.0**shift)
+        q = torch.from_numpy(q.reshape(count, hidden)).to(device)
+        rest = rotate(q.float() * step.to(device), inverse=True)
+        return rest.scatter(-1, index.to(device), values.to(device).float() * 2.0**shift)
 
 
 class BlockwiseInt8Codec(Codec):
@@ -335,7 +344,7 @@ class BlockwiseInt8Codec(Codec):
         quantized, state = bnb.quantize_blockwise(x.flatten(), blocksize=self.block)
         return tensor_bytes(state.absmax.float()) + tensor_bytes(quantized), DTYPE_CODES[torch.float32]
 
-    def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int) -> torch.Tensor:
+    def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int, device: torch.device | str = "cpu") -> torch.Tensor:
         import bitsandbytes.functional as bnb
 
         expect_length(payload, self.payload_size(count, hidden, dtype_code), self.name, count)
@@ -345,7 +354,7 @@ class BlockwiseInt8Codec(Codec):
             raise ProtocolError(f"codec {self.name}: non-finite scale")
         quantized = bytes_tensor(payload[4 * blocks :], torch.uint8, (count * hidden,))
         state = bnb.QuantState(absmax=absmax, code=bnb.create_dynamic_map().float(), blocksize=self.block, dtype=torch.float32)
-        return bnb.dequantize_blockwise(quantized, state).view(count, hidden)
+        return bnb.dequantize_blockwise(quantized, state).view(count, hidden).to(device)
 
 
 CODECS: dict[str, Codec] = {

@@ -99,7 +99,7 @@ class Edge(Party):
         self.next_step = 0  # steps count on across the requests of a session (the schedule's t)
         self.started = False  # whether the cloud has this session (START sent)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # see Party.step_mode
     def generate(
         self,
         prompt_ids: list[int],
@@ -118,7 +118,7 @@ class Edge(Party):
     def session(self) -> Session:
         return Session(self)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # see Party.step_mode
     def continue_with(
         self,
         token_ids: list[int],
@@ -267,7 +267,7 @@ class Edge(Party):
         result.link_seconds += time.perf_counter() - began
         self.advance_peer(range(a, b), end)
         with self.timed("decode"):
-            reply = protocol.decode(raw_reply, self.hidden_size)
+            reply = protocol.decode(raw_reply, self.hidden_size, self.device)
         result.bytes_up += len(request)
         result.bytes_down += len(raw_reply)
         result.positions_up += len(states)

@@ -71,18 +71,30 @@ class SplitLlamaModel(nn.Module):
         """Token embeddings as the family's forward() makes them (Gemma scales inside its module, Granite here)."""
         return self.family.scale_embeddings(self.config, self.embed_tokens(input_ids))
 
-    def make_chunk(self, hidden_states: torch.Tensor, start: int, cache: Cache | None, layer_idx: int) -> Chunk:
-        length = hidden_states.shape[1]
-        layer_type = self.layer_types[layer_idx]
-        position_ids = torch.arange(start, start + length, device=hidden_states.device).unsqueeze(0)
+    def rotary(self, hidden_states: torch.Tensor, start: int, end: int, layer_idx: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Position ids and the family's rotary embedding (cos, sin) of positions start .. end-1.
+
+        Each position's row depends on that position alone, so rows of a longer range ending at the same
+        position are the same numbers: a side computes one range per step and slices it (Party._chunk).
+        """
+        position_ids = torch.arange(start, end, device=hidden_states.device).unsqueeze(0)
         if self.family.rotary_per_layer_type:
-            position_embeddings = self.rotary_emb(hidden_states, position_ids, layer_type)
-        else:
-            position_embeddings = self.rotary_emb(hidden_states, position_ids)
+            return position_ids, self.rotary_emb(hidden_states, position_ids, self.layer_types[layer_idx])
+        return position_ids, self.rotary_emb(hidden_states, position_ids)
+
+    def make_chunk(self, hidden_states: torch.Tensor, start: int, cache: Cache | None, layer_idx: int,
+                   rotary: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Chunk:
+        """The chunk of `hidden_states` at `start` for this layer's attention type; `rotary` if already made."""
+        length = hidden_states.shape[1]
+        position_ids, position_embeddings = rotary or self.rotary(hidden_states, start, start + length, layer_idx)
+        if length == 1 and cache is not None:
+            # One query on top of its layer's cache sees every position the cache holds (a sliding layer's
+            # cache keeps only its window), so no mask: what transformers' sdpa and flash paths decide too.
+            return Chunk(start, length, position_ids, position_embeddings, None)
         # Sized from this layer's own cache (layer_idx): caches of different layers hold different lengths,
         # and sliding layers keep only their window. Several queries on top of a non-empty cache always get
         # an explicit mask, never sdpa's top-left-aligned is_causal.
-        mask = MASK_FUNCTIONS[layer_type](
+        mask = MASK_FUNCTIONS[self.layer_types[layer_idx]](
             config=self.config,
             inputs_embeds=hidden_states,
             attention_mask=None,

@@ -123,8 +123,8 @@ def encode_token(step: int, position: int, token: int, hidden_size: int) -> byte
     return _pack(Kind.TOKEN, 0, 0, hidden_size, step, position, 1, TOKEN_PAYLOAD.pack(token))
 
 
-def decode(buffer: bytes, hidden_size: int) -> Message:
-    """Parse and validate one message; raise ProtocolError on anything malformed."""
+def decode(buffer: bytes, hidden_size: int, device: torch.device | str = "cpu") -> Message:
+    """Parse and validate one message; raise ProtocolError on anything malformed. Hidden states land on `device`."""
     if not isinstance(buffer, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"message must be bytes, got {type(buffer).__name__}")
     view = memoryview(buffer)
@@ -171,7 +171,7 @@ def decode(buffer: bytes, hidden_size: int) -> Message:
         raise ProtocolError(f"unknown codec id {codec_id}")
     if not 0 < count <= MAX_POSITIONS:
         raise ProtocolError(f"position count {count} out of range (1..{MAX_POSITIONS})")
-    hidden = codec.decode(payload, count, hidden_size, dtype_code)
+    hidden = codec.decode(payload, count, hidden_size, dtype_code, device)
     if not torch.isfinite(hidden).all():
         raise ProtocolError("hidden states contain NaN or Inf")
     return Message(kind, step=step, start=start, count=count, codec_id=codec_id, hidden=hidden)
