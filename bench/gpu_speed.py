@@ -105,11 +105,12 @@ def main() -> None:
             (f"three-part fixed (1, {L - 1}), {codec}", {1}, {L - 1}, codec),
             (f"three-part random {{1..{w}}},{{{L - w}..{L - 1}}}, {codec}", set(range(1, w + 1)), set(range(L - w, L)), codec),
         ]
-    same, split = {}, {}
+    same, split, hf_rates = {}, {}, {}
     for label, first, second, codec in configs:
         pipeline = build_pipeline(str(folder), first, second, codec, edge_side=side, cloud_side=side, with_tokenizer=False)
-        runs = []
-        for _ in range(args.repeats + 1):
+        # HF and this configuration take turns, so that both see the same state of a shared host.
+        runs, baseline = [], []
+        for round_ in range(args.repeats + 1):
             for party in (pipeline.edge, pipeline.cloud):
                 if party is not None:
                     party.seconds.clear()
@@ -118,7 +119,8 @@ def main() -> None:
             result = pipeline.edge.generate(prompt, args.new_tokens)
             sync()
             runs.append(len(result.token_ids) / (time.perf_counter() - t))
-        rates[label] = runs[1:]
+            baseline.append(hf())
+        rates[label], hf_rates[label] = runs[1:], baseline[1:]
         # Where the last run's time went, per token: each side's compute (layers, head), encode, decode.
         parts = {f"edge {k}": v for k, v in pipeline.edge.seconds.items()}
         if pipeline.cloud is not None:
@@ -130,18 +132,18 @@ def main() -> None:
         del pipeline
         if device == "cuda":
             torch.cuda.empty_cache()
-    rates["HF generate, unsplit, again"] = [hf() for _ in range(args.repeats)]
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    hf_rate = statistics.median(rates["HF generate, unsplit"])
     lines = [
         f"Random-init LLaMA-7B-shaped model ({L} layers, hidden {cfg.hidden_size}), {dtype}, on {name}, torch {torch.__version__}; "
-        f"both sides on the one GPU; {args.new_tokens} new tokens, median of {args.repeats} after a warm-up; set-up {setup:.0f} s "
-        "(`python -m bench.gpu_speed`).\n",
-        "| configuration | tokens/s | vs HF generate | first 32 tokens equal HF's |", "|---|---|---|---|",
+        f"both sides on the one GPU; {args.new_tokens} new tokens; each configuration and HF generate take turns, "
+        f"{args.repeats} rounds after a warm-up round, medians; set-up {setup:.0f} s (`python -m bench.gpu_speed`).\n",
+        "| configuration | tokens/s | HF generate in the same rounds, tokens/s | vs HF generate | first 32 tokens equal HF's |",
+        "|---|---|---|---|---|",
+        f"| HF generate, unsplit, before the rest | {statistics.median(rates['HF generate, unsplit']):.1f} | - | 1.00x | - |",
     ]
-    for label, values in rates.items():
-        rate = statistics.median(values)
-        lines.append(f"| {label} | {rate:.1f} | {rate / hf_rate:.2f}x | {same.get(label, '-')} |")
+    for label, values in hf_rates.items():
+        rate, hf_rate = statistics.median(rates[label]), statistics.median(values)
+        lines.append(f"| {label} | {rate:.1f} | {hf_rate:.1f} | {rate / hf_rate:.2f}x | {same[label]} |")
     lines += ["", "Milliseconds per token of the last timed run, by side and kind (`Party.seconds`):\n"]
     lines += [f"- {label}: {text}" for label, text in split.items()]
     if profiles:

@@ -38,10 +38,10 @@ class Codec:
         raise NotImplementedError
 
     def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """[count, hidden] float values on `device`; ProtocolError if the payload is malformed.
+        """[count, hidden] finite float values on `device`; ProtocolError if the payload is malformed.
 
-        Validation reads the small parts (scales, indices) on the host; the arithmetic over all values
-        (the inverse rotation) runs on `device`, where the receiver computes."""
+        Validation runs on the host, before anything reaches `device` (no wait on a GPU); the arithmetic
+        over all values (the inverse rotation) runs on `device`, where the receiver computes."""
         raise NotImplementedError
 
 
@@ -72,7 +72,10 @@ class RawCodec(Codec):
 
     def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int, device: torch.device | str = "cpu") -> torch.Tensor:
         expect_length(payload, self.payload_size(count, hidden, dtype_code), self.name, count)
-        return bytes_tensor(payload, CODE_DTYPES[dtype_code], (count, hidden)).to(device)
+        states = bytes_tensor(payload, CODE_DTYPES[dtype_code], (count, hidden))
+        if not torch.isfinite(states).all():
+            raise ProtocolError("hidden states contain NaN or Inf")
+        return states.to(device)
 
 
 FP16_MAX = torch.finfo(torch.float16).max
@@ -146,32 +149,49 @@ def host(*tensors: torch.Tensor) -> list[np.ndarray]:
     return np.split(joined, np.cumsum([f.numel() for f in flat])[:-1])
 
 
-def read_parts(payload: memoryview, parts: list[tuple[torch.dtype, tuple[int, ...]]]) -> tuple[list[torch.Tensor], int]:
-    """Fixed-size arrays laid end to end at the start of a payload, and the offset after them."""
+def read_parts(payload: memoryview, parts: list[tuple[np.dtype, tuple[int, ...]]]) -> tuple[list[np.ndarray], int]:
+    """Fixed-size arrays laid end to end at the start of a payload (read in place), and the offset after them."""
     pieces, offset = [], 0
     for dtype, shape in parts:
-        size = dtype.itemsize * math.prod(shape)
-        if offset + size > len(payload):
-            raise ProtocolError(f"truncated payload: {len(payload)} bytes, at least {offset + size} needed")
-        pieces.append(bytes_tensor(payload[offset : offset + size], dtype, shape))
-        offset += size
+        dtype, n = np.dtype(dtype), math.prod(shape)
+        if offset + dtype.itemsize * n > len(payload):
+            raise ProtocolError(f"truncated payload: {len(payload)} bytes, at least {offset + dtype.itemsize * n} needed")
+        pieces.append(np.frombuffer(payload, dtype, n, offset).reshape(shape))
+        offset += dtype.itemsize * n
     return pieces, offset
 
 
-def check_outliers(index: torch.Tensor, values: torch.Tensor, hidden: int, codec: str) -> torch.Tensor:
-    if not torch.isfinite(values).all():
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 values (as their uint16 bits; numpy has no bfloat16) widened exactly to float32."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def check_outliers(index: np.ndarray, values: np.ndarray, hidden: int, codec: str) -> np.ndarray:
+    """Indices as float32 (exact below 2**24, sent with the values in one copy) once known to be valid."""
+    if not np.isfinite(values).all():
         raise ProtocolError(f"codec {codec}: non-finite outlier value")
-    index = index.long() & 0xFFFF
+    index = index.view(np.uint16)
     if (index >= hidden).any():
         raise ProtocolError(f"codec {codec}: outlier index beyond hidden size {hidden}")
-    return index
+    return index.astype(np.float32)
 
 
-def check_scale(scale: torch.Tensor, codec: str) -> torch.Tensor:
-    scale = scale.float()
-    if not (torch.isfinite(scale).all() and (scale > 0).all()):
+def check_scale(scale: np.ndarray, codec: str) -> np.ndarray:
+    scale = scale.astype(np.float32)
+    if not (np.isfinite(scale).all() and (scale > 0).all()):
         raise ProtocolError(f"codec {codec}: non-finite or non-positive scale")
     return scale
+
+
+def finish_decode(device: torch.device | str, q: np.ndarray, scale: np.ndarray, index: np.ndarray, values: np.ndarray) -> torch.Tensor:
+    """q * scale rotated back, with the outliers put in place: validated host arrays (float32) sent to `device`
+    in one copy, where the rotation runs. Every input is finite and bounded, so the result is finite."""
+    count, hidden = q.shape
+    flat = torch.from_numpy(np.concatenate([q.ravel(), scale.ravel(), index.ravel(), values.ravel()])).to(device)
+    k = index.shape[1]
+    q, scale, rest = flat[: count * hidden].view(count, hidden), flat[count * hidden : count * (hidden + 1)], flat[count * (hidden + 1) :]
+    index, values = rest[: count * k].view(count, k).long(), rest[count * k :].view(count, k)
+    return rotate(q * scale.view(count, 1), inverse=True).scatter(-1, index, values)
 
 
 class RotatedInt8Codec(Codec):
@@ -192,10 +212,10 @@ class RotatedInt8Codec(Codec):
 
     def _parts(self, count: int, hidden: int) -> list[tuple[torch.dtype, tuple[int, ...]]]:
         k = self.outliers
-        return [(torch.float16, (count, 1)), (torch.int16, (count, k)), (torch.float16, (count, k)), (torch.int8, (count, hidden))]
+        return [(np.float16, (count, 1)), (np.uint16, (count, k)), (np.float16, (count, k)), (np.int8, (count, hidden))]
 
     def payload_size(self, count: int, hidden: int, dtype_code: int) -> int:
-        return 1 + sum(dtype.itemsize * math.prod(shape) for dtype, shape in self._parts(count, hidden))
+        return 1 + sum(np.dtype(dtype).itemsize * math.prod(shape) for dtype, shape in self._parts(count, hidden))
 
     def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
         x = x.detach().to(torch.float32)  # on the device where it lives: only the final bytes go to the host
@@ -212,8 +232,8 @@ class RotatedInt8Codec(Codec):
         shift = read_shift(payload, self.name)
         (scale, index, values, quantized), _ = read_parts(payload[1:], self._parts(count, hidden))
         scale, index = check_scale(scale, self.name), check_outliers(index, values, hidden, self.name)
-        rest = rotate(quantized.to(device).float() * (scale.to(device) / 127), inverse=True)
-        return rest.scatter(-1, index.to(device), values.to(device).float() * 2.0**shift)
+        values = values.astype(np.float32) * np.float32(2.0**shift)
+        return finish_decode(device, quantized.astype(np.float32), scale / np.float32(127), index, values)
 
 
 def rice_encode(q: np.ndarray, k: int) -> bytes:
@@ -277,7 +297,7 @@ class RiceCodec(Codec):
         self.name, self.codec_id, self.outliers, self.steps_per_rms, self.k = name, codec_id, outliers, steps_per_rms, k
 
     def _parts(self, count: int) -> list[tuple[torch.dtype, tuple[int, ...]]]:
-        return [(torch.bfloat16, (count, 1)), (torch.int16, (count, self.outliers)), (torch.float16, (count, self.outliers))]
+        return [(np.uint16, (count, 1)), (np.uint16, (count, self.outliers)), (np.float16, (count, self.outliers))]  # bf16 step bits
 
     def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
         x = x.detach().to(torch.float32)  # on the device where it lives: only the final integers go to the host
@@ -300,7 +320,7 @@ class RiceCodec(Codec):
         """The longest payload an encoder can send: with the step tied to the RMS, a position's unary bits are
         at most (2 * hidden * steps_per_rms + hidden) / 2**k (plus 1% for the bf16 step) and one per value."""
         unary_bits = count * (1.01 * (2 * hidden * self.steps_per_rms + hidden) / 2**self.k + hidden)
-        parts = sum(dtype.itemsize * math.prod(shape) for dtype, shape in self._parts(count))
+        parts = sum(np.dtype(dtype).itemsize * math.prod(shape) for dtype, shape in self._parts(count))
         return 1 + parts + (count * hidden * self.k + 7) // 8 + math.ceil(unary_bits / 8) + 1  # + the shift byte
 
     def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -310,13 +330,11 @@ class RiceCodec(Codec):
         shift = read_shift(payload, self.name)
         payload = payload[1:]
         (step, index, values), offset = read_parts(payload, self._parts(count))
-        step, index = check_scale(step, self.name), check_outliers(index, values, hidden, self.name)
+        step, index = check_scale(bf16_bits_to_float32(step), self.name), check_outliers(index, values, hidden, self.name)
         if (step > self.max_step(shift)).any():
-            raise ProtocolError(f"codec {self.name}: step {step.max().item():.3g} is out of range (at most {self.max_step(shift):.4g})")
-        q = rice_decode(payload[offset:], count * hidden, self.k, self.name)
-        q = torch.from_numpy(q.reshape(count, hidden)).to(device)
-        rest = rotate(q.float() * step.to(device), inverse=True)
-        return rest.scatter(-1, index.to(device), values.to(device).float() * 2.0**shift)
+            raise ProtocolError(f"codec {self.name}: step {step.max():.3g} is out of range (at most {self.max_step(shift):.4g})")
+        q = rice_decode(payload[offset:], count * hidden, self.k, self.name).astype(np.float32).reshape(count, hidden)
+        return finish_decode(device, q, step, index, values.astype(np.float32) * np.float32(2.0**shift))
 
 
 class BlockwiseInt8Codec(Codec):

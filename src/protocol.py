@@ -171,9 +171,7 @@ def decode(buffer: bytes, hidden_size: int, device: torch.device | str = "cpu") 
         raise ProtocolError(f"unknown codec id {codec_id}")
     if not 0 < count <= MAX_POSITIONS:
         raise ProtocolError(f"position count {count} out of range (1..{MAX_POSITIONS})")
-    hidden = codec.decode(payload, count, hidden_size, dtype_code, device)
-    if not torch.isfinite(hidden).all():
-        raise ProtocolError("hidden states contain NaN or Inf")
+    hidden = codec.decode(payload, count, hidden_size, dtype_code, device)  # finite, or ProtocolError
     return Message(kind, step=step, start=start, count=count, codec_id=codec_id, hidden=hidden)
 
 
