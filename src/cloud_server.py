@@ -413,6 +413,8 @@ class CloudService:
         self._sessions.pop(session.number, None)
         logger.info("session %d %s (%d open)", session.number, outcome, len(self._sessions))
         if session.cloud is not None:
+            if self.batcher is not None:
+                self.batcher.forget(session.cloud)
             # Free the caches now, whoever still refers to the Cloud (a traceback's frame, say), then
             # hand the freed memory back to the system instead of keeping it in malloc's arenas.
             session.cloud.reset()
@@ -642,7 +644,7 @@ def load(args) -> Loaded:
         from .batching import Batcher, enable_packing
 
         enable_packing(cloud.part)
-        service.batcher = Batcher(args.batch_window_ms / 1e3, active=lambda: service.open_sessions)
+        service.batcher = Batcher(args.batch_window_ms / 1e3)
     return Loaded(service, credentials, server_options(args, limits))
 
 

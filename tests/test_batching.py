@@ -27,22 +27,19 @@ def test_concurrent_sessions_give_their_tokens_alone(tiny_untied):
     schedule = SplitSchedule(tuple(FIRST), tuple(SECOND), config.num_hidden_layers)
     part = build_cloud(folder, config, schedule).part  # one part, shared by every session's Cloud
     enable_packing(part)
-    running = len(PROMPTS)
-    batcher = Batcher(window=0.2, active=lambda: running)
-    edges = []
+    batcher = Batcher(window=0.2)
+    clouds, edges = [], []
     for i in range(len(PROMPTS)):
-        cloud = Cloud(schedule, part)
-        cloud.batcher = batcher
-        edges.append(build_edge(folder, config, dataclasses.replace(schedule, seed=i), "none", link=LocalLink(cloud)))
-    results, lock = [None] * len(PROMPTS), threading.Lock()
+        clouds.append(Cloud(schedule, part))
+        clouds[i].batcher = batcher
+        edges.append(build_edge(folder, config, dataclasses.replace(schedule, seed=i), "none", link=LocalLink(clouds[i])))
+    results = [None] * len(PROMPTS)
 
     def session(i: int) -> None:
-        nonlocal running
         try:
             results[i] = edges[i].generate(PROMPTS[i], NEW[i], keep_logits=True)
         finally:
-            with lock:
-                running -= 1
+            batcher.forget(clouds[i])  # as the server does when a stream ends
 
     threads = [threading.Thread(target=session, args=(i,)) for i in range(len(PROMPTS))]
     for t in threads:
