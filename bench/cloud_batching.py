@@ -1,6 +1,6 @@
 """Cloud throughput with many edges: the server's CPU time per token served, batching on and off.
 
-    python -m bench.cloud_batching [--edges 1 2 4 8 16] [--windows off 0 2 20] [--new-tokens 32]
+    python -m bench.cloud_batching [--edges 1 2 4 8 16] [--windows off 2 100] [--new-tokens 32]
       -> results/cloud_batching.md, results/cloud_batching.png
 
 One gRPC cloud server on loopback (embedded model, default moving sets, one torch thread) per
@@ -59,7 +59,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_server(window: str) -> tuple[subprocess.Popen, str]:
-    batching = [] if window == "off" else ["--batching", "--batch-window-ms", window]
+    batching = ["--no-batching"] if window == "off" else ["--batch-window-ms", window]
     server = subprocess.Popen(
         [sys.executable, "-m", "src.cloud_server", "--port", "0", "--max-sessions", "16", "--threads", "1", *batching],
         cwd=ROOT, stderr=subprocess.PIPE, text=True,
@@ -98,7 +98,7 @@ def run_edges(server: subprocess.Popen, url: str, count: int, new_tokens: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--edges", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--windows", nargs="+", default=["off", "2"], help="batching windows in ms, or off")
+    parser.add_argument("--windows", nargs="+", default=["off", "2", "100"], help="batching windows in ms, or off (100: the server's default)")
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     rows = []

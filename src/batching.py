@@ -1,24 +1,25 @@
 """Cross-session batching on the cloud: the pending layer work of concurrent sessions runs together.
 
 A decode step of one session reads every weight of the layers it runs to process one to a few
-positions; eight sessions stepping at once read them eight times. Here the steps that arrive within
-a short window run layer by layer together: for each layer index, the chunks of every session that
-must run that layer now are packed into one row block, so the projections, the MLP and the norms
-run once over all of them (one `run_layer` call: transformers' own decoder layer), while attention
-runs per session against that session's own KV cache with its own mask (transformers' own sdpa
-attention, called once per session through a registered attention function that finds the
-packing of the current call in a thread-local). Each session keeps
-its cuts, fill counts, stores and caches; only the arithmetic is shared.
+positions; eight sessions stepping at once read them eight times. Here the steps of the sessions
+that are mid-generation run layer by layer together: for each layer index, the chunks of every
+session that must run that layer now are packed into one row block, so the projections, the MLP
+and the norms run once over all of them (one `run_layer` call: transformers' own decoder layer).
+Attention runs for all of them in one sdpa call over a padded block, each session's queries
+against its own KV cache with its own mask (a registered attention function that finds the
+packing of the current call in a thread-local). Each session keeps its cuts, fill counts, stores
+and caches; only the arithmetic is shared. A session alone runs exactly as without batching.
 
 Packing changes the shape of the matrix products, so results may differ from a session's run
-alone in the last bits (as chunking does): tokens are the same, logits within about 1e-5.
+alone in the last bits (as chunking does): tokens are the same, logits within about 1e-5. A
+replay after failover (src/grpc_link.py) therefore need not reproduce the replies bit for bit.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .base import Party
+from .kv_cache import GrowingLayer
 from .models import Chunk
 
 logger = logging.getLogger(__name__)
@@ -41,16 +43,30 @@ class Segment:
     cache: object  # that session's own transformers Cache
     offset: int
     length: int
-    mask: torch.Tensor | None
+    mask: torch.Tensor | None  # its own chunk's mask (transformers'), None where it needs none
     keys: torch.Tensor | None = None  # the session's whole keys/values for this layer, after the update
     values: torch.Tensor | None = None
 
 
-@dataclass
 class PackedCache:
-    """Stands in for a Cache in one decoder-layer call over packed rows: each session's part goes to its own cache."""
+    """Stands in for a Cache in one decoder-layer call over packed rows: each session's part goes to its own cache.
 
-    segments: list[Segment]
+    It also holds what attention needs to run all sessions in one call, built once and reused by
+    every layer with the same packing: the rows of the padded query block [sessions, longest chunk]
+    and the padded boolean mask [sessions, 1, longest chunk, longest cache].
+    """
+
+    def __init__(self, segments: list[Segment], device: torch.device) -> None:
+        self.segments = segments
+        longest = max(s.length for s in segments)
+        self.longest = longest
+        query_rows, output_rows = [], []
+        for b, s in enumerate(segments):
+            query_rows += [s.offset + min(j, s.length - 1) for j in range(longest)]  # padding repeats a real row
+            output_rows += [b * longest + j for j in range(s.length)]
+        self.query_index = torch.tensor(query_rows, device=device)
+        self.output_index = torch.tensor(output_rows, device=device)
+        self.masks: dict[int, torch.Tensor] = {}  # by the longest cache: built at the first layer that needs it
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         for s in self.segments:
@@ -58,20 +74,49 @@ class PackedCache:
             s.keys, s.values = s.cache.update(key_states[:, :, rows], value_states[:, :, rows], layer_idx, *args, **kwargs)
         return key_states, value_states  # unused: packed_attention reads each segment's own keys and values
 
+    def mask(self, longest_key: int, device: torch.device) -> torch.Tensor:
+        """Each session's own mask in its corner of the padded block; padding sees nothing (padded queries see key 0)."""
+        mask = self.masks.get(longest_key)
+        if mask is None:
+            mask = torch.zeros(len(self.segments), 1, self.longest, longest_key, dtype=torch.bool, device=device)
+            for b, s in enumerate(self.segments):
+                keys = s.keys.shape[2]
+                if s.mask is None:  # transformers' None: causal, the chunk's last query seeing the whole cache
+                    own = torch.ones(s.length, keys, dtype=torch.bool, device=device).tril(keys - s.length)
+                else:
+                    own = s.mask[0, 0] if s.mask.dtype == torch.bool else s.mask[0, 0] > torch.finfo(s.mask.dtype).min / 2
+                mask[b, 0, : s.length, :keys] = own[-s.length :, -keys:]
+                mask[b, 0, s.length :, 0] = True
+            self.masks[longest_key] = mask
+        return mask
+
 
 _current = threading.local()  # .packed: the PackedCache of the layer call this thread is running, if any
 
 
 def packed_attention(module, query, key, value, attention_mask, **kwargs):
-    """sdpa per session over its own cache; outside a packed call, exactly transformers' sdpa attention."""
+    """One sdpa call for all packed sessions, each against its own cache; outside a packed call, transformers' sdpa.
+
+    The sessions' keys and values are padded into one [sessions, kv heads, longest cache, head dim]
+    block and their queries into [sessions, heads, longest chunk, head dim], so a layer costs one
+    attention call however many sessions it serves, instead of one per session.
+    """
     packed = getattr(_current, "packed", None)
     if packed is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    outputs = []
-    for s in packed.segments:
-        out, _ = sdpa_attention_forward(module, query[:, :, s.offset : s.offset + s.length], s.keys, s.values, s.mask, **kwargs)
-        outputs.append(out)  # [1, length, heads, head_dim]
-    return torch.cat(outputs, dim=1), None
+    segments = packed.segments
+    sessions, heads, head_dim = len(segments), query.shape[1], query.shape[3]
+    longest_key = max(s.keys.shape[2] for s in segments)
+    first = segments[0].keys
+    keys = first.new_zeros(sessions, first.shape[1], longest_key, head_dim)
+    values = segments[0].values.new_zeros(sessions, first.shape[1], longest_key, segments[0].values.shape[3])
+    for b, s in enumerate(segments):
+        keys[b, :, : s.keys.shape[2]] = s.keys[0]
+        values[b, :, : s.values.shape[2]] = s.values[0]
+    padded = query[0].index_select(1, packed.query_index).view(heads, sessions, packed.longest, head_dim).transpose(0, 1)
+    output, _ = sdpa_attention_forward(module, padded, keys, values, packed.mask(longest_key, query.device), **kwargs)
+    # output: [sessions, longest chunk, heads, head dim] -> the packed rows, [1, rows, heads, head dim]
+    return output.reshape(sessions * packed.longest, heads, -1).index_select(0, packed.output_index).unsqueeze(0), None
 
 
 ALL_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, packed_attention)
@@ -85,73 +130,165 @@ def enable_packing(part: torch.nn.Module) -> None:
     part.config._attn_implementation = PACKED_ATTENTION
 
 
-def run_layers_together(jobs: Sequence[tuple[Party, int, int, int]]) -> int:
-    """Bring each job's layers lo .. hi-1 up to its `end`, one layer call per index for all jobs.
-
-    Jobs are (party, lo, hi, end) of distinct sessions over the same part (shared weights). Layers
-    run in increasing index, so every session's input to layer i exists when layer i runs. Returns
-    the number of layer calls made.
-    """
-    calls = 0
-    for index in range(min(lo for _, lo, _, _ in jobs), max(hi for _, _, hi, _ in jobs)):
-        members = [(party, end) for party, lo, hi, end in jobs if lo <= index < hi and party.fill[index] < end]
-        if not members:
-            continue
-        calls += 1
-        if len(members) == 1:
-            party, end = members[0]
-            party._run_layers(index, index + 1, end)
-            continue
-        model = members[0][0].layer_owner[index]
-        rows, positions, cos, sin, segments, offset = [], [], [], [], [], 0
-        for party, end in members:
-            if party.layer_owner[index] is not model:
-                raise RuntimeError("internal: batched sessions must share one part")
-            start = party.fill[index]
-            states = party.store.get(index, start, end)
-            chunk = party._chunk(model, states.unsqueeze(0), start, end, index)
-            segments.append(Segment(party.cache, offset, end - start, chunk.mask))
-            rows.append(states)
-            positions.append(chunk.position_ids)
-            cos.append(chunk.position_embeddings[0])
-            sin.append(chunk.position_embeddings[1])
-            offset += end - start
-        # One chunk over all rows, each with its own position; the masks are per session, in the segments.
-        chunk = Chunk(0, offset, torch.cat(positions, dim=1), (torch.cat(cos, dim=1), torch.cat(sin, dim=1)), None)
-        packed = _current.packed = PackedCache(segments)
-        try:
-            output = model.run_layer(index, torch.cat(rows).unsqueeze(0), chunk, packed)[0]
-        finally:
-            _current.packed = None
-        for (party, end), s in zip(members, segments):
-            party.store.put(index + 1, party.fill[index], output[s.offset : s.offset + s.length])
-            party.layer_evals += s.length
-            party.fill[index] = end
-    return calls
-
-
 @dataclass
-class _Job:
+class Job:
+    """One session's pending layer work: bring layers lo .. hi-1 up to position `end`."""
+
     party: Party
     lo: int
     hi: int
     end: int
+    error: BaseException | None = None  # set when this job failed; the others go on
+    arrived: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
+
+
+@dataclass
+class _Packing:
+    """The packed rows of one layer call, kept while the next layer runs the same rows of the same sessions."""
+
+    key: tuple
+    jobs: list[Job]
+    output: torch.Tensor  # [rows, hidden]: the output of layer `layer - 1`, i.e. h_layer
+    layer: int
+    offsets: list[tuple[int, int, int]]  # per job: (first position, offset, length)
+
+    def store(self) -> None:
+        """Write each session's rows of h_layer to its own store (what `Party._run_layers` does per layer)."""
+        for job, (start, offset, length) in zip(self.jobs, self.offsets):
+            if job.error is None:
+                job.party.store.put(self.layer, start, self.output[offset : offset + length])
+
+
+def run_layers_together(jobs: Sequence[Job]) -> int:
+    """Bring each job's layers lo .. hi-1 up to its `end`, one layer call per index for all jobs.
+
+    Jobs are of distinct sessions over the same part (shared weights). Layers run in increasing
+    index, so every session's input to layer i exists when layer i runs. While consecutive layers
+    run the same rows of the same sessions (the common case: every layer between the cuts), the
+    packed output of one layer is the next one's input as is, and the packing (positions, rotary,
+    masks) is reused: no per-session work per layer beyond its cache update. A job whose
+    `party.on_layer` raises (cancelled, past its deadline) drops out with that error; a failing
+    packed call is rolled back and its jobs finish one by one, so one bad session fails only itself.
+    Returns the number of layer calls made.
+    """
+    calls = 0
+    carried: _Packing | None = None
+    packings: dict[tuple, tuple[Chunk, PackedCache]] = {}
+    try:
+        for index in range(min(job.lo for job in jobs), max(job.hi for job in jobs)):
+            members = []
+            for job in jobs:
+                if job.error is None and job.lo <= index < job.hi and job.party.fill[index] < job.end:
+                    if job.party.on_layer is not None:
+                        try:
+                            job.party.on_layer()
+                        except BaseException as error:  # noqa: BLE001 (handed to that session's thread)
+                            job.error = error
+                            continue
+                    members.append(job)
+            key = tuple((id(job.party), job.party.fill[index], job.end) for job in members)
+            if carried is not None and (carried.key != key or any(index in job.party.send_cuts for job in carried.jobs)):
+                carried.store()  # the next layer reads other rows, or the store must keep h_index (a cut it sends)
+            if not members:
+                carried = None
+                continue
+            calls += 1
+            if len(members) == 1:
+                carried = None
+                job = members[0]
+                on_layer, job.party.on_layer = job.party.on_layer, None  # checked above
+                try:
+                    job.party._run_layers(index, index + 1, job.end)
+                except BaseException as error:  # noqa: BLE001
+                    job.error = error
+                finally:
+                    job.party.on_layer = on_layer
+                continue
+            model = members[0].party.layer_owner[index]
+            if any(job.party.layer_owner[index] is not model for job in members):
+                raise RuntimeError("internal: batched sessions must share one part")
+            packing_key = (model.layer_types[index], key)
+            if carried is not None and carried.key == key:
+                rows = carried.output
+            else:
+                rows = torch.cat([job.party.store.get(index, job.party.fill[index], job.end) for job in members])
+            if packing_key not in packings:
+                packings[packing_key] = _pack(model, members, rows, index)
+            chunk, packed = packings[packing_key]
+            offsets = [(job.party.fill[index], s.offset, s.length) for job, s in zip(members, packed.segments)]
+            _current.packed = packed
+            try:
+                output = model.run_layer(index, rows.unsqueeze(0), chunk, packed)[0]
+            except BaseException:
+                _roll_back(members, index)
+                raise
+            finally:
+                _current.packed = None
+            for job, (_, _, length) in zip(members, offsets):
+                job.party.layer_evals += length
+                job.party.fill[index] = job.end
+            carried = _Packing(key, members, output, index + 1, offsets)
+    except Exception as error:  # a packed call failed: its sessions' caches are as before it; finish each job alone
+        logger.warning("a batched layer call failed (%s: %s); running its sessions one by one", type(error).__name__, error)
+        if carried is not None:
+            carried.store()
+        for job in jobs:
+            if job.error is None:
+                try:
+                    job.party._run_layers(job.lo, job.hi, job.end)
+                except BaseException as own:  # noqa: BLE001
+                    job.error = own
+        return calls
+    if carried is not None:
+        carried.store()
+    return calls
+
+
+def _pack(model, members: list[Job], rows: torch.Tensor, index: int) -> tuple[Chunk, PackedCache]:
+    """One chunk over all members' rows (each with its own positions) and the per-session attention layout."""
+    positions, cos, sin, segments, offset = [], [], [], [], 0
+    for job in members:
+        party, start = job.party, job.party.fill[index]
+        own = party._chunk(model, rows[offset : offset + job.end - start].unsqueeze(0), start, job.end, index)
+        segments.append(Segment(party.cache, offset, job.end - start, own.mask))
+        positions.append(own.position_ids)
+        cos.append(own.position_embeddings[0])
+        sin.append(own.position_embeddings[1])
+        offset += job.end - start
+    chunk = Chunk(0, offset, torch.cat(positions, dim=1), (torch.cat(cos, dim=1), torch.cat(sin, dim=1)), None)
+    return chunk, PackedCache(segments, rows.device)
+
+
+def _roll_back(members: list[Job], index: int) -> None:
+    """Undo a failed packed call's cache appends at layer `index`, so each session can run it again alone."""
+    for job in members:
+        layer = job.party.cache.layers[index]
+        if not layer.is_initialized:
+            continue
+        if not isinstance(layer, GrowingLayer):  # a sliding window's layer cannot be cut back: that session fails
+            job.error = RuntimeError("a batched layer call failed and this session's cache cannot be rolled back")
+        elif layer.length > job.party.fill[index]:
+            layer.crop(job.party.fill[index] - layer.length)
 
 
 class Batcher:
     """Collects the layer work of concurrent sessions and runs it together on one worker thread.
 
-    A step waits at most `window` seconds for others to join (less once every active session has
-    joined), then the batch runs. `active()` tells how many sessions may join (e.g. open sessions).
+    Window policy: the first step to arrive waits at most `window` seconds for the others; the batch
+    runs as soon as every session that is mid-generation has joined, i.e. every session that sent a
+    step within the last `horizon` seconds and has not been `forget`-ten (its stream ended). Edges
+    that got their replies together come back at about the same time, so the sessions stay in step;
+    a session that is slower than the window is not waited for beyond it. Waiting costs no CPU, only
+    latency, at most `window` per step.
     """
 
-    def __init__(self, window: float, active: Callable[[], int], max_batch: int = 64) -> None:
+    def __init__(self, window: float, horizon: float = 2.0, max_batch: int = 64) -> None:
         self.window = window  # seconds a step may wait for other sessions' steps
-        self.active = active
+        self.horizon = horizon  # a session not seen for this long is no longer waited for
         self.max_batch = max_batch  # steps per batch at most
-        self._pending: list[_Job] = []
+        self._pending: list[Job] = []
+        self._seen: dict[int, float] = {}  # id(party) -> when it last sent a step
         self._cond = threading.Condition()
         self._worker: threading.Thread | None = None
         self.batches = 0  # counters, for tests and stats
@@ -160,24 +297,44 @@ class Batcher:
 
     def run(self, party: Party, lo: int, hi: int, end: int) -> None:
         """Called from a session's thread in place of party._run_layers: returns once its layers ran."""
-        job = _Job(party, lo, hi, end)
+        job = Job(party, lo, hi, end)
         with self._cond:
             if self._worker is None:
                 self._worker = threading.Thread(target=self._loop, name="cloud-batcher", daemon=True)
                 self._worker.start()
             self._pending.append(job)
+            self._seen[id(party)] = job.arrived
             self._cond.notify_all()
         job.done.wait()
         if job.error is not None:
             raise job.error
+
+    def stats(self) -> dict:
+        """For the server's Stats: the window and how full the batches were."""
+        return {"window_ms": 1e3 * self.window, "batches": self.batches, "steps": self.steps, "largest": self.largest}
+
+    def forget(self, party: Party) -> None:
+        """The session ended: no batch waits for it any more."""
+        with self._cond:
+            self._seen.pop(id(party), None)
+            self._cond.notify_all()
+
+    def expected(self) -> int:
+        """Sessions mid-generation: seen within the horizon (call with the lock held)."""
+        now = time.monotonic()
+        for key in [k for k, seen in self._seen.items() if now - seen > self.horizon]:
+            del self._seen[key]
+        return len(self._seen)
 
     def _loop(self) -> None:
         while True:
             with self._cond:
                 while not self._pending:
                     self._cond.wait()
-                deadline = time.monotonic() + self.window
-                while len(self._pending) < min(max(1, self.active()), self.max_batch):
+                # From the later of the first step's arrival and now: steps that queued while the last batch
+                # ran wait for that batch's sessions too, so the sessions fall into step instead of alternating.
+                deadline = max(self._pending[0].arrived, time.monotonic() - 1e-3) + self.window
+                while len(self._pending) < min(max(1, self.expected()), self.max_batch):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
@@ -185,14 +342,14 @@ class Batcher:
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             self._run(batch)
 
-    def _run(self, batch: list[_Job]) -> None:
+    def _run(self, batch: list[Job]) -> None:
         try:
-            with torch.inference_mode():
-                run_layers_together([(job.party, job.lo, job.hi, job.end) for job in batch])
-        except BaseException as error:  # every waiting session hears of it; the worker goes on
+            with torch.inference_mode():  # as every entry point (Party)
+                run_layers_together(batch)
+        except BaseException as error:  # noqa: BLE001 (every waiting session hears of it; the worker goes on)
             logger.exception("batched layer run failed")
             for job in batch:
-                job.error = error
+                job.error = job.error or error
         self.batches += 1
         self.steps += len(batch)
         self.largest = max(self.largest, len(batch))

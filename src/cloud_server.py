@@ -39,6 +39,12 @@ Status codes a client can see (every refusal is one log line naming the peer):
     INTERNAL             a bug on the server (traceback in its log)
 A refusal ends the stream (gRPC has no status for one message of a stream); the session and its
 caches are dropped, other sessions go on.
+
+Cross-session batching (default on; `--no-batching`, `--batch-window-ms`): the layer work of
+concurrent sessions runs together on one thread (`src/batching.py`), a step waiting at most the
+window for the other sessions mid-generation. Packed products differ from a session's own in the
+last bits, so each session stream's initial metadata says `triadic-batching: <window ms>`: an
+edge's failover replay then reports CRC differences as expected rather than as a fault.
 """
 from __future__ import annotations
 
@@ -77,6 +83,10 @@ DEFAULT_FIRST = "1,2,3,4,5,6"
 DEFAULT_SECOND = "24,25,26,27,28,29"
 BYTES_PER_VALUE = 4  # the widest codec (`none` in float32) sends 4 bytes per value
 MESSAGE_SLACK = 4096  # header and codec side data beyond the values, in bytes
+# Long enough for edges that got their replies together to come back together (results/cloud_batching.md:
+# 2 ms leaves 8 contending edges in two alternating groups); a step waits only while others are mid-generation.
+DEFAULT_BATCH_WINDOW_MS = 100.0
+BATCHING_METADATA = "triadic-batching"  # initial metadata of a session stream: the window in ms where the server batches
 
 
 @dataclass(frozen=True)
@@ -240,6 +250,7 @@ class CloudService:
             "idle_timeout": self.limits.idle_timeout,
             "limits": asdict(self.limits),
             "cloud_layers": [self.schedule.cloud_layers.start, self.schedule.cloud_layers.stop],
+            "batching": None if self.batcher is None else self.batcher.stats(),
             "rss_bytes": rss_bytes(),
             "pid": os.getpid(),
         }
@@ -255,6 +266,8 @@ class CloudService:
             session = self._open(peer)
             session.cloud = self._cloud_class(self.schedule, self.part)
             session.cloud.batcher = self.batcher
+            if self.batcher is not None:  # the edge's failover replay learns that replies depend on their batch
+                await context.send_initial_metadata(((BATCHING_METADATA, f"{1e3 * self.batcher.window:g}"),))
             while True:
                 request = await self._next_request(session, context)
                 if request is aio.EOF:
@@ -412,6 +425,8 @@ class CloudService:
         self._sessions.pop(session.number, None)
         logger.info("session %d %s (%d open)", session.number, outcome, len(self._sessions))
         if session.cloud is not None:
+            if self.batcher is not None:
+                self.batcher.forget(session.cloud)
             # Free the caches now, whoever still refers to the Cloud (a traceback's frame, say), then
             # hand the freed memory back to the system instead of keeping it in malloc's arenas.
             session.cloud.reset()
@@ -495,12 +510,13 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--connection-idle", type=float, default=120.0, help="seconds a connection without streams stays open (default 120)")
     g.add_argument("--max-connections", type=int, default=1024, help="TCP connections at once (default 1024; limits per peer belong in a firewall)")
     g.add_argument("--max-streams-per-connection", type=int, default=16, help="concurrent calls on one connection (default 16)")
-    g.add_argument("--batching", action="store_true",
-                   help="cross-session batching (off by default: packed products differ from a session's own in the last bits, "
-                        "so replay after failover is no longer bit-exact, and one batch's failure fails all of its sessions)")
-    g.add_argument("--batch-window-ms", type=float, default=2.0,
-                   help="with --batching: how long a step may wait for other sessions' steps to run with it "
-                        "(0: no waiting, steps that are already pending still run together)")
+    g.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True,
+                   help="cross-session batching: concurrent sessions' layer work runs together (default on; packed products "
+                        "differ from a session's own in the last bits, so a failover replay is no longer bit-exact: the server "
+                        "says so to each edge in the stream's metadata, `triadic-batching`)")
+    g.add_argument("--batch-window-ms", type=float, default=DEFAULT_BATCH_WINDOW_MS,
+                   help=f"how long a step may wait for the other sessions mid-generation to join it (default {DEFAULT_BATCH_WINDOW_MS:g}; "
+                        "it runs as soon as all have; 0: no waiting, steps already pending still run together)")
     return p
 
 
@@ -636,12 +652,12 @@ def load(args) -> Loaded:
     if not args.batching:
         pass
     elif cloud.part.config._attn_implementation != "sdpa":  # e.g. Gemma 2's soft-capped eager attention
-        logger.warning("cross-session batching is off: it packs sdpa attention, and this model uses %s", cloud.part.config._attn_implementation)
+        logger.info("cross-session batching is off: it packs sdpa attention, and this model uses %s", cloud.part.config._attn_implementation)
     else:
         from .batching import Batcher, enable_packing
 
         enable_packing(cloud.part)
-        service.batcher = Batcher(args.batch_window_ms / 1e3, active=lambda: service.open_sessions)
+        service.batcher = Batcher(args.batch_window_ms / 1e3)
     return Loaded(service, credentials, server_options(args, limits))
 
 

@@ -27,22 +27,19 @@ def test_concurrent_sessions_give_their_tokens_alone(tiny_untied):
     schedule = SplitSchedule(tuple(FIRST), tuple(SECOND), config.num_hidden_layers)
     part = build_cloud(folder, config, schedule).part  # one part, shared by every session's Cloud
     enable_packing(part)
-    running = len(PROMPTS)
-    batcher = Batcher(window=0.2, active=lambda: running)
-    edges = []
+    batcher = Batcher(window=0.2)
+    clouds, edges = [], []
     for i in range(len(PROMPTS)):
-        cloud = Cloud(schedule, part)
-        cloud.batcher = batcher
-        edges.append(build_edge(folder, config, dataclasses.replace(schedule, seed=i), "none", link=LocalLink(cloud)))
-    results, lock = [None] * len(PROMPTS), threading.Lock()
+        clouds.append(Cloud(schedule, part))
+        clouds[i].batcher = batcher
+        edges.append(build_edge(folder, config, dataclasses.replace(schedule, seed=i), "none", link=LocalLink(clouds[i])))
+    results = [None] * len(PROMPTS)
 
     def session(i: int) -> None:
-        nonlocal running
         try:
             results[i] = edges[i].generate(PROMPTS[i], NEW[i], keep_logits=True)
         finally:
-            with lock:
-                running -= 1
+            batcher.forget(clouds[i])  # as the server does when a stream ends
 
     threads = [threading.Thread(target=session, args=(i,)) for i in range(len(PROMPTS))]
     for t in threads:
@@ -67,3 +64,70 @@ def test_packed_attention_without_packing_is_sdpa(tiny_tied):
     result = pipeline.edge.generate(PROMPTS[0], 12, keep_logits=True)
     assert result.token_ids == reference.token_ids
     assert all(torch.equal(x, y) for x, y in zip(result.logits, reference.logits))
+
+
+def _sessions(folder, batcher, count):
+    """`count` edges over LocalLinks to Clouds that share one packed part and `batcher`."""
+    config = load_config(folder)
+    schedule = SplitSchedule(tuple(FIRST), tuple(SECOND), config.num_hidden_layers)
+    part = build_cloud(folder, config, schedule).part
+    enable_packing(part)
+    clouds = [Cloud(schedule, part) for _ in range(count)]
+    for cloud in clouds:
+        cloud.batcher = batcher
+    edges = [build_edge(folder, config, dataclasses.replace(schedule, seed=i), "none", link=LocalLink(c)) for i, c in enumerate(clouds)]
+    return clouds, edges
+
+
+def _together(edges, clouds, batcher, new):
+    results = [None] * len(edges)
+
+    def session(i: int) -> None:
+        try:
+            results[i] = edges[i].generate(PROMPTS[i], new, keep_logits=True)
+        except Exception as error:  # noqa: BLE001
+            results[i] = error
+        finally:
+            batcher.forget(clouds[i])
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(edges))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def test_one_failing_session_fails_only_itself(tiny_untied, monkeypatch):
+    """A session stopped between layers (cancelled) drops out of its batch; a packed call that fails is
+    rolled back and its sessions finish one by one; every other session gets its tokens alone."""
+    import src.batching as batching
+
+    folder, _ = tiny_untied
+    alone = [build_pipeline(str(folder), FIRST, SECOND, seed=i, with_tokenizer=False).edge.generate(PROMPTS[i], 10, keep_logits=True)
+             for i in range(3)]
+    batcher = Batcher(window=0.2)
+    clouds, edges = _sessions(folder, batcher, 3)
+    calls = {"layers": 0, "masks": 0}
+
+    def stop_after_8_layers() -> None:
+        calls["layers"] += 1
+        if calls["layers"] > 8:
+            raise RuntimeError("cancelled")
+
+    clouds[2].on_layer = stop_after_8_layers
+    real_mask = batching.PackedCache.mask
+
+    def mask_failing_once(self, *args):
+        calls["masks"] += 1
+        if calls["masks"] == 3:  # after the caches took this layer's keys: they must be rolled back
+            raise RuntimeError("injected")
+        return real_mask(self, *args)
+
+    monkeypatch.setattr(batching.PackedCache, "mask", mask_failing_once)
+    results = _together(edges, clouds, batcher, 10)
+    assert isinstance(results[2], RuntimeError) and "cancelled" in str(results[2])
+    for i in (0, 1):
+        assert results[i].token_ids == alone[i].token_ids, i
+        assert max((x - y).abs().max().item() for x, y in zip(results[i].logits, alone[i].logits)) < 1e-4, i
+    assert calls["masks"] > 3 and batcher.largest >= 2

@@ -69,7 +69,9 @@ def servers(long_model, talking_model, tmp_path_factory):
     """Every server of this module, started together so that their imports overlap.
 
     `guarded`: --max-sessions 1, a token, a 3 s session lifetime, 1,024 positions per message.
-    (`fixed`|`moving`, `A`|`B`): a fixed split and moving sets, two servers each, for failover.
+    (`fixed`|`moving`, `A`|`B`): a fixed split and moving sets, two servers each, for failover, with
+    --no-batching: a batching cloud's replies depend on their batch in the last bits, and these
+    tests check that a replay reproduces them bit for bit.
     """
     tmp = tmp_path_factory.mktemp("servers")
     (tmp / "token").write_text(TOKEN)
@@ -77,7 +79,7 @@ def servers(long_model, talking_model, tmp_path_factory):
                                  "--session-lifetime", "3", "--max-message-positions", "1024")}
     for name, sets in (("fixed", FIXED), ("moving", MOVING)):
         for side in "AB":
-            started[name, side] = Server(talking_model, tmp / f"{name}-{side}.log", sets)
+            started[name, side] = Server(talking_model, tmp / f"{name}-{side}.log", sets, "--no-batching")
     with running(started.values()):
         yield started
 
@@ -354,6 +356,7 @@ def test_failover_gives_the_uninterrupted_tokens(servers, talking_model, name, s
         link = links[codec]
         assert results[codec] == local[codec].edge.generate(PROMPT, 48).token_ids, (name, codec)
         assert (link.failovers, link.replayed_bytes, link.replay_mismatches) == (1, sum(hooks[codec].sizes[:11]), 0), codec
+        assert not link.cloud_batches and not link.replay.batched  # the stream's metadata said so
         assert link.target == f"127.0.0.1:{second.port}"
 
 

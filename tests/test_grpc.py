@@ -216,6 +216,7 @@ def test_remote_pipeline_matches_build_pipeline(servers, tiny_tied, codec):
             remote.edge.link.close()
         want = local.edge.generate(PROMPTS[0], NEW)
         assert got.token_ids == want.token_ids, (name, codec)
+        assert remote.edge.link.cloud_batches  # a default server batches sessions and says so in the stream's metadata
         assert (got.bytes_up, got.bytes_down) == (want.bytes_up, want.bytes_down)
         assert remote.cloud is None and (remote.edge.third is None) == two_part
 
