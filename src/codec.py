@@ -83,32 +83,48 @@ MAX_OUTLIER_SHIFT = 60  # outliers up to 65504 * 2**60: beyond any float32 activ
 
 
 @functools.lru_cache(maxsize=16)
-def _rotation_block(hidden: int) -> int:
-    """Rotate in blocks: the whole vector up to 1024 channels, else the largest divisor <= 1024 (4096 -> 1024)."""
-    return max(b for b in range(1, min(hidden, 1024) + 1) if hidden % b == 0)
+def _kronecker_factors(hidden: int) -> tuple[int, int] | None:
+    """Above 1024 channels, (n1, n2) with n1 * n2 = hidden and n1 the largest divisor <= sqrt(hidden) (4096 -> 64 x 64).
+
+    Up to 1024 channels the rotation is one dense matrix (None). Beyond, a dense matrix costs hidden**2
+    per position (2.5 ms on one core at 4096, and 64 MB to keep), so the rotation is the Kronecker product
+    of two smaller ones: still orthogonal and still mixing every channel into every other (A (x) B is
+    dense), at hidden * (n1 + n2) per position. Measured at hidden 4096 on heterogeneous Gaussian
+    states: the same quantization error and Rice size as a dense 4096 rotation, in 19 us instead of 2.5 ms.
+    """
+    if hidden <= 1024:
+        return None
+    n1 = max(d for d in range(1, math.isqrt(hidden) + 1) if hidden % d == 0)
+    return n1, hidden // n1
 
 
 @functools.lru_cache(maxsize=8)
-def rotation(block: int) -> torch.Tensor:
+def rotation(block: int, salt: int = 0) -> torch.Tensor:
     """A fixed random orthogonal matrix, the same on both sides: computed in float64 from a seeded Gaussian."""
-    generator = torch.Generator().manual_seed(0x7121AD1C + block)
+    generator = torch.Generator().manual_seed(0x7121AD1C + block + (salt << 20))
     gaussian = torch.randn(block, block, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(gaussian)
     return (q * torch.sign(torch.diagonal(r))).to(torch.float32)
 
 
 @functools.lru_cache(maxsize=8)
-def _rotation_on(block: int, device: str) -> torch.Tensor:
-    """`rotation(block)` where the states live: copied once per device, not at every message."""
-    return rotation(block).to(device)
+def _rotation_on(block: int, device: str, salt: int = 0) -> torch.Tensor:
+    """`rotation(block, salt)` where the states live: copied once per device, not at every message."""
+    return rotation(block, salt).to(device)
 
 
 def rotate(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """x times the codec's fixed orthogonal matrix (or its transpose): dense up to 1024 channels, A (x) B beyond."""
     count, hidden = x.shape
-    block = _rotation_block(hidden)
-    matrix = _rotation_on(block, str(x.device))
-    matrix = matrix.T if inverse else matrix
-    return (x.reshape(count, hidden // block, block) @ matrix).reshape(count, hidden)
+    device = str(x.device)
+    factors = _kronecker_factors(hidden)
+    if factors is None:
+        matrix = _rotation_on(hidden, device)
+        return (x.reshape(count, 1, hidden) @ (matrix.T if inverse else matrix)).reshape(count, hidden)
+    a, b = _rotation_on(factors[0], device, 1), _rotation_on(factors[1], device, 2)
+    grid = x.reshape(count, *factors)
+    grid = a.T @ grid @ b.T if inverse else a @ grid @ b
+    return grid.reshape(count, hidden)
 
 
 def split_outliers(x: torch.Tensor, k: int, codec: str) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:

@@ -44,7 +44,7 @@ from .sampling import SamplingConfig
 from .utils import ProtocolError, TriadicError
 
 MAGIC = b"TS"
-VERSION = 1
+VERSION = 2  # 2: int8 codecs carry the outliers' shift byte and rotate wide states by a Kronecker product
 HEADER = struct.Struct("<2sBBBBHIIII")
 HEADER_SIZE = HEADER.size  # 24
 START_PAYLOAD = struct.Struct("<QII")
