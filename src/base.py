@@ -139,6 +139,9 @@ class Party:
         self.layer_evals = 0
         self.peak_stored = 0
         self.batcher = None  # a cloud serving many sessions runs their layer work together (src/batching.py)
+        # Whether a lagging layer catches up step by step (as HF generate ran those positions) instead of
+        # in one chunk: set per side from its link's codec and its dtype (`use_step_catch_up`).
+        self.catch_up_by_step = False
         self.reset()
 
     @contextmanager
@@ -160,6 +163,7 @@ class Party:
         self._chunks: dict[tuple[int, str], Chunk] = {}  # this step's chunks by (start, layer type), all ending at `_chunks_end`
         self._rotary: dict[str, tuple] = {}  # this step's rotary range by layer type where the family has one per type: (first position, ids, (cos, sin))
         self._chunks_end = -1
+        self.prefills: list[tuple[int, int]] = []  # (first, end) of each request's first step: one chunk in HF too
 
     def truncate(self, length: int) -> None:
         """Cut the sequence back to positions 0 .. length-1: caches, fill counts, the peer's mirror, the store.
@@ -173,8 +177,36 @@ class Party:
                 self.fill[index] = length
         self.peer_fill = [min(fill, length) for fill in self.peer_fill]
         self.store.truncate(length)
+        self.prefills = [(first, min(end, length)) for first, end in self.prefills if first < length]
         self.end = min(self.end, length)
         self._chunks_end = -1
+
+    def use_step_catch_up(self, codec: Codec) -> None:
+        """Catch lagging layers up step by step where it decides exactness: over a lossless link, in bf16 or fp16.
+
+        A layer that lags (the cuts moved) runs its missing positions in one chunk: one weight read, but
+        the chunk's products add in another order than HF's one-position steps. In fp32 that shows in
+        the last bits only (logits within 1e-5); in bf16/fp16 it moves logits by up to about one unit and
+        can flip near-tied tokens. So with `--codec none` and a 16-bit dtype, a lagging layer replays the
+        steps HF ran: the request's prefill as one chunk, then one position per call. Bit-identical to
+        HF generate, at the cost of more layer calls where the cuts move. Lossy codecs keep the chunks.
+        """
+        self.catch_up_by_step = codec.lossless and self.dtype not in (torch.float32, torch.float64)
+
+    def segments(self, start: int, end: int) -> list[tuple[int, int]]:
+        """[start, end) cut where HF generate's steps cut it: a request's prefill whole, then single positions."""
+        if not self.catch_up_by_step or end - start <= 1:
+            return [(start, end)]
+        pieces, position = [], start
+        while position < end:
+            stop = position + 1
+            for first, last in self.prefills:
+                if first <= position < last:
+                    stop = min(last, end)
+                    break
+            pieces.append((position, stop))
+            position = stop
+        return pieces
 
     def run_layers(self, lo: int, hi: int, end: int) -> None:
         """Bring layers lo .. hi-1 up to position `end`, each from its own fill count."""
@@ -200,7 +232,16 @@ class Party:
                 self.on_layer()
             model = self.layer_owner[index]
             states = carried[1] if carried is not None else self.store.get(index, start, end).unsqueeze(0)
-            output = model.run_layer(index, states, self._chunk(model, states, start, end, index), self.cache)
+            pieces = self.segments(start, end)
+            if len(pieces) == 1:
+                output = model.run_layer(index, states, self._chunk(model, states, start, end, index), self.cache)
+            else:  # as HF ran them (use_step_catch_up): the earlier pieces' chunks are not shared, the last one is
+                outputs = []
+                for first, stop in pieces:
+                    piece = states[:, first - start : stop - start]
+                    chunk = self._chunk(model, piece, first, end, index) if stop == end else model.make_chunk(piece, first, self.cache, index)
+                    outputs.append(model.run_layer(index, piece, chunk, self.cache))
+                output = torch.cat(outputs, dim=1)
             carried = start, output
             self.fill[index] = end
             self.layer_evals += end - start

@@ -95,6 +95,7 @@ class Cloud(Party):
         if step > self.last_step + 1:  # the steps since the last message ran wholly on the edge
             self.advance_peer(self.peer_layers, edge_end)
         self.truncate(keep)
+        self.prefills.append((keep, keep + message.count))
         self.last_step, self.turn_step, self.turn_end = step - 1, step, keep + message.count
         self.sampler = Sampler(message.sampling, self.device) if self.with_head else None
         return protocol.encode_turn(step, keep, message.count, edge_end, message.sampling, self.hidden_size)
@@ -119,11 +120,13 @@ class Cloud(Party):
             raise ProtocolError(f"message ends at position {end - 1}, too early for step {step}")
 
         # Valid: from here on the state changes.
-        if self.turn_end is None:
+        if self.turn_end is None:  # the session's first request, from position 0
             self.turn_end = end - (step - self.turn_step)
+            self.prefills.append((0, self.turn_end))
         if step > self.last_step + 1:
             self.advance_peer(self.peer_layers, end - 1)
         codec = CODECS_BY_ID[message.codec_id]
+        self.use_step_catch_up(codec)
         self.store.put(a, start, self.to_compute(self.unweigh(a, message.hidden, codec)))
         self.run_layers(a, b, end)
         if self.with_head:

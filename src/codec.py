@@ -32,6 +32,9 @@ class Codec:
     # Quantizes on one grid for all channels: the sides weigh the channels first where the family says so
     # (Party.weigh). Lossless and plain casts keep every channel's own precision and are never weighed.
     channel_weighted = False
+    # Whether decoding gives back the sender's values bit for bit (`none`): then a side computing in
+    # bf16/fp16 catches lagging layers up step by step, to stay bit-identical to HF (Party.catch_up_by_step).
+    lossless = False
 
     def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
         """Payload bytes and the dtype code for the header."""
@@ -55,6 +58,7 @@ class RawCodec(Codec):
 
     def __init__(self, name: str, codec_id: int, dtype: torch.dtype | None):
         self.name, self.codec_id, self.dtype = name, codec_id, dtype
+        self.lossless = dtype is None
 
     def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
         x = x.detach().to("cpu")

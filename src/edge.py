@@ -80,6 +80,7 @@ class Edge(Party):
         parts = [first] + ([third] if third is not None else [])
         super().__init__(schedule, parts, send_cuts=schedule.first, peer_layers=schedule.cloud_layers)
         self.first, self.third, self.codec, self.link = first, third, codec, link
+        self.use_step_catch_up(codec)
         self.hidden_size = self.config.hidden_size
         self.peer_layer_evals = 0
         self.uplink_noise = 0.0  # privacy mitigation, off by default: see `protect`
@@ -207,6 +208,7 @@ class Edge(Party):
                 self._expect(turn, Kind.TURN)
         self.started = True
         self.truncate(keep)
+        self.prefills.append((keep, len(token_ids)))
         self.tokens = self.tokens[:keep]
 
     def can_truncate(self) -> bool:
