@@ -1,10 +1,14 @@
 """Speed on a GPU with a random-init LLaMA-7B-shaped model in fp16 (optional; not part of the tests).
 
-    python -m bench.gpu_speed [--tiny] [--new-tokens 128] [--profile-tokens 8]
-      ->  prints a markdown table and the profile of each configuration's decode steps (and $OUT/gpu.md if set)
+    python -m bench.gpu_speed [--new-tokens 128] [--repeats 3] [--more-codecs int8-fixed] [--tiny [--layers 32]]
+      ->  a markdown table, each side's time per token, and a Python profile per configuration (and $OUT/gpu.md if set)
 
 The weights are random (no 7B checkpoint is reachable offline), so the figures are about speed,
-not text. Both sides run on the same GPU in one process, linked by bytes as always.
+not text. Both sides run on the same GPU in one process, linked by bytes as always. HF `generate`
+takes turns with each configuration, so every ratio compares runs made under the same conditions.
+At batch 1 a 7B decode step is bound by the host's per-operation cost, not by the GPU, so
+`--tiny --layers 32` on a CPU (where time is all per-operation overhead) is a fair stand-in for
+trying changes before spending GPU time.
 """
 from __future__ import annotations
 
@@ -128,7 +132,7 @@ def main() -> None:
         split[label] = ", ".join(f"{k} {1e3 * v / len(result.token_ids):.2f}" for k, v in sorted(parts.items()))
         same[label] = pipeline.edge.generate(prompt, 32).token_ids == reference
         if args.profile_tokens > 0 and (label.endswith(", int8") or "unsplit" in label):
-            profiles.append(python_profile(label, lambda: pipeline.edge.generate(prompt, args.profile_tokens), args))
+            profiles.append(python_profile(label, lambda edge=pipeline.edge: edge.generate(prompt, args.profile_tokens), args))
         del pipeline
         if device == "cuda":
             torch.cuda.empty_cache()

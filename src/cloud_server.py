@@ -329,8 +329,6 @@ class CloudService:
 
     def _handle(self, cloud, request: bytes) -> bytes:
         """`Cloud.handle`, with any error caused by the client's bytes turned into INVALID_ARGUMENT."""
-        import torch
-
         try:
             return cloud.handle(request)
         except TriadicError as error:  # ProtocolError, or a codec refusing what the client's states became
