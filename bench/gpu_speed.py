@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile-tokens", type=int, default=16, help="tokens of each profiled generation (0: no profiles)")
     parser.add_argument("--more-codecs", nargs="*", default=[], help="codecs timed besides none and int8 (e.g. int8-fixed)")
+    parser.add_argument("--only", nargs="*", default=[], help="time only configurations whose label contains one of these")
     parser.add_argument("--rows", type=int, default=25, help="functions per profile")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -109,6 +110,8 @@ def main() -> None:
             (f"three-part fixed (1, {L - 1}), {codec}", {1}, {L - 1}, codec),
             (f"three-part random {{1..{w}}},{{{L - w}..{L - 1}}}, {codec}", set(range(1, w + 1)), set(range(L - w, L)), codec),
         ]
+    if args.only:
+        configs = [c for c in configs if any(part in c[0] for part in args.only)]
     same, split, hf_rates = {}, {}, {}
     for label, first, second, codec in configs:
         pipeline = build_pipeline(str(folder), first, second, codec, edge_side=side, cloud_side=side, with_tokenizer=False)
