@@ -50,7 +50,7 @@ class Cloud(Party):
         """The sequence length after `step` of the current request (each step after its first appends one position)."""
         return None if self.turn_end is None else self.turn_end + step - self.turn_step
 
-    @torch.inference_mode()  # see Party.step_mode
+    @torch.inference_mode()  # see the Party docstring
     def handle(self, request: bytes) -> bytes:
         """One request, one reply. Raises ProtocolError (state unchanged) on a bad request."""
         with self.timed("decode"):

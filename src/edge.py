@@ -100,7 +100,7 @@ class Edge(Party):
         self.next_step = 0  # steps count on across the requests of a session (the schedule's t)
         self.started = False  # whether the cloud has this session (START sent)
 
-    @torch.inference_mode()  # see Party.step_mode
+    @torch.inference_mode()  # see the Party docstring
     def generate(
         self,
         prompt_ids: list[int],
@@ -119,7 +119,7 @@ class Edge(Party):
     def session(self) -> Session:
         return Session(self)
 
-    @torch.inference_mode()  # see Party.step_mode
+    @torch.inference_mode()  # see the Party docstring
     def continue_with(
         self,
         token_ids: list[int],
