@@ -99,3 +99,25 @@ def test_bf16_splits_match_generate_in_bf16(checkpoint, request):
         # Lagging layers catch up step by step over a lossless link in bf16 (Party.use_step_catch_up): bit for bit.
         assert max_logit_gap([x.float() for x in result.logits], [y.float() for y in reference_logits]) == 0, seed
         assert pipeline.edge.catch_up_by_step and pipeline.cloud.catch_up_by_step
+
+
+def test_step_catch_up_cuts_where_hf_steps_cut_across_turns(tiny_tied):
+    """Both sides record each request's prefill; a lagging layer's gap is cut at them, then one position per step."""
+    folder, _ = tiny_tied
+    side = SideOptions(dtype=torch.bfloat16)
+    pipeline = build_pipeline(str(folder), {0, 1, 2}, {2, 3, 4}, edge_side=side, cloud_side=side, with_tokenizer=False)
+    edge, cloud = pipeline.edge, pipeline.cloud
+    assert edge.catch_up_by_step  # lossless link, bf16; the cloud decides from each message's codec
+    with edge.session() as chat:
+        first = chat.generate(PROMPT, 4)
+        assert cloud.catch_up_by_step
+        assert edge.prefills == cloud.prefills == [(0, len(PROMPT))]
+        history = PROMPT + first.token_ids[:2]  # 10 of the 11 cached positions, then 3 new ones
+        chat.generate(history + [7, 8, 9], 2)
+        assert edge.prefills == cloud.prefills == [(0, 8), (10, 13)]
+        assert edge.segments(5, 14) == [(5, 8), (8, 9), (9, 10), (10, 13), (13, 14)]
+        assert edge.segments(13, 14) == [(13, 14)]
+    fp32 = build_pipeline(str(folder), {0, 1, 2}, {2, 3, 4}, with_tokenizer=False)
+    assert not fp32.edge.catch_up_by_step and fp32.edge.segments(5, 14) == [(5, 14)]
+    lossy = build_pipeline(str(folder), {0, 1, 2}, {2, 3, 4}, "int8", edge_side=side, cloud_side=side, with_tokenizer=False)
+    assert not lossy.edge.catch_up_by_step
