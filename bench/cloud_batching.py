@@ -4,7 +4,8 @@
       -> results/cloud_batching.md, results/cloud_batching.png
 
 One gRPC cloud server on loopback (embedded model, default moving sets, one torch thread) per
-batching window ("off": no batching), and N edges as separate processes, each with its own prompt, int8, fp32.
+batching window ("off": no batching), and N edges as separate processes, each with its own prompt, int8, in
+`--dtype` on both sides (float32, the server's default, or bfloat16 -> results/cloud_batching_bfloat16.md).
 Every edge loads its model, says it is ready, and all start generating together. On a 2-core
 machine the edges' own compute shares the cores with the server, so the server's CPU time (utime +
 stime from /proc, over the generation) per token served is the fair measure of what batching saves;
@@ -37,10 +38,12 @@ EDGE = """
 import json, sys, time, torch
 torch.set_num_threads(1)
 from src.checkpoint import resolve_model_dir
-from src.pipeline import build_pipeline
+from src.pipeline import SideOptions, build_pipeline
 from src.utils import format_prompt
 model_dir = resolve_model_dir(None)
-pipeline = build_pipeline(str(model_dir), set(range(1, 7)), set(range(24, 30)), "int8", seed=int(sys.argv[3]), cloud_url=sys.argv[1])
+side = SideOptions(dtype=getattr(torch, sys.argv[5]))
+pipeline = build_pipeline(str(model_dir), set(range(1, 7)), set(range(24, 30)), "int8", seed=int(sys.argv[3]), cloud_url=sys.argv[1],
+                          edge_side=side)
 prompt = format_prompt(pipeline.tokenizer, sys.argv[2], "chat")
 print("ready", flush=True)
 sys.stdin.readline()
@@ -58,10 +61,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_server(window: str) -> tuple[subprocess.Popen, str]:
+def start_server(window: str, dtype: str = "float32") -> tuple[subprocess.Popen, str]:
     batching = ["--no-batching"] if window == "off" else ["--batch-window-ms", window]
     server = subprocess.Popen(
-        [sys.executable, "-m", "src.cloud_server", "--port", "0", "--max-sessions", "16", "--threads", "1", *batching],
+        [sys.executable, "-m", "src.cloud_server", "--port", "0", "--max-sessions", "16", "--threads", "1",
+         "--cloud-dtype", dtype, *batching],
         cwd=ROOT, stderr=subprocess.PIPE, text=True,
     )
     for line in server.stderr:
@@ -72,8 +76,8 @@ def start_server(window: str) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("the cloud server did not start")
 
 
-def run_edges(server: subprocess.Popen, url: str, count: int, new_tokens: int) -> dict:
-    edges = [subprocess.Popen([sys.executable, "-c", EDGE, url, PROMPTS[i % len(PROMPTS)], str(i), str(new_tokens)],
+def run_edges(server: subprocess.Popen, url: str, count: int, new_tokens: int, dtype: str = "float32") -> dict:
+    edges = [subprocess.Popen([sys.executable, "-c", EDGE, url, PROMPTS[i % len(PROMPTS)], str(i), str(new_tokens), dtype],
                               cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
              for i in range(count)]
     try:
@@ -100,21 +104,23 @@ def main() -> None:
     parser.add_argument("--edges", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--windows", nargs="+", default=["off", "2", "100"], help="batching windows in ms, or off (100: the server's default)")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both sides' compute dtype")
     args = parser.parse_args()
     rows = []
     for window in args.windows:
-        server, url = start_server(window)
+        server, url = start_server(window, args.dtype)
         try:
             for count in args.edges:
-                row = run_edges(server, url, count, args.new_tokens) | {"window_ms": window}
+                row = run_edges(server, url, count, args.new_tokens, args.dtype) | {"window_ms": window}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         finally:
             server.terminate()
             server.wait(timeout=30)
-    lines = [f"# Cloud throughput with many edges\n\nMachine: {machine()}. Embedded model, default moving sets, int8, fp32, "
-             f"{args.new_tokens} new tokens per edge, each edge a separate process on loopback gRPC; the server has one torch "
-             "thread (`python -m bench.cloud_batching`).\n",
+    suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
+    lines = [f"# Cloud throughput with many edges\n\nMachine: {machine()}. Embedded model, default moving sets, int8, {args.dtype} "
+             f"on both sides, {args.new_tokens} new tokens per edge, each edge a separate process on loopback gRPC; the server has "
+             f"one torch thread (`python -m bench.cloud_batching --dtype {args.dtype}`).\n",
              "| batching window (ms) | edges | tokens | server CPU ms per token | vs one edge alone | aggregate tokens/s | per-edge ms per token (median) |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -122,12 +128,12 @@ def main() -> None:
         lines.append(f"| {row['window_ms']} | {row['edges']} | {row['tokens']} | {1e3 * row['server_cpu_per_token']:.1f} | "
                      f"{row['server_cpu_per_token'] / alone['server_cpu_per_token']:.2f}x | {row['aggregate']:.1f} | {row['latency_ms']:.0f} |")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cloud_batching.md").write_text("\n".join(lines) + "\n\n![cloud batching](cloud_batching.png)\n")
-    plot(rows)
+    (RESULTS / f"cloud_batching{suffix}.md").write_text("\n".join(lines) + f"\n\n![cloud batching](cloud_batching{suffix}.png)\n")
+    plot(rows, RESULTS / f"cloud_batching{suffix}.png")
     print("\n".join(lines))
 
 
-def plot(rows: list[dict]) -> None:
+def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,7 +154,7 @@ def plot(rows: list[dict]) -> None:
         axis.set_ylim(bottom=0)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "cloud_batching.png", dpi=110)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
