@@ -169,7 +169,7 @@ def host(*tensors: torch.Tensor) -> list[np.ndarray]:
     return np.split(joined, np.cumsum([f.numel() for f in flat])[:-1])
 
 
-def read_parts(payload: memoryview, parts: list[tuple[np.dtype, tuple[int, ...]]]) -> tuple[list[np.ndarray], int]:
+def read_parts(payload: memoryview, parts: list[tuple[type, tuple[int, ...]]]) -> tuple[list[np.ndarray], int]:
     """Fixed-size arrays laid end to end at the start of a payload (read in place), and the offset after them."""
     pieces, offset = [], 0
     for dtype, shape in parts:
@@ -203,10 +203,13 @@ def check_scale(scale: np.ndarray, codec: str) -> np.ndarray:
     return scale
 
 
-def finish_decode(device: torch.device | str, q: np.ndarray, scale: np.ndarray, index: np.ndarray, values: np.ndarray) -> torch.Tensor:
-    """q * scale rotated back, with the outliers put in place: validated host arrays (float32) sent to `device`
-    in one copy, where the rotation runs. Every input is finite and bounded, so the result is finite."""
+def finish_decode(device: torch.device | str, q: np.ndarray, scale: np.ndarray, index: np.ndarray, values: np.ndarray,
+                  shift: int) -> torch.Tensor:
+    """q * scale rotated back, with the outliers (fp16 values times 2**shift) put in place: validated host arrays
+    sent to `device` in one float32 copy, where the rotation runs. Every input is finite and bounded, so the
+    result is finite."""
     count, hidden = q.shape
+    values = values.astype(np.float32) * np.float32(2.0**shift)
     flat = torch.from_numpy(np.concatenate([q.ravel(), scale.ravel(), index.ravel(), values.ravel()])).to(device)
     k = index.shape[1]
     q, scale, rest = flat[: count * hidden].view(count, hidden), flat[count * hidden : count * (hidden + 1)], flat[count * (hidden + 1) :]
@@ -230,7 +233,7 @@ class RotatedInt8Codec(Codec):
     def __init__(self, name: str, codec_id: int, outliers: int):
         self.name, self.codec_id, self.outliers = name, codec_id, outliers
 
-    def _parts(self, count: int, hidden: int) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    def _parts(self, count: int, hidden: int) -> list[tuple[type, tuple[int, ...]]]:
         k = self.outliers
         return [(np.float16, (count, 1)), (np.uint16, (count, k)), (np.float16, (count, k)), (np.int8, (count, hidden))]
 
@@ -252,8 +255,7 @@ class RotatedInt8Codec(Codec):
         shift = read_shift(payload, self.name)
         (scale, index, values, quantized), _ = read_parts(payload[1:], self._parts(count, hidden))
         scale, index = check_scale(scale, self.name), check_outliers(index, values, hidden, self.name)
-        values = values.astype(np.float32) * np.float32(2.0**shift)
-        return finish_decode(device, quantized.astype(np.float32), scale / np.float32(127), index, values)
+        return finish_decode(device, quantized.astype(np.float32), scale / np.float32(127), index, values, shift)
 
 
 def rice_encode(q: np.ndarray, k: int) -> bytes:
@@ -316,7 +318,7 @@ class RiceCodec(Codec):
     def __init__(self, name: str, codec_id: int, outliers: int, steps_per_rms: float, k: int):
         self.name, self.codec_id, self.outliers, self.steps_per_rms, self.k = name, codec_id, outliers, steps_per_rms, k
 
-    def _parts(self, count: int) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    def _parts(self, count: int) -> list[tuple[type, tuple[int, ...]]]:
         return [(np.uint16, (count, 1)), (np.uint16, (count, self.outliers)), (np.float16, (count, self.outliers))]  # bf16 step bits
 
     def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
@@ -354,7 +356,7 @@ class RiceCodec(Codec):
         if (step > self.max_step(shift)).any():
             raise ProtocolError(f"codec {self.name}: step {step.max():.3g} is out of range (at most {self.max_step(shift):.4g})")
         q = rice_decode(payload[offset:], count * hidden, self.k, self.name).astype(np.float32).reshape(count, hidden)
-        return finish_decode(device, q, step, index, values.astype(np.float32) * np.float32(2.0**shift))
+        return finish_decode(device, q, step, index, values, shift)
 
 
 class BlockwiseInt8Codec(Codec):
