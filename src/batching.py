@@ -5,10 +5,10 @@ positions; eight sessions stepping at once read them eight times. Here the steps
 that are mid-generation run layer by layer together: for each layer index, the chunks of every
 session that must run that layer now are packed into one row block, so the projections, the MLP
 and the norms run once over all of them (one `run_layer` call: transformers' own decoder layer).
-Attention runs for all of them in one sdpa call over a padded block, each session's queries
-against its own KV cache with its own mask (a registered attention function that finds the
-packing of the current call in a thread-local). Each session keeps its cuts, fill counts, stores
-and caches; only the arithmetic is shared. A session alone runs exactly as without batching.
+Attention runs per session, its queries against its own KV cache with its own mask (a registered
+attention function that finds the packing of the current call in a thread-local). Each session
+keeps its cuts, fill counts, stores and caches; only the arithmetic is shared. A session alone
+runs exactly as without batching.
 
 Packing changes the shape of the matrix products, so results may differ from a session's run
 alone in the last bits (as chunking does): tokens are the same, logits within about 1e-5. A
@@ -49,24 +49,10 @@ class Segment:
 
 
 class PackedCache:
-    """Stands in for a Cache in one decoder-layer call over packed rows: each session's part goes to its own cache.
+    """Stands in for a Cache in one decoder-layer call over packed rows: each session's part goes to its own cache."""
 
-    It also holds what attention needs to run all sessions in one call, built once and reused by
-    every layer with the same packing: the rows of the padded query block [sessions, longest chunk]
-    and the padded boolean mask [sessions, 1, longest chunk, longest cache].
-    """
-
-    def __init__(self, segments: list[Segment], device: torch.device) -> None:
+    def __init__(self, segments: list[Segment]) -> None:
         self.segments = segments
-        longest = max(s.length for s in segments)
-        self.longest = longest
-        query_rows, output_rows = [], []
-        for b, s in enumerate(segments):
-            query_rows += [s.offset + min(j, s.length - 1) for j in range(longest)]  # padding repeats a real row
-            output_rows += [b * longest + j for j in range(s.length)]
-        self.query_index = torch.tensor(query_rows, device=device)
-        self.output_index = torch.tensor(output_rows, device=device)
-        self.masks: dict[int, torch.Tensor] = {}  # by the longest cache: built at the first layer that needs it
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         for s in self.segments:
@@ -74,49 +60,27 @@ class PackedCache:
             s.keys, s.values = s.cache.update(key_states[:, :, rows], value_states[:, :, rows], layer_idx, *args, **kwargs)
         return key_states, value_states  # unused: packed_attention reads each segment's own keys and values
 
-    def mask(self, longest_key: int, device: torch.device) -> torch.Tensor:
-        """Each session's own mask in its corner of the padded block; padding sees nothing (padded queries see key 0)."""
-        mask = self.masks.get(longest_key)
-        if mask is None:
-            mask = torch.zeros(len(self.segments), 1, self.longest, longest_key, dtype=torch.bool, device=device)
-            for b, s in enumerate(self.segments):
-                keys = s.keys.shape[2]
-                if s.mask is None:  # transformers' None: causal, the chunk's last query seeing the whole cache
-                    own = torch.ones(s.length, keys, dtype=torch.bool, device=device).tril(keys - s.length)
-                else:
-                    own = s.mask[0, 0] if s.mask.dtype == torch.bool else s.mask[0, 0] > torch.finfo(s.mask.dtype).min / 2
-                mask[b, 0, : s.length, :keys] = own[-s.length :, -keys:]
-                mask[b, 0, s.length :, 0] = True
-            self.masks[longest_key] = mask
-        return mask
-
 
 _current = threading.local()  # .packed: the PackedCache of the layer call this thread is running, if any
 
 
 def packed_attention(module, query, key, value, attention_mask, **kwargs):
-    """One sdpa call for all packed sessions, each against its own cache; outside a packed call, transformers' sdpa.
+    """Each packed session's queries against its own cache with its own mask; outside a packed call, transformers' sdpa.
 
-    The sessions' keys and values are padded into one [sessions, kv heads, longest cache, head dim]
-    block and their queries into [sessions, heads, longest chunk, head dim], so a layer costs one
-    attention call however many sessions it serves, instead of one per session.
+    This is the very call a session makes alone (transformers' sdpa over its chunk's queries, its
+    cache after the update and its chunk's mask), once per session: the projections and the MLP are
+    what batching shares. Attention reads each session's own keys in place; padding them into one
+    block would copy every cache at every layer (and expand it per head where a mask is needed),
+    which at 8 sessions cost more than the 8 calls.
     """
     packed = getattr(_current, "packed", None)
     if packed is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    segments = packed.segments
-    sessions, heads, head_dim = len(segments), query.shape[1], query.shape[3]
-    longest_key = max(s.keys.shape[2] for s in segments)
-    first = segments[0].keys
-    keys = first.new_zeros(sessions, first.shape[1], longest_key, head_dim)
-    values = segments[0].values.new_zeros(sessions, first.shape[1], longest_key, segments[0].values.shape[3])
-    for b, s in enumerate(segments):
-        keys[b, :, : s.keys.shape[2]] = s.keys[0]
-        values[b, :, : s.values.shape[2]] = s.values[0]
-    padded = query[0].index_select(1, packed.query_index).view(heads, sessions, packed.longest, head_dim).transpose(0, 1)
-    output, _ = sdpa_attention_forward(module, padded, keys, values, packed.mask(longest_key, query.device), **kwargs)
-    # output: [sessions, longest chunk, heads, head dim] -> the packed rows, [1, rows, heads, head dim]
-    return output.reshape(sessions * packed.longest, heads, -1).index_select(0, packed.output_index).unsqueeze(0), None
+    outputs = [
+        sdpa_attention_forward(module, query[:, :, s.offset : s.offset + s.length], s.keys, s.values, s.mask, **kwargs)[0]
+        for s in packed.segments
+    ]
+    return torch.cat(outputs, dim=1), None  # [1, rows, heads, head dim], in the packed rows' order
 
 
 ALL_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, packed_attention)
@@ -128,6 +92,24 @@ def enable_packing(part: torch.nn.Module) -> None:
     if part.config._attn_implementation not in ("sdpa", PACKED_ATTENTION):
         raise ValueError(f"batching needs sdpa attention, not {part.config._attn_implementation}")
     part.config._attn_implementation = PACKED_ATTENTION
+
+
+def store_weights_column_major(part: torch.nn.Module) -> int:
+    """Store every fp32 linear weight of `part` transposed in memory (same values, same shape); returns how many.
+
+    `F.linear(x, W)` computes x @ W.T. With W stored row-major ([out, in], transformers' layout),
+    MKL's fp32 GEMM over 4 to 16 rows takes about twice as long as over one row on this CPU; with
+    W.T contiguous it takes a third more (SmolLM2's MLP projection, one thread: 8 rows 354 against
+    173 us, one row 122 against 127 us; 2-3 rows 122 against 148 us). Packed batches are mostly 4
+    rows or more, so a batching server in fp32 stores them this way. bf16 and fp16 products are
+    indifferent to the layout (oneDNN reorders), so their weights stay as they are.
+    """
+    changed = 0
+    for module in part.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32 and module.weight.is_contiguous():
+            module.weight = torch.nn.Parameter(module.weight.detach().t().contiguous().t(), requires_grad=False)
+            changed += 1
+    return changed
 
 
 @dataclass
@@ -257,7 +239,7 @@ def _pack(model, members: list[Job], rows: torch.Tensor, index: int) -> tuple[Ch
         sin.append(own.position_embeddings[1])
         offset += job.end - start
     chunk = Chunk(0, offset, torch.cat(positions, dim=1), (torch.cat(cos, dim=1), torch.cat(sin, dim=1)), None)
-    return chunk, PackedCache(segments, rows.device)
+    return chunk, PackedCache(segments)
 
 
 def _roll_back(members: list[Job], index: int) -> None:

@@ -652,9 +652,10 @@ def load(args) -> Loaded:
     elif cloud.part.config._attn_implementation != "sdpa":  # e.g. Gemma 2's soft-capped eager attention
         logger.info("cross-session batching is off: it packs sdpa attention, and this model uses %s", cloud.part.config._attn_implementation)
     else:
-        from .batching import Batcher, enable_packing
+        from .batching import Batcher, enable_packing, store_weights_column_major
 
         enable_packing(cloud.part)
+        store_weights_column_major(cloud.part)
         service.batcher = Batcher(args.batch_window_ms / 1e3)
     return Loaded(service, credentials, server_options(args, limits))
 

@@ -4,7 +4,7 @@ import threading
 
 import torch
 
-from src.batching import Batcher, enable_packing
+from src.batching import Batcher, enable_packing, store_weights_column_major
 from src.checkpoint import load_config
 from src.cloud import Cloud
 from src.edge import LocalLink
@@ -66,6 +66,23 @@ def test_packed_attention_without_packing_is_sdpa(tiny_tied):
     assert all(torch.equal(x, y) for x, y in zip(result.logits, reference.logits))
 
 
+def test_column_major_weights_hold_the_same_values_and_give_the_same_tokens(tiny_untied):
+    """A batching server in fp32 stores its linear weights transposed in memory: same values, same tokens."""
+    folder, _ = tiny_untied
+    reference = build_pipeline(str(folder), FIRST, SECOND, with_tokenizer=False).edge.generate(PROMPTS[2], 12, keep_logits=True)
+    pipeline = build_pipeline(str(folder), FIRST, SECOND, with_tokenizer=False)
+    part = pipeline.cloud.part
+    before = {name: p.detach().clone() for name, p in part.named_parameters()}
+    linears = [m for m in part.modules() if isinstance(m, torch.nn.Linear)]
+    assert store_weights_column_major(part) == len(linears) > 0
+    assert all(m.weight.stride() == (1, m.weight.shape[0]) for m in linears)
+    assert all(torch.equal(p, before[name]) for name, p in part.named_parameters())
+    assert store_weights_column_major(part) == 0  # already stored so
+    result = pipeline.edge.generate(PROMPTS[2], 12, keep_logits=True)
+    assert result.token_ids == reference.token_ids
+    assert max((x - y).abs().max().item() for x, y in zip(result.logits, reference.logits)) < 1e-4
+
+
 def _sessions(folder, batcher, count):
     """`count` edges over LocalLinks to Clouds that share one packed part and `batcher`."""
     config = load_config(folder)
@@ -108,7 +125,7 @@ def test_one_failing_session_fails_only_itself(tiny_untied, monkeypatch):
              for i in range(3)]
     batcher = Batcher(window=0.2)
     clouds, edges = _sessions(folder, batcher, 3)
-    calls = {"layers": 0, "masks": 0}
+    calls = {"layers": 0, "updates": 0}
 
     def stop_after_8_layers() -> None:
         calls["layers"] += 1
@@ -116,18 +133,19 @@ def test_one_failing_session_fails_only_itself(tiny_untied, monkeypatch):
             raise RuntimeError("cancelled")
 
     clouds[2].on_layer = stop_after_8_layers
-    real_mask = batching.PackedCache.mask
+    real_update = batching.PackedCache.update
 
-    def mask_failing_once(self, *args):
-        calls["masks"] += 1
-        if calls["masks"] == 3:  # after the caches took this layer's keys: they must be rolled back
+    def update_failing_once(self, *args, **kwargs):
+        out = real_update(self, *args, **kwargs)
+        calls["updates"] += 1
+        if calls["updates"] == 3:  # after the caches took this layer's keys: they must be rolled back
             raise RuntimeError("injected")
-        return real_mask(self, *args)
+        return out
 
-    monkeypatch.setattr(batching.PackedCache, "mask", mask_failing_once)
+    monkeypatch.setattr(batching.PackedCache, "update", update_failing_once)
     results = _together(edges, clouds, batcher, 10)
     assert isinstance(results[2], RuntimeError) and "cancelled" in str(results[2])
     for i in (0, 1):
         assert results[i].token_ids == alone[i].token_ids, i
         assert max((x - y).abs().max().item() for x, y in zip(results[i].logits, alone[i].logits)) < 1e-4, i
-    assert calls["masks"] > 3 and batcher.largest >= 2
+    assert calls["updates"] > 3 and batcher.largest >= 2
