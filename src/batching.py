@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -71,15 +72,23 @@ def packed_attention(module, query, key, value, attention_mask, **kwargs):
     cache after the update and its chunk's mask), once per session: the projections and the MLP are
     what batching shares. Attention reads each session's own keys in place; padding them into one
     block would copy every cache at every layer (and expand it per head where a mask is needed),
-    which at 8 sessions cost more than the 8 calls.
+    which at 8 sessions cost more than the 8 calls. A decode step's single query without a mask is
+    the commonest segment, and there transformers' dispatch (GQA checks, reshapes) costs as much as
+    the attention itself: it gets the call transformers would make for it (`enable_gqa`) directly.
     """
     packed = getattr(_current, "packed", None)
     if packed is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    outputs = [
-        sdpa_attention_forward(module, query[:, :, s.offset : s.offset + s.length], s.keys, s.values, s.mask, **kwargs)[0]
-        for s in packed.segments
-    ]
+    direct = kwargs.get("softcap") is None and kwargs.get("position_bias") is None and not kwargs.get("dropout")
+    gqa = getattr(module, "num_key_value_groups", 1) > 1
+    outputs = []
+    for s in packed.segments:
+        rows = query[:, :, s.offset : s.offset + s.length]
+        if direct and s.length == 1 and s.mask is None:
+            output = F.scaled_dot_product_attention(rows, s.keys, s.values, scale=kwargs.get("scaling"), enable_gqa=gqa)
+            outputs.append(output.transpose(1, 2))
+        else:
+            outputs.append(sdpa_attention_forward(module, rows, s.keys, s.values, s.mask, **kwargs)[0])
     return torch.cat(outputs, dim=1), None  # [1, rows, heads, head dim], in the packed rows' order
 
 
