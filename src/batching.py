@@ -58,7 +58,7 @@ class PackedCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         for s in self.segments:
             rows = slice(s.offset, s.offset + s.length)
-            s.keys, s.values = s.cache.update(key_states[:, :, rows], value_states[:, :, rows], layer_idx, *args, **kwargs)
+            s.keys, s.values = s.cache.layers[layer_idx].update(key_states[:, :, rows], value_states[:, :, rows], *args, **kwargs)
         return key_states, value_states  # unused: packed_attention reads each segment's own keys and values
 
 
@@ -163,6 +163,13 @@ def run_layers_together(jobs: Sequence[Job]) -> int:
     packed call is rolled back and its jobs finish one by one, so one bad session fails only itself.
     Returns the number of layer calls made.
     """
+    if len(jobs) == 1:  # alone: exactly its own run, one call (the store is not written layer by layer)
+        job = jobs[0]
+        try:
+            job.party._run_layers(job.lo, job.hi, job.end)
+        except BaseException as error:  # noqa: BLE001 (handed to that session's thread)
+            job.error = error
+        return job.hi - job.lo
     calls = 0
     carried: _Packing | None = None
     packings: dict[tuple, tuple[Chunk, PackedCache]] = {}
@@ -303,6 +310,11 @@ class Batcher:
     def stats(self) -> dict:
         """For the server's Stats: the window and how full the batches were."""
         return {"window_ms": 1e3 * self.window, "batches": self.batches, "steps": self.steps, "largest": self.largest}
+
+    def expect(self, party: Party) -> None:
+        """A session started: steps wait for its first one too (a burst of new sessions runs its prefills together)."""
+        with self._cond:
+            self._seen[id(party)] = time.monotonic()
 
     def forget(self, party: Party) -> None:
         """The session ended: no batch waits for it any more."""

@@ -71,6 +71,8 @@ class Cloud(Party):
         self.reset()
         self.session = True
         self.sampler = Sampler(message.sampling, self.device) if self.with_head else None
+        if self.batcher is not None:
+            self.batcher.expect(self)
         return protocol.encode_start(message.seed, message.resplit_every, message.fingerprint, self.hidden_size)
 
     def _check_sampling(self, sampling) -> None:
