@@ -83,6 +83,38 @@ def test_column_major_weights_hold_the_same_values_and_give_the_same_tokens(tiny
     assert max((x - y).abs().max().item() for x, y in zip(result.logits, reference.logits)) < 1e-4
 
 
+def test_sessions_that_started_are_waited_for_so_a_burst_runs_its_prefills_together(tiny_untied):
+    """A session's START makes the batcher expect it: the first step of another waits for its prefill."""
+    import time
+
+    from src import protocol
+
+    class SlowFirstStep(LocalLink):
+        """Delays the first HIDDEN message: the sessions' STARTs are in before any prefill arrives."""
+
+        def __init__(self, cloud, delay: float) -> None:
+            super().__init__(cloud)
+            self.delay = delay
+
+        def request(self, data: bytes) -> bytes:
+            if self.delay and data[: len(protocol.MAGIC)] == protocol.MAGIC and protocol.HEADER.unpack_from(data)[2] == protocol.Kind.HIDDEN:
+                time.sleep(self.delay)
+                self.delay = 0.0
+            return super().request(data)
+
+    folder, _ = tiny_untied
+    batcher = Batcher(window=2.0)
+    sizes = []
+    run = batcher._run
+    batcher._run = lambda batch: (sizes.append(len(batch)), run(batch))
+    clouds, edges = _sessions(folder, batcher, 2)
+    for edge, cloud, delay in zip(edges, clouds, (0.05, 0.4)):
+        edge.link = SlowFirstStep(cloud, delay)
+    results = _together(edges, clouds, batcher, 4)
+    assert all(not isinstance(r, BaseException) for r in results)
+    assert sizes[0] == 2, sizes  # without `expect`, the first prefill ran alone: [1, 1, 2, ...]
+
+
 def _sessions(folder, batcher, count):
     """`count` edges over LocalLinks to Clouds that share one packed part and `batcher`."""
     config = load_config(folder)
