@@ -647,13 +647,12 @@ def load(args) -> Loaded:
     torch.manual_seed(0)
     cloud = build_cloud(model_dir, config, schedule, args.two_part, args.lora_weights, side)
     service = CloudService(schedule, cloud.part, limits, token)
-    if not args.batching:
-        pass
-    elif cloud.part.config._attn_implementation != "sdpa":  # e.g. Gemma 2's soft-capped eager attention
-        logger.info("cross-session batching is off: it packs sdpa attention, and this model uses %s", cloud.part.config._attn_implementation)
-    else:
-        from .batching import Batcher, enable_packing, store_weights_column_major
+    from .batching import Batcher, enable_packing, store_weights_column_major, why_not_batchable
 
+    reason = why_not_batchable(cloud.part) if args.batching else None
+    if reason is not None:
+        logger.info("cross-session batching is off: %s", reason)
+    elif args.batching:
         enable_packing(cloud.part)
         store_weights_column_major(cloud.part)
         service.batcher = Batcher(args.batch_window_ms / 1e3)

@@ -44,6 +44,10 @@ class Family:
     # layer's norm gives each channel (None: g = 1). Gemma's residual stream carries small channels that
     # its norms scale up; quantizing evenly across channels buries them (KL 1e-3 instead of 5e-5).
     link_gain_offset: float | None = None
+    # Whether its attention gets the keys and values its cache returned, as they are: cross-session
+    # batching (src/batching.py) reads each session's own from its cache. DiffLlama splits the values
+    # into two halves first, so its sessions are not batched.
+    batchable: bool = True
 
     def scale_embeddings(self, config: PretrainedConfig, embeddings: torch.Tensor) -> torch.Tensor:
         if self.embedding_multiplier is None:
@@ -69,9 +73,10 @@ FAMILIES = (
     Family((
         "llama", "mistral", "ministral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "glm", "glm4",
         "helium", "starcoder2", "stablelm", "apertus", "arcee", "seed_oss", "smollm3", "exaone4",
-        "nemotron", "hunyuan_v1_dense", "ernie4_5", "jais2", "diffllama", "bitnet", "cwm",
+        "nemotron", "hunyuan_v1_dense", "ernie4_5", "jais2", "bitnet", "cwm",
         "gemma",  # Gemma scales its embeddings inside its own embedding module
     )),
+    Family(("diffllama",), batchable=False),
     Family(("gemma2",), logit_softcap="final_logit_softcapping"),
     Family(("gemma3_text",), rotary_per_layer_type=True, logit_softcap="final_logit_softcapping", link_gain_offset=1.0),
     Family(("olmo3",), rotary_per_layer_type=True),

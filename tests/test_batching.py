@@ -2,9 +2,11 @@
 import dataclasses
 import threading
 
+import pytest
 import torch
 
-from src.batching import Batcher, enable_packing, store_weights_column_major
+from families import make_family_checkpoint
+from src.batching import PACKED_ATTENTION, Batcher, enable_packing, store_weights_column_major
 from src.checkpoint import load_config
 from src.cloud import Cloud
 from src.edge import LocalLink
@@ -181,3 +183,46 @@ def test_one_failing_session_fails_only_itself(tiny_untied, monkeypatch):
         assert results[i].token_ids == alone[i].token_ids, i
         assert max((x - y).abs().max().item() for x, y in zip(results[i].logits, alone[i].logits)) < 1e-4, i
     assert calls["updates"] > 3 and batcher.largest >= 2
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "gemma3_text", "granite", "diffllama"])
+def test_families_batch_to_their_tokens_alone_or_are_declared_unbatchable(model_type, tmp_path):
+    """Sliding windows, a rotary per layer type, an attention multiplier: batched tokens equal each session's
+    alone. DiffLlama splits its values after the cache update: it is refused by name, and where packing is
+    forced anyway, the first packed call finds out and its sessions run one by one, to the same tokens."""
+    folder, _ = make_family_checkpoint(tmp_path, model_type)
+    config = load_config(folder)
+    prompts = [[1, 5, 9, 33, 17, 80, 3, 41, 7, 12, 50], [7, 7, 12], [90, 4, 61, 22, 8, 15, 30, 2, 66, 71, 5]]
+    alone = [build_pipeline(str(folder), FIRST, SECOND, seed=i, with_tokenizer=False).edge.generate(prompt, 8, keep_logits=True)
+             for i, prompt in enumerate(prompts)]
+    schedule = SplitSchedule(tuple(FIRST), tuple(SECOND), config.num_hidden_layers)
+    part = build_cloud(folder, config, schedule).part
+    if model_type == "diffllama":
+        with pytest.raises(ValueError, match="diffllama"):
+            enable_packing(part)
+        part.config._attn_implementation = PACKED_ATTENTION
+    else:
+        enable_packing(part)
+    store_weights_column_major(part)
+    batcher = Batcher(window=0.3)
+    clouds = [Cloud(schedule, part) for _ in prompts]
+    for cloud in clouds:
+        cloud.batcher = batcher
+    edges = [build_edge(folder, config, dataclasses.replace(schedule, seed=i), "none", link=LocalLink(c)) for i, c in enumerate(clouds)]
+    results = [None] * len(prompts)
+
+    def session(i: int) -> None:
+        try:
+            results[i] = edges[i].generate(prompts[i], 8, keep_logits=True)
+        finally:
+            batcher.forget(clouds[i])
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for i, (together, single) in enumerate(zip(results, alone)):
+        assert together.token_ids == single.token_ids, i
+        assert max((x - y).abs().max().item() for x, y in zip(together.logits, single.logits)) < 1e-4, i
+    assert batcher.largest >= 2
