@@ -61,6 +61,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def batching_stats(url: str) -> dict:
+    """The server's batching counters (Stats): batches run and steps served so far; empty without batching."""
+    import grpc
+
+    from src.grpc_link import STATS_METHOD
+
+    with grpc.insecure_channel(url.removeprefix("grpc://")) as channel:
+        report = json.loads(channel.unary_unary(STATS_METHOD)(b"", timeout=10))
+    return report["batching"] or {}
+
+
 def start_server(window: str, dtype: str = "float32") -> tuple[subprocess.Popen, str]:
     batching = ["--no-batching"] if window == "off" else ["--batch-window-ms", window]
     server = subprocess.Popen(
@@ -84,19 +95,23 @@ def run_edges(server: subprocess.Popen, url: str, count: int, new_tokens: int, d
         for edge in edges:
             if edge.stdout.readline().strip() != "ready":
                 raise RuntimeError("an edge did not start")
+        counted = batching_stats(url)
         before = cpu_seconds(server.pid)
         for edge in edges:
             edge.stdin.write("go\n")
             edge.stdin.flush()
         reports = [json.loads(edge.stdout.readline()) for edge in edges]
         server_cpu = cpu_seconds(server.pid) - before
+        now = batching_stats(url)
     finally:
         for edge in edges:
             edge.wait(timeout=60)
     tokens = sum(r["tokens"] for r in reports)
     span = max(r["ended"] for r in reports) - min(r["began"] for r in reports)
+    batches = now.get("batches", 0) - counted.get("batches", 0)
     return dict(edges=count, tokens=tokens, server_cpu_per_token=server_cpu / tokens, aggregate=tokens / span,
-                latency_ms=statistics.median(1e3 * r["step_seconds"] / r["tokens"] for r in reports))
+                latency_ms=statistics.median(1e3 * r["step_seconds"] / r["tokens"] for r in reports),
+                steps_per_batch=(now["steps"] - counted["steps"]) / batches if batches else None)
 
 
 def main() -> None:
@@ -127,12 +142,13 @@ def main() -> None:
              f"on both sides, {args.new_tokens} new tokens per edge, each edge a separate process on loopback gRPC; the server has "
              f"one torch thread (`python -m bench.cloud_batching --dtype {args.dtype}`). Each row is the median of {args.repeats} rounds "
              f"over all edge counts; the last column gives every round's server CPU ms per token.\n",
-             "| batching window (ms) | edges | tokens | server CPU ms per token | vs one edge alone | aggregate tokens/s | per-edge ms per token (median) | rounds (server CPU ms per token) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| batching window (ms) | edges | tokens | server CPU ms per token | vs one edge alone | aggregate tokens/s | per-edge ms per token (median) | steps per batch | rounds (server CPU ms per token) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         alone = next((r for r in rows if r["window_ms"] == row["window_ms"] and r["edges"] == 1), row)
         lines.append(f"| {row['window_ms']} | {row['edges']} | {row['tokens']} | {1e3 * row['server_cpu_per_token']:.1f} | "
                      f"{row['server_cpu_per_token'] / alone['server_cpu_per_token']:.2f}x | {row['aggregate']:.1f} | {row['latency_ms']:.0f} | "
+                     f"{'-' if row['steps_per_batch'] is None else format(row['steps_per_batch'], '.2f')} | "
                      f"{', '.join(f'{1e3 * x:.1f}' for x in row['spread'])} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"cloud_batching{suffix}.md").write_text("\n".join(lines) + f"\n\n![cloud batching](cloud_batching{suffix}.png)\n")
