@@ -54,12 +54,13 @@ class PackedCache:
 
     def __init__(self, segments: list[Segment]) -> None:
         self.segments = segments
+        self.lengths = [s.length for s in segments]  # the packed rows, split per session in one call
         self.returned: tuple[torch.Tensor, torch.Tensor] | None = None  # what `update` gave the layer
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        for s in self.segments:
-            rows = slice(s.offset, s.offset + s.length)
-            s.keys, s.values = s.cache.layers[layer_idx].update(key_states[:, :, rows], value_states[:, :, rows], *args, **kwargs)
+        keys, values = key_states.split(self.lengths, dim=2), value_states.split(self.lengths, dim=2)
+        for s, k, v in zip(self.segments, keys, values):
+            s.keys, s.values = s.cache.layers[layer_idx].update(k, v, *args, **kwargs)
         self.returned = key_states, value_states
         return key_states, value_states  # unused: packed_attention reads each segment's own keys and values
 
@@ -85,15 +86,13 @@ def packed_attention(module, query, key, value, attention_mask, **kwargs):
         raise RuntimeError("this layer changed its keys or values after the cache update: its sessions cannot be batched")
     direct = kwargs.get("softcap") is None and kwargs.get("position_bias") is None and not kwargs.get("dropout")
     gqa = getattr(module, "num_key_value_groups", 1) > 1
-    outputs = []
-    for s in packed.segments:
-        rows = query[:, :, s.offset : s.offset + s.length]
+    outputs = []  # each [1, heads, rows, head dim]
+    for s, rows in zip(packed.segments, query.split(packed.lengths, dim=2)):
         if direct and s.length == 1 and s.mask is None:
-            output = F.scaled_dot_product_attention(rows, s.keys, s.values, scale=kwargs.get("scaling"), enable_gqa=gqa)
-            outputs.append(output.transpose(1, 2))
+            outputs.append(F.scaled_dot_product_attention(rows, s.keys, s.values, scale=kwargs.get("scaling"), enable_gqa=gqa))
         else:
-            outputs.append(sdpa_attention_forward(module, rows, s.keys, s.values, s.mask, **kwargs)[0])
-    return torch.cat(outputs, dim=1), None  # [1, rows, heads, head dim], in the packed rows' order
+            outputs.append(sdpa_attention_forward(module, rows, s.keys, s.values, s.mask, **kwargs)[0].transpose(1, 2))
+    return torch.cat(outputs, dim=2).transpose(1, 2), None  # [1, rows, heads, head dim], in the packed rows' order
 
 
 ALL_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, packed_attention)
