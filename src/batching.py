@@ -329,9 +329,13 @@ class Batcher:
         return {"window_ms": 1e3 * self.window, "batches": self.batches, "steps": self.steps, "largest": self.largest}
 
     def expect(self, party: Party) -> None:
-        """A session started: steps wait for its first one too (a burst of new sessions runs its prefills together)."""
+        """A session started: steps wait for its first one too (a burst of new sessions runs its prefills together).
+
+        Only for one window: a START costs the client no computation, so a client that starts sessions
+        and never steps holds the others' steps back by at most one window per START, not for the horizon.
+        """
         with self._cond:
-            self._seen[id(party)] = time.monotonic()
+            self._seen.setdefault(id(party), time.monotonic() - self.horizon + min(self.window, self.horizon))
 
     def forget(self, party: Party) -> None:
         """The session ended: no batch waits for it any more."""

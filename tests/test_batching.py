@@ -117,6 +117,28 @@ def test_sessions_that_started_are_waited_for_so_a_burst_runs_its_prefills_toget
     assert sizes[0] == 2, sizes  # without `expect`, the first prefill ran alone: [1, 1, 2, ...]
 
 
+def test_a_session_that_starts_and_never_steps_holds_the_others_back_for_one_window_only():
+    """`expect` lasts one window: then a session that started but sent no step is no longer waited for."""
+    import time
+
+    class Alone:  # a batch of one runs the party's own `_run_layers`
+        on_layer = None
+
+        def _run_layers(self, lo: int, hi: int, end: int) -> None:
+            pass
+
+    batcher = Batcher(window=0.3)
+    batcher.expect(object())  # started, never steps
+    party = Alone()
+    began = time.monotonic()
+    batcher.run(party, 0, 1, 1)
+    first = time.monotonic() - began
+    began = time.monotonic()
+    batcher.run(party, 0, 1, 2)
+    second = time.monotonic() - began
+    assert 0.25 <= first < 1.0 and second < 0.1, (first, second)
+
+
 def _sessions(folder, batcher, count):
     """`count` edges over LocalLinks to Clouds that share one packed part and `batcher`."""
     config = load_config(folder)
