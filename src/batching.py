@@ -291,9 +291,9 @@ class Batcher:
     """Collects the layer work of concurrent sessions and runs it together on one worker thread.
 
     Window policy: the first step to arrive waits at most `window` seconds for the others; the batch
-    runs as soon as every session that is mid-generation has joined, i.e. every session that started
-    (`expect`) or sent a step within the last `horizon` seconds and has not been `forget`-ten (its
-    stream ended). Edges that got their replies together come back at about the same time, so the
+    runs as soon as every session that is mid-generation has joined, i.e. every session that sent a
+    step within the last `horizon` seconds, or started (`expect`) within the last window, and has
+    not been `forget`-ten (its stream ended). Edges that got their replies together come back at about the same time, so the
     sessions stay in step; a session that is slower than the window is not waited for beyond it.
     Waiting costs no CPU, only latency, at most `window` per step.
     """
