@@ -293,9 +293,9 @@ class Batcher:
     Window policy: the first step to arrive waits at most `window` seconds for the others; the batch
     runs as soon as every session that is mid-generation has joined, i.e. every session that sent a
     step within the last `horizon` seconds, or started (`expect`) within the last window, and has
-    not been `forget`-ten (its stream ended). Edges that got their replies together come back at about the same time, so the
-    sessions stay in step; a session that is slower than the window is not waited for beyond it.
-    Waiting costs no CPU, only latency, at most `window` per step.
+    not been `forget`-ten (its stream ended). Edges that got their replies together come back at
+    about the same time, so the sessions stay in step; a session that is slower than the window is
+    not waited for beyond it. Waiting costs no CPU, only latency, at most `window` per step.
     """
 
     def __init__(self, window: float, horizon: float = 2.0, max_batch: int = 64) -> None:
