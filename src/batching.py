@@ -178,7 +178,7 @@ def run_layers_together(jobs: Sequence[Job]) -> int:
     masks) is reused: no per-session work per layer beyond its cache update. A job whose
     `party.on_layer` raises (cancelled, past its deadline) drops out with that error; a failing
     packed call is rolled back and its jobs finish one by one, so one bad session fails only itself.
-    Returns the number of layer calls made.
+    Returns the number of layer calls made (for a batch of one, the layers its range spans).
     """
     if len(jobs) == 1:  # alone: exactly its own run, one call (the store is not written layer by layer)
         job = jobs[0]

@@ -152,12 +152,13 @@ def _sessions(folder, batcher, count):
     return clouds, edges
 
 
-def _together(edges, clouds, batcher, new):
+def _together(edges, clouds, batcher, new, prompts=PROMPTS):
+    """Each edge generates from its prompt in its own thread; a failed session's result is its exception."""
     results = [None] * len(edges)
 
     def session(i: int) -> None:
         try:
-            results[i] = edges[i].generate(PROMPTS[i], new, keep_logits=True)
+            results[i] = edges[i].generate(prompts[i], new, keep_logits=True)
         except Exception as error:  # noqa: BLE001
             results[i] = error
         finally:
@@ -231,19 +232,7 @@ def test_families_batch_to_their_tokens_alone_or_are_declared_unbatchable(model_
     for cloud in clouds:
         cloud.batcher = batcher
     edges = [build_edge(folder, config, dataclasses.replace(schedule, seed=i), "none", link=LocalLink(c)) for i, c in enumerate(clouds)]
-    results = [None] * len(prompts)
-
-    def session(i: int) -> None:
-        try:
-            results[i] = edges[i].generate(prompts[i], 8, keep_logits=True)
-        finally:
-            batcher.forget(clouds[i])
-
-    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    results = _together(edges, clouds, batcher, 8, prompts)
     for i, (together, single) in enumerate(zip(results, alone)):
         assert together.token_ids == single.token_ids, i
         assert max((x - y).abs().max().item() for x, y in zip(together.logits, single.logits)) < 1e-4, i
