@@ -117,27 +117,6 @@ def enable_packing(part: torch.nn.Module) -> None:
     part.config._attn_implementation = PACKED_ATTENTION
 
 
-def store_weights_column_major(part: torch.nn.Module) -> int:
-    """Store every fp32 linear weight of `part` on the CPU transposed in memory (same values, same shape); returns how many.
-
-    `F.linear(x, W)` computes x @ W.T. With W stored row-major ([out, in], transformers' layout),
-    MKL's fp32 product over 4 to 16 rows costs about twice what it costs with W.T contiguous; over
-    one row the two cost the same. Measured with weights coming from memory as in a step (SmolLM2's
-    28 cloud layers in turn, 7 products each, one thread), per layer: 8 rows 2,197 against 1,804
-    us, one row 958 against 955 us, 2-3 rows 1,122-1,214 against 1,159-1,231 us. Packed batches are
-    mostly 4 rows or more, so a batching server stores them this way. bf16 and fp16 products do not
-    depend on the layout (oneDNN reorders), and a GPU's neither, so those weights stay as they are.
-    """
-    changed = 0
-    for module in part.modules():
-        weight = getattr(module, "weight", None)
-        if (isinstance(module, torch.nn.Linear) and weight.dtype == torch.float32 and weight.device.type == "cpu"
-                and weight.is_contiguous()):
-            module.weight = torch.nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False)
-            changed += 1
-    return changed
-
-
 @dataclass
 class Job:
     """One session's pending layer work: bring layers lo .. hi-1 up to position `end`."""

@@ -647,14 +647,14 @@ def load(args) -> Loaded:
     torch.manual_seed(0)
     cloud = build_cloud(model_dir, config, schedule, args.two_part, args.lora_weights, side)
     service = CloudService(schedule, cloud.part, limits, token)
-    from .batching import Batcher, enable_packing, store_weights_column_major, why_not_batchable
+    from .batching import Batcher, enable_packing, why_not_batchable
 
     reason = why_not_batchable(cloud.part) if args.batching else None
     if reason is not None:
         logger.info("cross-session batching is off: %s", reason)
     elif args.batching:
         enable_packing(cloud.part)
-        store_weights_column_major(cloud.part)
+        cloud.part.store_weights_column_major()  # batched results differ from a lone run's in the last bits anyway
         service.batcher = Batcher(args.batch_window_ms / 1e3)
     return Loaded(service, credentials, server_options(args, limits))
 

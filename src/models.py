@@ -231,6 +231,31 @@ class SplitLlamaForCausalLM(nn.Module):
         excluded = {id(t) for t in exclude}
         return sum(p.numel() for p in self.parameters() if id(p) not in excluded)
 
+    def store_weights_column_major(self) -> int:
+        """Store the fp32 CPU linear weights of the decoder layers transposed in memory (same values, same
+        shape); returns how many were changed.
+
+        `F.linear(x, W)` computes x @ W.T. With W row-major ([out, in], transformers' layout), MKL's fp32
+        product over 4 rows or more costs a quarter to a third more than with W.T contiguous; over 1-3 rows
+        the two cost the same. Measured over SmolLM2's 28 middle layers in turn (7 products each, weights
+        from memory, one thread), per layer, row-major against column-major: one row 963 against 962 us,
+        4 rows 1,753 against 1,356, 8 rows 2,230 against 1,809, a 35-token prompt 3,329 against 2,452.
+        Moving cuts' catch-up chunks, prefills and cross-session batches run several rows. The last bits
+        of a product change with the layout, so only sides whose results need not match transformers' bit
+        for bit use it (`build_pipeline`).
+        bf16 and fp16 products do not depend on the layout (oneDNN reorders), nor a GPU's, so those
+        weights stay as they are. The LM head is left alone: it runs one row at a time, and where it is
+        tied to the embedding a transposed copy would hold its weights twice.
+        """
+        changed = 0
+        for module in self.model.layers.modules():
+            weight = getattr(module, "weight", None)
+            if (isinstance(module, nn.Linear) and weight.dtype == torch.float32 and weight.device.type == "cpu"
+                    and weight.is_contiguous()):
+                module.weight = nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False)
+                changed += 1
+        return changed
+
 
 class FirstLlamaForCausalLM(SplitLlamaForCausalLM):
     model_class = FirstLlamaModel

@@ -65,8 +65,9 @@ def link_gains(model_dir: Path, config, schedule: SplitSchedule) -> dict[int, to
 
 def build_edge(
     model_dir: Path, config, schedule: SplitSchedule, codec_name: str, two_part: bool = False,
-    lora_weights: str | None = None, side: SideOptions = SideOptions(), link=None,
+    lora_weights: str | None = None, side: SideOptions = SideOptions(), link=None, column_major: bool = False,
 ) -> Edge:
+    """The edge's parts; `column_major`: store their layers' fp32 weights so (see `store_weights_column_major`)."""
     first = FirstLlamaForCausalLM.from_checkpoint(
         model_dir, config, schedule.edge_first_layers, side.dtype, side.device, lora_weights
     )
@@ -77,17 +78,22 @@ def build_edge(
             model_dir, config, schedule.edge_third_layers, side.dtype, side.device, lora_weights, shared=tied
         )
     _maybe_quantize([first] + ([third] if third else []), side)
+    if column_major:
+        for part in [first] + ([third] if third else []):
+            part.store_weights_column_major()
     first.link_gains = link_gains(model_dir, config, schedule)
     return Edge(schedule, first, third, get_codec(codec_name), link)
 
 
 def build_cloud(
     model_dir: Path, config, schedule: SplitSchedule, two_part: bool = False,
-    lora_weights: str | None = None, side: SideOptions = SideOptions(),
+    lora_weights: str | None = None, side: SideOptions = SideOptions(), column_major: bool = False,
 ) -> Cloud:
     part_class = ThirdLlamaForCausalLM if two_part else SecondLlamaForCausalLM
     part = part_class.from_checkpoint(model_dir, config, schedule.cloud_layers, side.dtype, side.device, lora_weights)
     _maybe_quantize([part], side)
+    if column_major:
+        part.store_weights_column_major()
     part.link_gains = link_gains(model_dir, config, schedule)
     return Cloud(schedule, part)
 
@@ -114,8 +120,12 @@ def build_pipeline(
     Without `cloud_url` the cloud is built in this process (LocalLink); with it, only the edge is
     built here and talks to a cloud server over gRPC (see cloud_server.py), which must run the same
     model, split sets and mode; several comma-separated URLs are clouds to fail over to.
+
+    A lossy codec changes the hidden states far beyond the last bits of a product, so its sides store
+    their fp32 weights in the layout that is faster over several rows (`store_weights_column_major`);
+    a lossless run keeps transformers' layout, so that it computes what HF computes bit for bit.
     """
-    get_codec(codec_name)  # an unknown codec is refused before any weights are read
+    column_major = not get_codec(codec_name).lossless  # an unknown codec is refused before any weights are read
     model_dir = resolve_model_dir(base_model)
     config = load_config(model_dir)
     schedule = SplitSchedule(tuple(first), tuple(second), config.num_hidden_layers, seed, resplit_every)
@@ -130,7 +140,7 @@ def build_pipeline(
 
         link = make_link(cloud_url, tls_ca_path, token_file_path, timeout, tls_server_name)
     elif needs_cloud:
-        cloud = build_cloud(model_dir, config, schedule, two_part, lora_weights, cloud_side)
+        cloud = build_cloud(model_dir, config, schedule, two_part, lora_weights, cloud_side, column_major)
         link = LocalLink(cloud)
-    edge = build_edge(model_dir, config, schedule, codec_name, two_part, lora_weights, edge_side, link)
+    edge = build_edge(model_dir, config, schedule, codec_name, two_part, lora_weights, edge_side, link, column_major)
     return Pipeline(model_dir, config, tokenizer, schedule, edge, cloud)

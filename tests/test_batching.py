@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from families import make_family_checkpoint
-from src.batching import PACKED_ATTENTION, Batcher, enable_packing, store_weights_column_major
+from src.batching import PACKED_ATTENTION, Batcher, enable_packing
 from src.checkpoint import load_config
 from src.cloud import Cloud
 from src.edge import LocalLink
@@ -76,10 +76,10 @@ def test_column_major_weights_hold_the_same_values_and_give_the_same_tokens(tiny
     part = pipeline.cloud.part
     before = {name: p.detach().clone() for name, p in part.named_parameters()}
     linears = [m for m in part.modules() if isinstance(m, torch.nn.Linear)]
-    assert store_weights_column_major(part) == len(linears) > 0
+    assert part.store_weights_column_major() == len(linears) > 0
     assert all(m.weight.stride() == (1, m.weight.shape[0]) for m in linears)
     assert all(torch.equal(p, before[name]) for name, p in part.named_parameters())
-    assert store_weights_column_major(part) == 0  # already stored so
+    assert part.store_weights_column_major() == 0  # already stored so
     result = pipeline.edge.generate(PROMPTS[2], 12, keep_logits=True)
     assert result.token_ids == reference.token_ids
     assert max((x - y).abs().max().item() for x, y in zip(result.logits, reference.logits)) < 1e-4
@@ -226,7 +226,7 @@ def test_families_batch_to_their_tokens_alone_or_are_declared_unbatchable(model_
         part.config._attn_implementation = PACKED_ATTENTION
     else:
         enable_packing(part)
-    store_weights_column_major(part)
+    part.store_weights_column_major()
     batcher = Batcher(window=0.3)
     clouds = [Cloud(schedule, part) for _ in prompts]
     for cloud in clouds:

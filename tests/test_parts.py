@@ -51,6 +51,22 @@ def test_cloud_of_the_default_sets_has_no_embeddings_or_head(tiny_tied):
     assert names and all(name.startswith(("model.layers.0.", "model.layers.1.", "model.layers.2.")) for name in names)
 
 
+def test_lossy_sides_store_their_layers_weights_column_major_and_lossless_sides_as_transformers(tiny_tied):
+    """A lossy codec's sides transpose their fp32 layer weights in memory (faster over several rows); values,
+    shapes and the tied head stay; a lossless run keeps transformers' layout, to compute what HF computes."""
+    folder, model = tiny_tied
+    for codec, column_major in [("int8", True), ("none", False)]:
+        pipeline = build_pipeline(str(folder), {1, 2}, {2, 3}, codec, with_tokenizer=False)
+        edge = pipeline.edge
+        for part in (edge.first, edge.third, pipeline.cloud.part):
+            linears = [m for m in part.model.layers.modules() if isinstance(m, nn.Linear)]
+            assert linears and all((m.weight.stride() == (1, m.weight.shape[0])) == column_major for m in linears), codec
+            for name, param in part.named_parameters():
+                assert torch.equal(param, model.get_parameter(part.checkpoint_name(name))), name
+        assert edge.third.lm_head.weight is edge.first.model.embed_tokens.weight
+        assert edge.third.lm_head.weight.is_contiguous()
+
+
 def make_adapter(folder, model, path):
     from peft import LoraConfig, get_peft_model
 
