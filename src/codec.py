@@ -258,6 +258,33 @@ class RotatedInt8Codec(Codec):
         return finish_decode(device, quantized.astype(np.float32), scale / np.float32(127), index, values, shift)
 
 
+_BIT_OFFSETS = {k: np.arange(8, dtype=np.uint64) * np.uint64(k) for k in range(9)}  # of 8 k-bit values in a word
+
+
+def _pack_low_bits(z: np.ndarray, k: int) -> np.ndarray:
+    """The k low bits of every value, end to end in little-endian bit order, zero-padded to a byte.
+
+    Eight values fill exactly k bytes, so each group of eight is ORed into one little-endian 64-bit
+    word whose first k bytes are that group's bytes of the stream: a few whole-array operations,
+    where unpacking every bit into its own byte costs k bytes per value in between.
+    """
+    n, groups = len(z), -(-len(z) // 8)
+    padded = np.zeros(groups * 8, np.uint64)
+    padded[:n] = z & ((1 << k) - 1)
+    words = np.bitwise_or.reduce(padded.reshape(groups, 8) << _BIT_OFFSETS[k], axis=1).astype("<u8")
+    return words.view(np.uint8).reshape(groups, 8)[:, :k].reshape(-1)[: (n * k + 7) // 8]
+
+
+def _unpack_low_bits(raw: np.ndarray, n: int, k: int) -> np.ndarray:
+    """`_pack_low_bits` undone: the values of the stream's whole groups of eight (the padding's read as values past n)."""
+    groups = -(-n // 8)
+    stream = np.zeros(groups * k, np.uint8)
+    stream[: len(raw)] = raw
+    words = np.zeros((groups, 8), np.uint8)
+    words[:, :k] = stream.reshape(groups, k)
+    return ((words.view("<u8") >> _BIT_OFFSETS[k]) & np.uint64((1 << k) - 1)).reshape(-1).astype(np.int64)
+
+
 def rice_encode(q: np.ndarray, k: int) -> bytes:
     """Signed integers as a Rice code with k <= 8 low bits, in two runs so that both sides stay vectorized.
 
@@ -267,11 +294,11 @@ def rice_encode(q: np.ndarray, k: int) -> bytes:
     """
     q = q.astype(np.int64, copy=False)
     z = (q << 1) ^ (q >> 63)  # zigzag
-    low = np.unpackbits((z & ((1 << k) - 1)).astype(np.uint8)[:, None], axis=1, count=k, bitorder="little")
+    low = _pack_low_bits(z, k).tobytes() if k else b""
     ends = np.cumsum((z >> k) + 1)  # one past each value's terminating zero
     unary = np.ones(int(ends[-1]) if len(ends) else 0, dtype=np.uint8)
     unary[ends - 1] = 0
-    return np.packbits(low, bitorder="little").tobytes() + np.packbits(unary, bitorder="little").tobytes()
+    return low + np.packbits(unary, bitorder="little").tobytes()
 
 
 def rice_decode(buffer: memoryview, n: int, k: int, codec: str) -> np.ndarray:
@@ -279,10 +306,9 @@ def rice_decode(buffer: memoryview, n: int, k: int, codec: str) -> np.ndarray:
     low_size = (n * k + 7) // 8
     if len(buffer) < low_size + (n + 7) // 8:
         raise ProtocolError(f"codec {codec}: truncated payload, {len(buffer)} bytes for {n} values")
-    low_bits = np.unpackbits(np.frombuffer(buffer, np.uint8, low_size), bitorder="little")
-    if low_bits[n * k :].any():
+    low = _unpack_low_bits(np.frombuffer(buffer, np.uint8, low_size), n, k) if k else np.zeros(n, np.int64)
+    if low[n:].any():
         raise ProtocolError(f"codec {codec}: non-zero padding after the low bits")
-    low = np.packbits(low_bits[: n * k].reshape(n, k), axis=1, bitorder="little")[:, 0].astype(np.int64) if k else 0
     unary = np.unpackbits(np.frombuffer(buffer, np.uint8, offset=low_size), bitorder="little")
     ends = np.flatnonzero(unary == 0)[:n]
     if len(ends) < n:
@@ -290,7 +316,7 @@ def rice_decode(buffer: memoryview, n: int, k: int, codec: str) -> np.ndarray:
     used = (int(ends[-1]) + 8) // 8
     if len(unary) // 8 != used or unary[ends[-1] + 1 :].any():
         raise ProtocolError(f"codec {codec}: {len(unary) // 8 - used} bytes after the last value")
-    z = (np.diff(ends, prepend=-1) - 1) << k | low
+    z = (np.diff(ends, prepend=-1) - 1) << k | low[:n]
     return (z >> 1) ^ -(z & 1)
 
 

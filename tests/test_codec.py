@@ -86,6 +86,32 @@ def test_rice_code_round_trips_any_integers(values, k):
     assert np.array_equal(rice_decode(memoryview(rice_encode(q, k)), len(q), k, "test"), q)
 
 
+def rice_bits_by_hand(values: list[int], k: int) -> bytes:
+    """`rice_encode`'s format from its definition, one bit at a time: the wire format the vectorized code must keep."""
+    z = [2 * v if v >= 0 else -2 * v - 1 for v in values]
+    low = [(x >> bit) & 1 for x in z for bit in range(k)]
+    unary = [bit for x in z for bit in [1] * (x >> k) + [0]]
+
+    def packed(bits: list[int]) -> bytes:
+        bits = bits + [0] * (-len(bits) % 8)
+        return bytes(sum(bits[i + j] << j for j in range(8)) for i in range(0, len(bits), 8))
+
+    return packed(low) + packed(unary)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(-3000, 3000), min_size=1, max_size=40), st.integers(0, 8))
+def test_rice_code_writes_its_documented_bits(values, k):
+    """Low bits in little-endian bit order, then unary, each zero-padded to a byte; a set padding bit is refused."""
+    expected = rice_bits_by_hand(values, k)
+    assert rice_encode(np.array(values), k) == expected
+    if len(values) * k % 8:
+        damaged = bytearray(expected)
+        damaged[len(values) * k // 8] |= 0x80  # the last low-bits byte's top bit is padding
+        with pytest.raises(ProtocolError, match="padding"):
+            rice_decode(memoryview(bytes(damaged)), len(values), k, "test")
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 4), st.floats(1e-6, 500.0), st.integers(0, 2**31))
 def test_int8_error_is_bounded_by_its_step(count, magnitude, seed):
