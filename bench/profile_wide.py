@@ -28,6 +28,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.common import machine
+from src.codec import get_codec
 from src.pipeline import SideOptions, build_pipeline, parse_dtype
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -112,7 +113,11 @@ def run_dtype(folder: Path, dtype: torch.dtype, args) -> list[str]:
     pipelines = {}
     for label, first, second, codec in configurations():
         pipeline = build_pipeline(str(folder), first, second, codec, edge_side=side, cloud_side=side, with_tokenizer=False)
-        share_weights(pipeline.edge.parts + (pipeline.cloud.parts if pipeline.cloud else []), reference)
+        parts = pipeline.edge.parts + (pipeline.cloud.parts if pipeline.cloud else [])
+        share_weights(parts, reference)
+        if not get_codec(codec).lossless:  # sharing undid the layout build_pipeline gives a lossy run's weights
+            for part in parts:
+                part.store_weights_column_major()
         pipelines[label] = pipeline
 
     def runner(label: str):
