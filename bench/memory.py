@@ -30,10 +30,11 @@ base = rss()
 role, base_model, first, second = json.loads(sys.argv[1])
 model_dir = resolve_model_dir(base_model); config = load_config(model_dir)
 schedule = SplitSchedule(tuple(first), tuple(second), config.num_hidden_layers)
+# As build_pipeline builds a lossy run's sides, and a batching server its part: the layers' fp32 weights column-major.
 if role == "edge":
-    parts = build_edge(model_dir, config, schedule, "int8", link=object()).parts  # the link is never called
+    parts = build_edge(model_dir, config, schedule, "int8", link=object(), column_major=True).parts  # the link is never called
 elif role == "cloud":
-    parts = build_cloud(model_dir, config, schedule).parts
+    parts = build_cloud(model_dir, config, schedule, column_major=True).parts
 else:
     parts = [transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)]
 seen = set(); nbytes = 0; embedding = 0

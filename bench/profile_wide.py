@@ -28,7 +28,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.common import machine
-from src.codec import get_codec
 from src.pipeline import SideOptions, build_pipeline, parse_dtype
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -88,10 +87,12 @@ class Clock:
 
 
 def share_weights(parts, reference: dict[str, torch.Tensor]) -> None:
-    """Point every parameter of the split parts at the HF model's tensor of the same name (same values)."""
+    """Point every parameter of the split parts at the HF model's tensor of the same name (same values), except
+    the weights a lossy run's parts store transposed in memory (read from the same file: same values too)."""
     for part in parts:
-        names = [name for name, _ in part.named_parameters()]
-        part.load_state_dict({name: reference[name] for name in names}, strict=False, assign=True)
+        state = {name: reference[name] for name, param in part.named_parameters()
+                 if not (param.dim() == 2 and param.stride() == (1, param.shape[0]))}
+        part.load_state_dict(state, strict=False, assign=True)
 
 
 def configurations() -> list[tuple[str, set[int], set[int], str]]:
@@ -115,9 +116,6 @@ def run_dtype(folder: Path, dtype: torch.dtype, args) -> list[str]:
         pipeline = build_pipeline(str(folder), first, second, codec, edge_side=side, cloud_side=side, with_tokenizer=False)
         parts = pipeline.edge.parts + (pipeline.cloud.parts if pipeline.cloud else [])
         share_weights(parts, reference)
-        if not get_codec(codec).lossless:  # sharing undid the layout build_pipeline gives a lossy run's weights
-            for part in parts:
-                part.store_weights_column_major()
         pipelines[label] = pipeline
 
     def runner(label: str):

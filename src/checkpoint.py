@@ -213,11 +213,19 @@ def weights_in_memory(model_dir: Path, tensors: dict[str, torch.Tensor]) -> Iter
         _IN_MEMORY.pop(key, None)
 
 
-def read_tensors(model_dir: Path, names: dict[str, str], dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-    """Read only the requested tensors: `names` maps the part's parameter name to the checkpoint's name."""
+def read_tensors(model_dir: Path, names: dict[str, str], dtype: torch.dtype, device: str,
+                 column_major: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Read only the requested tensors: `names` maps the part's parameter name to the checkpoint's name.
+
+    The targets in `column_major` (2-D CPU weights) come back stored transposed, `W.T` contiguous (the
+    same values and shape; see `SplitLlamaForCausalLM.from_checkpoint`). They are read with plain file
+    reads, not through the file's mapping: a page read through the mapping stays resident for as long
+    as the file is mapped, so re-laying a mapped weight out would hold it twice.
+    """
     held = _IN_MEMORY.get(Path(model_dir).resolve())
     if held is not None:
-        return {target: held[source].to(device=device, dtype=dtype) for target, source in names.items()}
+        return {target: _laid_out(held[source].to(device=device, dtype=dtype), target in column_major)
+                for target, source in names.items()}
     files = _weight_files(model_dir)
     missing = sorted(source for source in names.values() if source not in files)
     if missing:
@@ -229,8 +237,42 @@ def read_tensors(model_dir: Path, names: dict[str, str], dtype: torch.dtype, dev
     for file, pairs in by_file.items():
         with safe_open(file, "pt", device="cpu") as f:
             for target, source in pairs:
-                tensors[target] = f.get_tensor(source).to(device=device, dtype=dtype)
+                if target not in column_major:
+                    tensors[target] = f.get_tensor(source).to(device=device, dtype=dtype)
+        tensors.update(_read_column_major(file, [pair for pair in pairs if pair[0] in column_major], dtype))
     return tensors
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _read_column_major(file: Path, pairs: list[tuple[str, str]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """(target, source) tensors of one safetensors file, read into `W.T`-contiguous storage without mapping the file."""
+    tensors = {}
+    if not pairs:
+        return tensors
+    with open(file, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+        for target, source in pairs:
+            entry = header[source]
+            stored = SAFETENSORS_DTYPES.get(entry["dtype"])
+            if stored is None:
+                raise TriadicError(f"{file}: {source} is stored as {entry['dtype']}; expected one of {', '.join(SAFETENSORS_DTYPES)}")
+            begin, end = entry["data_offsets"]
+            raw = bytearray(end - begin)
+            f.seek(8 + header_size + begin)
+            if f.readinto(raw) != len(raw):
+                raise TriadicError(f"{file}: truncated at {source}")
+            tensors[target] = _laid_out(torch.frombuffer(raw, dtype=stored).reshape(entry["shape"]).to(dtype), True)
+    return tensors
+
+
+def _laid_out(tensor: torch.Tensor, column_major: bool) -> torch.Tensor:
+    """`tensor`, stored transposed in memory where `column_major` (a copy unless it is already)."""
+    if not column_major or tensor.stride() == (1, tensor.shape[0]):
+        return tensor
+    return tensor.t().contiguous().t()
 
 
 # LoRA variants whose update is not `scale * B @ A` on a decoder layer's Linear weight: merging them per part

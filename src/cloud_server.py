@@ -645,16 +645,19 @@ def load(args) -> Loaded:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cloud = build_cloud(model_dir, config, schedule, args.two_part, args.lora_weights, side)
-    service = CloudService(schedule, cloud.part, limits, token)
     from .batching import Batcher, enable_packing, why_not_batchable
 
+    # Batched results differ from a lone run's in the last bits anyway, so a batching server stores its
+    # weights in the layout that is faster over several rows.
+    cloud = build_cloud(model_dir, config, schedule, args.two_part, args.lora_weights, side, column_major=args.batching)
     reason = why_not_batchable(cloud.part) if args.batching else None
     if reason is not None:
         logger.info("cross-session batching is off: %s", reason)
-    elif args.batching:
+        del cloud  # served unbatched: in transformers' layout, to compute what HF computes
+        cloud = build_cloud(model_dir, config, schedule, args.two_part, args.lora_weights, side)
+    service = CloudService(schedule, cloud.part, limits, token)
+    if args.batching and reason is None:
         enable_packing(cloud.part)
-        cloud.part.store_weights_column_major()  # batched results differ from a lone run's in the last bits anyway
         service.batcher = Batcher(args.batch_window_ms / 1e3)
     return Loaded(service, credentials, server_options(args, limits))
 

@@ -195,22 +195,40 @@ class SplitLlamaForCausalLM(nn.Module):
         device: str = "cpu",
         lora_weights: str | None = None,
         shared: dict[str, torch.Tensor] | None = None,
+        column_major: bool = False,
     ) -> "SplitLlamaForCausalLM":
         """Build without weights, drop unused layers, then read exactly the tensors this part holds.
 
         `shared` hands in tensors this side already holds (the edge's tied embedding, used again as LM head).
+
+        `column_major`: store the decoder layers' fp32 CPU linear weights transposed in memory (`W.T`
+        contiguous; the same values and shape). `F.linear(x, W)` computes x @ W.T, and with W row-major
+        ([out, in], transformers' layout) MKL's fp32 product over 4 rows or more costs a quarter to a third
+        more than with W.T contiguous; over 1-3 rows the two cost about the same. Measured over SmolLM2's
+        28 middle layers in turn (7 products each, weights from memory, one thread), per layer, row-major
+        against column-major: one row 963 against 962 us, 4 rows 1,753 against 1,356, 8 rows 2,230 against
+        1,809, a 35-token prompt 3,329 against 2,452. Moving cuts' catch-up chunks, prompts and
+        cross-session batches run several rows. The last bits of a product change with the layout, so only
+        sides whose results need not match transformers' bit for bit use it (`build_pipeline`, a batching
+        server). bf16 and fp16 products do not depend on the layout (oneDNN reorders), nor a GPU's, so
+        those weights stay as they are; so does the LM head, which runs one row at a time.
         """
         with local_torch_dtype(dtype):  # buffers in the model's dtype, as from_pretrained(dtype=...) makes them
             part = cls(config, owned_layers)
         shared = shared or {}
         wanted = {name: part.checkpoint_name(name) for name, _ in part.named_parameters() if name not in shared}
-        tensors = read_tensors(model_dir, wanted, dtype, device)
+        transposed = frozenset()
+        if column_major and dtype == torch.float32 and torch.device(device).type == "cpu":
+            transposed = frozenset(f"{name}.weight" for name, module in part.named_modules()
+                                   if isinstance(module, nn.Linear) and name.startswith("model.layers.")) & wanted.keys()
+        tensors = read_tensors(model_dir, wanted, dtype, device, transposed)
         if lora_weights:
             for name, delta in load_lora_deltas(lora_weights, part.model.owned_layers).items():
                 if name in tensors:
                     if delta.shape != tensors[name].shape:
                         raise TriadicError(f"--lora-weights {lora_weights}: {name} is {tuple(tensors[name].shape)}, its update {tuple(delta.shape)}")
-                    tensors[name] = (tensors[name].float() + delta.to(device)).to(dtype)
+                    merged = (tensors[name].float() + delta.to(device)).to(dtype)
+                    tensors[name] = merged.t().contiguous().t() if name in transposed else merged
         tensors.update(shared)
         part.load_state_dict(tensors, strict=False, assign=True)
         still_empty = [name for name, p in part.named_parameters() if p.is_meta]
@@ -230,31 +248,6 @@ class SplitLlamaForCausalLM(nn.Module):
     def parameter_count(self, exclude: Iterable[torch.Tensor] = ()) -> int:
         excluded = {id(t) for t in exclude}
         return sum(p.numel() for p in self.parameters() if id(p) not in excluded)
-
-    def store_weights_column_major(self) -> int:
-        """Store the fp32 CPU linear weights of the decoder layers transposed in memory (same values, same
-        shape); returns how many were changed.
-
-        `F.linear(x, W)` computes x @ W.T. With W row-major ([out, in], transformers' layout), MKL's fp32
-        product over 4 rows or more costs a quarter to a third more than with W.T contiguous; over 1-3 rows
-        the two cost the same. Measured over SmolLM2's 28 middle layers in turn (7 products each, weights
-        from memory, one thread), per layer, row-major against column-major: one row 963 against 962 us,
-        4 rows 1,753 against 1,356, 8 rows 2,230 against 1,809, a 35-token prompt 3,329 against 2,452.
-        Moving cuts' catch-up chunks, prefills and cross-session batches run several rows. The last bits
-        of a product change with the layout, so only sides whose results need not match transformers' bit
-        for bit use it (`build_pipeline`).
-        bf16 and fp16 products do not depend on the layout (oneDNN reorders), nor a GPU's, so those
-        weights stay as they are. The LM head is left alone: it runs one row at a time, and where it is
-        tied to the embedding a transposed copy would hold its weights twice.
-        """
-        changed = 0
-        for module in self.model.layers.modules():
-            weight = getattr(module, "weight", None)
-            if (isinstance(module, nn.Linear) and weight.dtype == torch.float32 and weight.device.type == "cpu"
-                    and weight.is_contiguous()):
-                module.weight = nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False)
-                changed += 1
-        return changed
 
 
 class FirstLlamaForCausalLM(SplitLlamaForCausalLM):

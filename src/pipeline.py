@@ -67,20 +67,19 @@ def build_edge(
     model_dir: Path, config, schedule: SplitSchedule, codec_name: str, two_part: bool = False,
     lora_weights: str | None = None, side: SideOptions = SideOptions(), link=None, column_major: bool = False,
 ) -> Edge:
-    """The edge's parts; `column_major`: store their layers' fp32 weights so (see `store_weights_column_major`)."""
+    """The edge's parts; `column_major`: their layers' fp32 weights stored transposed (`SplitLlamaForCausalLM.from_checkpoint`)."""
+    column_major = column_major and not side.load_in_8bit
     first = FirstLlamaForCausalLM.from_checkpoint(
-        model_dir, config, schedule.edge_first_layers, side.dtype, side.device, lora_weights
+        model_dir, config, schedule.edge_first_layers, side.dtype, side.device, lora_weights, column_major=column_major
     )
     third = None
     if not two_part:
         tied = {"lm_head.weight": first.model.embed_tokens.weight} if config.tie_word_embeddings else None
         third = ThirdLlamaForCausalLM.from_checkpoint(
-            model_dir, config, schedule.edge_third_layers, side.dtype, side.device, lora_weights, shared=tied
+            model_dir, config, schedule.edge_third_layers, side.dtype, side.device, lora_weights, shared=tied,
+            column_major=column_major,
         )
     _maybe_quantize([first] + ([third] if third else []), side)
-    if column_major:
-        for part in [first] + ([third] if third else []):
-            part.store_weights_column_major()
     first.link_gains = link_gains(model_dir, config, schedule)
     return Edge(schedule, first, third, get_codec(codec_name), link)
 
@@ -90,10 +89,9 @@ def build_cloud(
     lora_weights: str | None = None, side: SideOptions = SideOptions(), column_major: bool = False,
 ) -> Cloud:
     part_class = ThirdLlamaForCausalLM if two_part else SecondLlamaForCausalLM
-    part = part_class.from_checkpoint(model_dir, config, schedule.cloud_layers, side.dtype, side.device, lora_weights)
+    part = part_class.from_checkpoint(model_dir, config, schedule.cloud_layers, side.dtype, side.device, lora_weights,
+                                      column_major=column_major and not side.load_in_8bit)
     _maybe_quantize([part], side)
-    if column_major:
-        part.store_weights_column_major()
     part.link_gains = link_gains(model_dir, config, schedule)
     return Cloud(schedule, part)
 
@@ -122,7 +120,7 @@ def build_pipeline(
     model, split sets and mode; several comma-separated URLs are clouds to fail over to.
 
     A lossy codec changes the hidden states far beyond the last bits of a product, so its sides store
-    their fp32 weights in the layout that is faster over several rows (`store_weights_column_major`);
+    their fp32 weights in the layout that is faster over several rows (`from_checkpoint`'s `column_major`);
     a lossless run keeps transformers' layout, so that it computes what HF computes bit for bit.
     """
     column_major = not get_codec(codec_name).lossless  # an unknown codec is refused before any weights are read

@@ -69,18 +69,17 @@ def test_packed_attention_without_packing_is_sdpa(tiny_tied):
 
 
 def test_column_major_weights_hold_the_same_values_and_give_the_same_tokens(tiny_untied):
-    """A batching server in fp32 stores its linear weights transposed in memory: same values, same tokens."""
-    folder, _ = tiny_untied
+    """A batching server in fp32 stores its layers' linear weights transposed in memory: same values, same tokens."""
+    folder, model = tiny_untied
+    config = load_config(folder)
     reference = build_pipeline(str(folder), FIRST, SECOND, with_tokenizer=False).edge.generate(PROMPTS[2], 12, keep_logits=True)
-    pipeline = build_pipeline(str(folder), FIRST, SECOND, with_tokenizer=False)
-    part = pipeline.cloud.part
-    before = {name: p.detach().clone() for name, p in part.named_parameters()}
-    linears = [m for m in part.modules() if isinstance(m, torch.nn.Linear)]
-    assert part.store_weights_column_major() == len(linears) > 0
-    assert all(m.weight.stride() == (1, m.weight.shape[0]) for m in linears)
-    assert all(torch.equal(p, before[name]) for name, p in part.named_parameters())
-    assert part.store_weights_column_major() == 0  # already stored so
-    result = pipeline.edge.generate(PROMPTS[2], 12, keep_logits=True)
+    schedule = SplitSchedule(tuple(FIRST), tuple(SECOND), config.num_hidden_layers)
+    cloud = build_cloud(folder, config, schedule, column_major=True)
+    linears = [m for m in cloud.part.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.stride() == (1, m.weight.shape[0]) for m in linears)
+    assert all(torch.equal(p, model.get_parameter(name)) for name, p in cloud.part.named_parameters())
+    edge = build_edge(folder, config, schedule, "none", link=LocalLink(cloud))
+    result = edge.generate(PROMPTS[2], 12, keep_logits=True)
     assert result.token_ids == reference.token_ids
     assert max((x - y).abs().max().item() for x, y in zip(result.logits, reference.logits)) < 1e-4
 
@@ -219,14 +218,13 @@ def test_families_batch_to_their_tokens_alone_or_are_declared_unbatchable(model_
     alone = [build_pipeline(str(folder), FIRST, SECOND, seed=i, with_tokenizer=False).edge.generate(prompt, 8, keep_logits=True)
              for i, prompt in enumerate(prompts)]
     schedule = SplitSchedule(tuple(FIRST), tuple(SECOND), config.num_hidden_layers)
-    part = build_cloud(folder, config, schedule).part
+    part = build_cloud(folder, config, schedule, column_major=True).part  # as a batching server builds it
     if model_type == "diffllama":
         with pytest.raises(ValueError, match="diffllama"):
             enable_packing(part)
         part.config._attn_implementation = PACKED_ATTENTION
     else:
         enable_packing(part)
-    part.store_weights_column_major()
     batcher = Batcher(window=0.3)
     clouds = [Cloud(schedule, part) for _ in prompts]
     for cloud in clouds:
