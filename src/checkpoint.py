@@ -247,24 +247,36 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 
 
 def _read_column_major(file: Path, pairs: list[tuple[str, str]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """(target, source) tensors of one safetensors file, read into `W.T`-contiguous storage without mapping the file."""
+    """(target, source) 2-D tensors of one safetensors file, read into `W.T`-contiguous storage without mapping the file.
+
+    Each weight is read a block of rows at a time through one small buffer, straight into its final
+    storage: a whole-tensor temporary per weight would leave the heap fragmented (1.28x Gemma's cloud).
+    """
     tensors = {}
     if not pairs:
         return tensors
     with open(file, "rb") as f:
         header_size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_size))
+        buffer = bytearray(1 << 20)
         for target, source in pairs:
             entry = header[source]
             stored = SAFETENSORS_DTYPES.get(entry["dtype"])
-            if stored is None:
-                raise TriadicError(f"{file}: {source} is stored as {entry['dtype']}; expected one of {', '.join(SAFETENSORS_DTYPES)}")
-            begin, end = entry["data_offsets"]
-            raw = bytearray(end - begin)
-            f.seek(8 + header_size + begin)
-            if f.readinto(raw) != len(raw):
-                raise TriadicError(f"{file}: truncated at {source}")
-            tensors[target] = _laid_out(torch.frombuffer(raw, dtype=stored).reshape(entry["shape"]).to(dtype), True)
+            if stored is None or len(entry["shape"]) != 2:
+                raise TriadicError(f"{file}: {source} is {entry['dtype']} {entry['shape']}; expected a 2-D float weight")
+            rows, columns = entry["shape"]
+            row_bytes = columns * stored.itemsize
+            if len(buffer) < row_bytes:
+                buffer = bytearray(row_bytes)
+            block = len(buffer) // row_bytes
+            weight = torch.empty(columns, rows, dtype=dtype).t()  # [rows, columns], column-major
+            f.seek(8 + header_size + entry["data_offsets"][0])
+            for first in range(0, rows, block):
+                count = min(block, rows - first)
+                if f.readinto(memoryview(buffer)[: count * row_bytes]) != count * row_bytes:
+                    raise TriadicError(f"{file}: truncated at {source}")
+                weight[first : first + count] = torch.frombuffer(buffer, dtype=stored, count=count * columns).view(count, columns)
+            tensors[target] = weight
     return tensors
 
 
