@@ -121,3 +121,20 @@ def test_each_side_holds_its_weights_once_in_the_layout_a_lossy_run_uses(embedde
     for role in ("edge", "cloud"):
         probe = memory_probe(role)
         assert (probe["peak"] - probe["base"]) / probe["param_bytes"] < 1.25, role
+
+
+def test_weights_read_column_major_hold_the_checkpoints_values_whatever_their_stored_type(tmp_path):
+    """Read by blocks of rows (fp32, bf16, a weight wider than the read buffer), or through the mapping and laid out
+    in memory (a type the block reader leaves out): the checkpoint's values, `W.T` contiguous; the rest as stored."""
+    from safetensors.torch import save_file
+
+    from src.checkpoint import read_tensors
+
+    stored = {"a": torch.randn(5, 7), "b": torch.randn(3, 4).to(torch.bfloat16), "c": torch.randn(3, 300_000),
+              "d": torch.randint(-100, 100, (4, 6), dtype=torch.int8), "e": torch.randn(9)}
+    save_file(stored, tmp_path / "model.safetensors")
+    names = {name: name for name in stored}
+    tensors = read_tensors(tmp_path, names, torch.float32, "cpu", column_major=frozenset("abcd"))
+    for name, value in stored.items():
+        assert torch.equal(tensors[name], value.float()), name
+        assert tensors[name].stride() == ((1, value.shape[0]) if name in "abcd" else (1,)), name
