@@ -21,7 +21,7 @@ RESULTS = ROOT / "results"
 ROLES = ("edge", "cloud", "full model")
 
 PROBE = """
-import json, resource, sys, torch, transformers
+import json, sys, torch, transformers
 from src.pipeline import build_cloud, build_edge
 from src.checkpoint import load_config, resolve_model_dir
 from src.schedule import SplitSchedule
@@ -43,7 +43,8 @@ for part in parts:
         if id(t) not in seen:
             seen.add(id(t)); nbytes += t.numel() * t.element_size(); float(t.float().sum())  # touch every page
             embedding += t.numel() * t.element_size() if "embed_tokens" in name else 0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, not ru_maxrss: the latter survives exec, so a probe started by a large process would report that process's size.
+peak = next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmHWM:'))
 print(json.dumps(dict(role=role, base=base, peak=peak, param_bytes=nbytes, embedding_bytes=embedding)))
 """
 
