@@ -204,14 +204,16 @@ class SplitLlamaForCausalLM(nn.Module):
         `column_major`: store the decoder layers' fp32 CPU linear weights transposed in memory (`W.T`
         contiguous; the same values and shape). `F.linear(x, W)` computes x @ W.T, and with W row-major
         ([out, in], transformers' layout) MKL's fp32 product over 4 rows or more costs a quarter to a third
-        more than with W.T contiguous; over 1-3 rows the two cost about the same. Measured over SmolLM2's
-        28 middle layers in turn (7 products each, weights from memory, one thread), per layer, row-major
-        against column-major: one row 963 against 962 us, 4 rows 1,753 against 1,356, 8 rows 2,230 against
-        1,809, a 35-token prompt 3,329 against 2,452. Moving cuts' catch-up chunks, prompts and
-        cross-session batches run several rows. The last bits of a product change with the layout, so only
-        sides whose results need not match transformers' bit for bit use it (`build_pipeline`, a batching
-        server). bf16 and fp16 products do not depend on the layout (oneDNN reorders), nor a GPU's, so
-        those weights stay as they are; so does the LM head, which runs one row at a time.
+        more than with W.T contiguous, over one row the same. Measured over SmolLM2's 28 middle layers in
+        turn (7 products each, weights from memory, one thread), per layer, row-major against column-major:
+        one row 963 against 962 us, 4 rows 1,753 against 1,356, 8 rows 2,230 against 1,809, a 35-token
+        prompt 3,329 against 2,452. Over 2-3 rows column-major costs 1.0-1.1x at hidden 576 and 1.2-1.3x
+        from 960 up; in whole runs with moving cuts the layout still gained, at 576 and at 4096 (README).
+        Moving cuts' catch-up chunks, prompts and cross-session batches run several rows. The last bits
+        of a product change with the layout, so only sides whose results need not match transformers' bit
+        for bit use it (`build_pipeline`, a batching server). bf16 and fp16 products do not depend on the
+        layout (oneDNN reorders), nor a GPU's, so those weights stay as they are; so does the LM head,
+        which runs one row at a time.
         """
         with local_torch_dtype(dtype):  # buffers in the model's dtype, as from_pretrained(dtype=...) makes them
             part = cls(config, owned_layers)
