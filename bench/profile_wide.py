@@ -28,6 +28,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.common import machine
+from src.checkpoint import is_column_major
 from src.pipeline import SideOptions, build_pipeline, parse_dtype
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -90,8 +91,7 @@ def share_weights(parts, reference: dict[str, torch.Tensor]) -> None:
     """Point every parameter of the split parts at the HF model's tensor of the same name (same values), except
     the weights a lossy run's parts store transposed in memory (read from the same file: same values too)."""
     for part in parts:
-        state = {name: reference[name] for name, param in part.named_parameters()
-                 if not (param.dim() == 2 and param.stride() == (1, param.shape[0]))}
+        state = {name: reference[name] for name, param in part.named_parameters() if not is_column_major(param)}
         part.load_state_dict(state, strict=False, assign=True)
 
 

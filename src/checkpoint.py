@@ -224,7 +224,7 @@ def read_tensors(model_dir: Path, names: dict[str, str], dtype: torch.dtype, dev
     """
     held = _IN_MEMORY.get(Path(model_dir).resolve())
     if held is not None:
-        return {target: _laid_out(held[source].to(device=device, dtype=dtype), target in column_major)
+        return {target: laid_out(held[source].to(device=device, dtype=dtype), target in column_major)
                 for target, source in names.items()}
     files = _weight_files(model_dir)
     missing = sorted(source for source in names.values() if source not in files)
@@ -239,7 +239,7 @@ def read_tensors(model_dir: Path, names: dict[str, str], dtype: torch.dtype, dev
         with safe_open(file, "pt", device="cpu") as f:
             for target, source in pairs:
                 if target not in tensors:  # the rest, and column-major ones of a type _read_column_major leaves out
-                    tensors[target] = _laid_out(f.get_tensor(source).to(device=device, dtype=dtype), target in column_major)
+                    tensors[target] = laid_out(f.get_tensor(source).to(device=device, dtype=dtype), target in column_major)
     return tensors
 
 
@@ -281,9 +281,14 @@ def _read_column_major(file: Path, pairs: list[tuple[str, str]], dtype: torch.dt
     return tensors
 
 
-def _laid_out(tensor: torch.Tensor, column_major: bool) -> torch.Tensor:
+def is_column_major(tensor: torch.Tensor) -> bool:
+    """Whether a 2-D tensor is stored transposed in memory (`W.T` contiguous)."""
+    return tensor.dim() == 2 and tensor.stride() == (1, tensor.shape[0])
+
+
+def laid_out(tensor: torch.Tensor, column_major: bool) -> torch.Tensor:
     """`tensor`, stored transposed in memory where `column_major` (a copy unless it is already)."""
-    if not column_major or tensor.stride() == (1, tensor.shape[0]):
+    if not column_major or is_column_major(tensor):
         return tensor
     return tensor.t().contiguous().t()
 

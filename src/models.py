@@ -29,7 +29,7 @@ from transformers.initialization import no_init_weights
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_utils import local_torch_dtype
 
-from .checkpoint import load_lora_deltas, read_tensors
+from .checkpoint import laid_out, load_lora_deltas, read_tensors
 from .families import Family, attention_layer_types, family_for
 from .utils import TriadicError
 
@@ -229,8 +229,7 @@ class SplitLlamaForCausalLM(nn.Module):
                 if name in tensors:
                     if delta.shape != tensors[name].shape:
                         raise TriadicError(f"--lora-weights {lora_weights}: {name} is {tuple(tensors[name].shape)}, its update {tuple(delta.shape)}")
-                    merged = (tensors[name].float() + delta.to(device)).to(dtype)
-                    tensors[name] = merged.t().contiguous().t() if name in transposed else merged
+                    tensors[name] = laid_out((tensors[name].float() + delta.to(device)).to(dtype), name in transposed)
         tensors.update(shared)
         part.load_state_dict(tensors, strict=False, assign=True)
         still_empty = [name for name, p in part.named_parameters() if p.is_meta]
