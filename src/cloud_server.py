@@ -612,7 +612,7 @@ class Loaded:
 def load(args) -> Loaded:
     """Check the flags, load the cloud part. Raises TriadicError on bad input."""
     from .checkpoint import load_config, resolve_model_dir
-    from .pipeline import SideOptions, build_cloud
+    from .pipeline import SideOptions, build_cloud, cloud_part_class
     from .precision import resolve_dtype
     from .schedule import SplitSchedule
 
@@ -647,16 +647,17 @@ def load(args) -> Loaded:
     torch.manual_seed(0)
     from .batching import Batcher, enable_packing, why_not_batchable
 
+    batching = args.batching
+    if batching:  # asked of the part built on the meta device (no weights read): its family and resolved attention
+        reason = why_not_batchable(cloud_part_class(args.two_part)(config, schedule.cloud_layers))
+        if reason is not None:
+            logger.info("cross-session batching is off: %s", reason)
+            batching = False
     # Batched results differ from a lone run's in the last bits anyway, so a batching server stores its
-    # weights in the layout that is faster over several rows.
-    cloud = build_cloud(model_dir, config, schedule, args.two_part, args.lora_weights, side, column_major=args.batching)
-    reason = why_not_batchable(cloud.part) if args.batching else None
-    if reason is not None:
-        logger.info("cross-session batching is off: %s", reason)
-        del cloud  # served unbatched: in transformers' layout, to compute what HF computes
-        cloud = build_cloud(model_dir, config, schedule, args.two_part, args.lora_weights, side)
+    # weights in the layout that is faster over several rows; unbatched, in transformers' layout, to compute what HF computes.
+    cloud = build_cloud(model_dir, config, schedule, args.two_part, args.lora_weights, side, column_major=batching)
     service = CloudService(schedule, cloud.part, limits, token)
-    if args.batching and reason is None:
+    if batching:
         enable_packing(cloud.part)
         service.batcher = Batcher(args.batch_window_ms / 1e3)
     return Loaded(service, credentials, server_options(args, limits))

@@ -35,6 +35,11 @@ class SideOptions:
     dtype: torch.dtype = torch.float32
     load_in_8bit: bool = False
 
+    def stores_column_major(self, wanted: bool) -> bool:
+        """Whether a side that `wanted` column-major weights gets them: not where they are quantized to int8 after
+        loading, which reads them as transformers lays them out."""
+        return wanted and not self.load_in_8bit
+
 
 def _maybe_quantize(parts, side: SideOptions) -> None:
     """--load-in-8bit: LLM.int8() weights for the decoder layers a side holds."""
@@ -68,7 +73,7 @@ def build_edge(
     lora_weights: str | None = None, side: SideOptions = SideOptions(), link=None, column_major: bool = False,
 ) -> Edge:
     """The edge's parts; `column_major`: their layers' fp32 weights stored transposed (`SplitLlamaForCausalLM.from_checkpoint`)."""
-    column_major = column_major and not side.load_in_8bit
+    column_major = side.stores_column_major(column_major)
     first = FirstLlamaForCausalLM.from_checkpoint(
         model_dir, config, schedule.edge_first_layers, side.dtype, side.device, lora_weights, column_major=column_major
     )
@@ -84,13 +89,17 @@ def build_edge(
     return Edge(schedule, first, third, get_codec(codec_name), link)
 
 
+def cloud_part_class(two_part: bool) -> type[SecondLlamaForCausalLM | ThirdLlamaForCausalLM]:
+    """The cloud's part: the middle layers, or in the two-part split the layers after the cut with norm and head."""
+    return ThirdLlamaForCausalLM if two_part else SecondLlamaForCausalLM
+
+
 def build_cloud(
     model_dir: Path, config, schedule: SplitSchedule, two_part: bool = False,
     lora_weights: str | None = None, side: SideOptions = SideOptions(), column_major: bool = False,
 ) -> Cloud:
-    part_class = ThirdLlamaForCausalLM if two_part else SecondLlamaForCausalLM
-    part = part_class.from_checkpoint(model_dir, config, schedule.cloud_layers, side.dtype, side.device, lora_weights,
-                                      column_major=column_major and not side.load_in_8bit)
+    part = cloud_part_class(two_part).from_checkpoint(model_dir, config, schedule.cloud_layers, side.dtype, side.device,
+                                                      lora_weights, column_major=side.stores_column_major(column_major))
     _maybe_quantize([part], side)
     part.link_gains = link_gains(model_dir, config, schedule)
     return Cloud(schedule, part)

@@ -235,3 +235,23 @@ def test_families_batch_to_their_tokens_alone_or_are_declared_unbatchable(model_
         assert together.token_ids == single.token_ids, i
         assert max((x - y).abs().max().item() for x, y in zip(together.logits, single.logits)) < 1e-4, i
     assert batcher.largest >= 2
+
+
+@pytest.mark.parametrize("model_type", ["llama", "diffllama"])
+def test_a_server_reads_its_weights_once_in_the_layout_its_batching_needs(model_type, tmp_path, monkeypatch):
+    """The server asks whether its part can batch before reading any weight: a batchable family is read once,
+    column-major, and batches; DiffLlama is read once, in transformers' layout (what HF computes), and does not."""
+    import src.models
+    from src.checkpoint import is_column_major
+    from src.cloud_server import load, make_parser
+
+    folder, _ = make_family_checkpoint(tmp_path, model_type)
+    reads = []
+    real = src.models.read_tensors
+    monkeypatch.setattr(src.models, "read_tensors", lambda *args, **kwargs: reads.append(args[1]) or real(*args, **kwargs))
+    loaded = load(make_parser().parse_args(["--base-model", str(folder), "--port", "0", "--first", "1", "--second", "3"]))
+    service = loaded.service
+    batches = model_type != "diffllama"
+    assert len(reads) == 1 and "model.layers.1.mlp.up_proj.weight" in reads[0]
+    assert (service.batcher is not None) is batches
+    assert is_column_major(service.part.model.layers[1].mlp.up_proj.weight) is batches
