@@ -1,7 +1,7 @@
 """Cloud throughput with many edges: the server's CPU time per token served, batching on and off.
 
-    python -m bench.cloud_batching [--edges 1 2 4 8 16] [--windows off 2 100] [--new-tokens 32] [--repeats 3]
-      -> results/cloud_batching.md, results/cloud_batching.png
+    python -m bench.cloud_batching [--edges 1 2 4 8 16] [--windows off 2 100] [--new-tokens 32] [--repeats 3] [--replay]
+      -> results/cloud_batching.md, results/cloud_batching.png (--replay: results/cloud_batching_replay.md)
 
 One gRPC cloud server on loopback (embedded model, default moving sets, one torch thread) per
 batching window ("off": no batching), and N edges as separate processes, each with its own prompt, int8, in
@@ -10,6 +10,12 @@ Every edge loads its model, says it is ready, and all start generating together.
 machine the edges' own compute shares the cores with the server, so the server's CPU time (utime +
 stime from /proc, over the generation) per token served is the fair measure of what batching saves;
 aggregate tokens/s and each edge's time per token are reported as well.
+
+`--replay` takes the edges' compute off the machine: each edge's requests are recorded once (in
+process, the same prompts and seeds), and N light clients send them again over gRPC, each the next
+request as soon as its reply is in. The server then does the same work without edges sharing its
+cores and memory bandwidth; whether that changes its CPU per token tells how much of it the
+co-running edges cause.
 """
 from __future__ import annotations
 
@@ -87,6 +93,68 @@ def start_server(window: str, dtype: str = "float32") -> tuple[subprocess.Popen,
     raise RuntimeError("the cloud server did not start")
 
 
+def record_sessions(count: int, new_tokens: int, dtype: str = "float32") -> list[list[bytes]]:
+    """The requests each bench edge sends (its prompt, its seed), recorded from an in-process run."""
+    import dataclasses
+
+    import torch
+
+    from src.pipeline import SideOptions, build_pipeline
+    from src.utils import format_prompt
+
+    torch.set_num_threads(1)
+    side = SideOptions(dtype=getattr(torch, dtype))
+    pipeline = build_pipeline(None, set(range(1, 7)), set(range(24, 30)), "int8", edge_side=side, cloud_side=side)
+    edge, send = pipeline.edge, pipeline.edge.link.request
+    sessions = []
+    for i in range(count):
+        edge.schedule = dataclasses.replace(edge.schedule, seed=i)  # the cloud takes the seed from START
+        requests: list[bytes] = []
+        edge.link.request = lambda data, requests=requests: requests.append(bytes(data)) or send(data)
+        edge.generate(format_prompt(pipeline.tokenizer, PROMPTS[i % len(PROMPTS)], "chat"), new_tokens)
+        sessions.append(requests)
+    edge.link.request = send
+    return sessions
+
+
+def replay_sessions(server: subprocess.Popen, url: str, sessions: list[list[bytes]], new_tokens: int) -> dict:
+    """`run_edges` with recorded requests sent by client threads in place of edges: the server's work without the edges'."""
+    import time
+
+    from src.grpc_link import GrpcLink
+
+    links = [GrpcLink(url) for _ in sessions]
+    ready = threading.Barrier(len(sessions) + 1)
+    spans: list[tuple[float, float]] = []
+
+    def client(link: GrpcLink, requests: list[bytes]) -> None:
+        ready.wait()
+        began = time.time()
+        for data in requests:
+            link.request(data)
+        spans.append((began, time.time()))
+        link.end_session()
+
+    threads = [threading.Thread(target=client, args=pair) for pair in zip(links, sessions)]
+    for thread in threads:
+        thread.start()
+    counted = batching_stats(url)
+    before = cpu_seconds(server.pid)
+    ready.wait()
+    for thread in threads:
+        thread.join()
+    server_cpu = cpu_seconds(server.pid) - before
+    now = batching_stats(url)
+    for link in links:
+        link.close()
+    tokens = new_tokens * len(sessions)
+    batches = now.get("batches", 0) - counted.get("batches", 0)
+    return dict(edges=len(sessions), tokens=tokens, server_cpu_per_token=server_cpu / tokens,
+                aggregate=tokens / (max(e for _, e in spans) - min(b for b, _ in spans)),
+                latency_ms=statistics.median(1e3 * (e - b) / new_tokens for b, e in spans),
+                steps_per_batch=(now["steps"] - counted["steps"]) / batches if batches else None)
+
+
 def run_edges(server: subprocess.Popen, url: str, count: int, new_tokens: int, dtype: str = "float32") -> dict:
     edges = [subprocess.Popen([sys.executable, "-c", EDGE, url, PROMPTS[i % len(PROMPTS)], str(i), str(new_tokens), dtype],
                               cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -121,7 +189,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="rounds over the edge counts; each row is the median round")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both sides' compute dtype")
+    parser.add_argument("--replay", action="store_true", help="recorded requests from light clients in place of edges")
     args = parser.parse_args()
+    sessions = record_sessions(max(args.edges), args.new_tokens, args.dtype) if args.replay else None
     rows = []
     for window in args.windows:
         server, url = start_server(window, args.dtype)
@@ -129,7 +199,8 @@ def main() -> None:
             runs: dict[int, list[dict]] = {count: [] for count in args.edges}
             for _ in range(args.repeats):  # rounds over all edge counts, so drift hits every count alike
                 for count in args.edges:
-                    runs[count].append(run_edges(server, url, count, args.new_tokens, args.dtype))
+                    runs[count].append(replay_sessions(server, url, sessions[:count], args.new_tokens) if args.replay
+                                       else run_edges(server, url, count, args.new_tokens, args.dtype))
                     print(json.dumps(runs[count][-1] | {"window_ms": window}), flush=True)
             for count in args.edges:  # the median round by server CPU per token
                 ordered = sorted(runs[count], key=lambda r: r["server_cpu_per_token"])
@@ -137,11 +208,14 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=30)
-    suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
+    suffix = ("" if args.dtype == "float32" else f"_{args.dtype}") + ("_replay" if args.replay else "")
+    clients = ("each edge's recorded requests sent again by a client thread of one process (no edge computes)" if args.replay
+               else "each edge a separate process")
     lines = [f"# Cloud throughput with many edges\n\nMachine: {machine()}. Embedded model, default moving sets, int8, {args.dtype} "
-             f"on both sides, {args.new_tokens} new tokens per edge, each edge a separate process on loopback gRPC; the server has "
-             f"one torch thread (`python -m bench.cloud_batching --dtype {args.dtype}`). Each row is the median of {args.repeats} rounds "
-             f"over all edge counts; the last column gives every round's server CPU ms per token.\n",
+             f"on both sides, {args.new_tokens} new tokens per edge, {clients} on loopback gRPC; the server has "
+             f"one torch thread (`python -m bench.cloud_batching --dtype {args.dtype}{' --replay' if args.replay else ''}`). "
+             f"Each row is the median of {args.repeats} rounds over all edge counts; the last column gives every round's server "
+             f"CPU ms per token.\n",
              "| batching window (ms) | edges | tokens | server CPU ms per token | vs one edge alone | aggregate tokens/s | per-edge ms per token (median) | steps per batch | rounds (server CPU ms per token) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
