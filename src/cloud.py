@@ -35,7 +35,7 @@ class Cloud(Party):
         self.part = part
         self.with_head = isinstance(part, ThirdLlamaForCausalLM)
         if self.with_head and schedule.second != (L,):
-            raise ValueError("a cloud with the LM head runs to the last layer: second must be {L}")
+            raise ValueError(f"a cloud with the LM head runs to the last layer: second must be {{{L}}}")
         self.hidden_size = self.config.hidden_size
         self.session = False
 

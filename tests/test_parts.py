@@ -138,3 +138,15 @@ def test_weights_read_column_major_hold_the_checkpoints_values_whatever_their_st
     for name, value in stored.items():
         assert torch.equal(tensors[name], value.float()), name
         assert tensors[name].stride() == ((1, value.shape[0]) if name in "abcd" else (1,)), name
+
+
+def test_a_cloud_with_the_head_must_run_to_the_last_layer(tiny_tied):
+    """The two-part cloud returns tokens, so it runs to layer L; its error names L."""
+    from src.cloud import Cloud
+    from src.schedule import SplitSchedule
+
+    folder, _ = tiny_tied
+    config = load_config(folder)
+    part = ThirdLlamaForCausalLM.from_checkpoint(folder, config, range(2, 4))
+    with pytest.raises(ValueError, match=r"second must be \{4\}"):
+        Cloud(SplitSchedule((2,), (3,), 4), part)
