@@ -281,10 +281,6 @@ class Batcher:
         self.window = window  # seconds a step may wait for other sessions' steps
         self.horizon = horizon  # a session not seen for this long is no longer waited for
         self.max_batch = max_batch  # steps per batch at most
-        # One thread computes at a time: a session's thread holds the turn while it handles its message (`Cloud.handle`)
-        # and gives it up while its job waits in `run`; the worker holds it while a batch runs. Interleaved under the GIL,
-        # which torch drops at every operation, the threads would hand it back and forth at every operation instead.
-        self.turn = threading.Lock()
         self._pending: list[Job] = []
         self._seen: dict[int, float] = {}  # id(party) -> when it last sent a step
         self._cond = threading.Condition()
@@ -294,7 +290,7 @@ class Batcher:
         self.largest = 0
 
     def run(self, party: Party, lo: int, hi: int, end: int) -> None:
-        """Called from a session's thread, holding the turn, in place of party._run_layers: returns once its layers ran."""
+        """Called from a session's thread in place of party._run_layers: returns once its layers ran."""
         job = Job(party, lo, hi, end)
         with self._cond:
             if self._worker is None:
@@ -303,11 +299,7 @@ class Batcher:
             self._pending.append(job)
             self._seen[id(party)] = job.arrived
             self._cond.notify_all()
-        self.turn.release()
-        try:
-            job.done.wait()
-        finally:
-            self.turn.acquire()
+        job.done.wait()
         if job.error is not None:
             raise job.error
 
@@ -355,7 +347,7 @@ class Batcher:
 
     def _run(self, batch: list[Job]) -> None:
         try:
-            with self.turn, torch.inference_mode():  # as every entry point (Party)
+            with torch.inference_mode():  # as every entry point (Party)
                 run_layers_together(batch)
         except BaseException as error:  # noqa: BLE001 (every waiting session hears of it; the worker goes on)
             logger.exception("batched layer run failed")

@@ -50,15 +50,9 @@ class Cloud(Party):
         """The sequence length after `step` of the current request (each step after its first appends one position)."""
         return None if self.turn_end is None else self.turn_end + step - self.turn_step
 
+    @torch.inference_mode()  # see the Party docstring
     def handle(self, request: bytes) -> bytes:
         """One request, one reply. Raises ProtocolError (state unchanged) on a bad request."""
-        if self.batcher is None:
-            return self._handle(request)
-        with self.batcher.turn:  # one computing thread at a time (Batcher.turn); given up while the batch runs
-            return self._handle(request)
-
-    @torch.inference_mode()  # see the Party docstring
-    def _handle(self, request: bytes) -> bytes:
         with self.timed("decode"):
             message = protocol.decode(request, self.hidden_size, self.device)
         if message.kind is Kind.START:
