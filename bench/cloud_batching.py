@@ -126,12 +126,17 @@ def replay_sessions(server: subprocess.Popen, url: str, sessions: list[list[byte
     links = [GrpcLink(url) for _ in sessions]
     ready = threading.Barrier(len(sessions) + 1)
     spans: list[tuple[float, float]] = []
+    failures: list[BaseException] = []
 
     def client(link: GrpcLink, requests: list[bytes]) -> None:
         ready.wait()
         began = time.time()
-        for data in requests:
-            link.request(data)
+        try:
+            for data in requests:
+                link.request(data)
+        except BaseException as error:  # noqa: BLE001 (raised below, in the bench's thread)
+            failures.append(error)
+            return
         spans.append((began, time.time()))
         link.end_session()
 
@@ -147,6 +152,8 @@ def replay_sessions(server: subprocess.Popen, url: str, sessions: list[list[byte
     now = batching_stats(url)
     for link in links:
         link.close()
+    if failures:
+        raise RuntimeError(f"{len(failures)} replayed session(s) failed: {failures[0]}")
     tokens = new_tokens * len(sessions)
     batches = now.get("batches", 0) - counted.get("batches", 0)
     return dict(edges=len(sessions), tokens=tokens, server_cpu_per_token=server_cpu / tokens,
