@@ -99,12 +99,14 @@ def record_sessions(count: int, new_tokens: int, dtype: str = "float32") -> list
 
     import torch
 
+    from src.cloud_server import DEFAULT_FIRST, DEFAULT_SECOND
     from src.pipeline import SideOptions, build_pipeline
-    from src.utils import format_prompt
+    from src.utils import format_prompt, parse_layer_set
 
     torch.set_num_threads(1)
     side = SideOptions(dtype=getattr(torch, dtype))
-    pipeline = build_pipeline(None, set(range(1, 7)), set(range(24, 30)), "int8", edge_side=side, cloud_side=side)
+    first, second = parse_layer_set(DEFAULT_FIRST, "--first"), parse_layer_set(DEFAULT_SECOND, "--second")  # the server's
+    pipeline = build_pipeline(None, first, second, "int8", edge_side=side, cloud_side=side)
     edge, send = pipeline.edge, pipeline.edge.link.request
     sessions = []
     for i in range(count):
@@ -124,7 +126,7 @@ def replay_sessions(server: subprocess.Popen, url: str, sessions: list[list[byte
     from src.grpc_link import GrpcLink
 
     links = [GrpcLink(url) for _ in sessions]
-    ready = threading.Barrier(len(sessions) + 1)
+    ready = threading.Barrier(len(sessions) + 1, timeout=120)
     spans: list[tuple[float, float]] = []
     failures: list[BaseException] = []
 
