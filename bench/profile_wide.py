@@ -114,8 +114,7 @@ def run_dtype(folder: Path, dtype: torch.dtype, args) -> list[str]:
     pipelines = {}
     for label, first, second, codec in configurations():
         pipeline = build_pipeline(str(folder), first, second, codec, edge_side=side, cloud_side=side, with_tokenizer=False)
-        parts = pipeline.edge.parts + (pipeline.cloud.parts if pipeline.cloud else [])
-        share_weights(parts, reference)
+        share_weights(pipeline.edge.parts + (pipeline.cloud.parts if pipeline.cloud else []), reference)
         pipelines[label] = pipeline
 
     def runner(label: str):
