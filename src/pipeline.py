@@ -29,11 +29,13 @@ def parse_dtype(name: str) -> torch.dtype:
         raise TriadicError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}") from None
 
 
-@dataclass
+@dataclass(frozen=True)  # frozen: one default instance serves every signature that takes it
 class SideOptions:
-    device: str = "cpu"
-    dtype: torch.dtype = torch.float32
-    load_in_8bit: bool = False
+    """Where and how one side computes."""
+
+    device: str = "cpu"  # torch device of the side's weights and caches
+    dtype: torch.dtype = torch.float32  # compute dtype (`--dtype`, resolved from auto by precision.resolve_dtype)
+    load_in_8bit: bool = False  # LLM.int8() weights for the decoder layers (bitsandbytes)
 
     def stores_column_major(self, wanted: bool) -> bool:
         """Whether a side that `wanted` column-major weights gets them: not where they are quantized to int8 after
