@@ -113,8 +113,8 @@ def build_from_args(mode: str, args, first: set[int] | None, second: set[int] | 
         raise TriadicError("--tls-ca, --tls-server-name and --token-file go with --cloud")
     if args.cloud is not None and mode == "one":
         raise TriadicError("--cloud: main_1_split.py runs unsplit, without a cloud")
-    edge_dtype, edge_reason = resolve_dtype(args.edge_dtype or args.dtype, args.edge_device)
-    cloud_dtype, cloud_reason = resolve_dtype(args.cloud_dtype or args.dtype, args.cloud_device)
+    edge_dtype, _ = resolve_dtype(args.edge_dtype or args.dtype, args.edge_device)
+    cloud_dtype, _ = resolve_dtype(args.cloud_dtype or args.dtype, args.cloud_device)
     model_dir = str(resolve_model_dir(args.base_model))  # once: a hub id is downloaded here, not again below
     num_layers = load_config(model_dir).num_hidden_layers
     first, second = resolve_sets(mode, args, first, second, num_layers)
