@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 
 import torch
 
 from .pipeline import Pipeline, SideOptions, build_pipeline
-from .precision import dtype_name, resolve_dtype
+from .precision import check_device, dtype_name, resolve_dtype
 from .sampling import SamplingConfig, TextStream, model_generation_defaults
 from .utils import OneLineParser, TriadicError, conversation_ids, format_prompt, log, parse_layer_set
 
@@ -56,7 +57,7 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     """The decoding options, as transformers' generate names them (shared with tools.compare)."""
     group = parser.add_argument_group("decoding (transformers' logits processors; unset values: the model's generation_config)")
     group.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    group.add_argument("--temperature", type=float, default=None, help="> 0; default 1.0")
+    group.add_argument("--temperature", type=float, default=None, help="at least 1e-5 when sampling; default 1.0")
     group.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens; 0: off; default 50")
     group.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; default 1.0")
     group.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability, in [0, 1]")
@@ -104,11 +105,11 @@ def build_from_args(mode: str, args, first: set[int] | None, second: set[int] | 
     from .checkpoint import load_config, resolve_model_dir
     from .codec import get_codec
 
-    if args.resplit_every < 0:
-        raise TriadicError("--resplit-every must be >= 0")
     get_codec(args.codec)
-    if args.uplink_noise < 0:
-        raise TriadicError("--uplink-noise must be >= 0")
+    if not 0 <= args.uplink_noise < math.inf:  # also refuses NaN
+        raise TriadicError(f"--uplink-noise {args.uplink_noise}: must be finite and >= 0")
+    check_device(args.edge_device, "--edge-device")
+    check_device(args.cloud_device, "--cloud-device")
     if args.cloud is None and (args.tls_ca or args.token_file or args.tls_server_name):
         raise TriadicError("--tls-ca, --tls-server-name and --token-file go with --cloud")
     if args.cloud is not None and mode == "one":

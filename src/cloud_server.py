@@ -70,7 +70,7 @@ import grpc
 from grpc import aio
 
 from . import protocol
-from .utils import OneLineParser, TriadicError, parse_layer_set, read_file, read_token
+from .utils import OneLineParser, TriadicError, check_seconds, parse_layer_set, read_file, read_token
 
 logger = logging.getLogger(__name__)
 
@@ -528,8 +528,7 @@ def _check_args(args) -> None:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise TriadicError(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("request_timeout", "session_lifetime", "idle_timeout", "connection_idle"):
-        if not getattr(args, name) > 0:
-            raise TriadicError(f"--{name.replace('_', '-')} must be > 0 seconds")
+        check_seconds(getattr(args, name), f"--{name.replace('_', '-')}")
     if args.max_message_mb is not None and not 0 < args.max_message_mb <= 2047:
         raise TriadicError("--max-message-mb must be in (0, 2047]")
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -613,13 +612,14 @@ def load(args) -> Loaded:
     """Check the flags, load the cloud part. Raises TriadicError on bad input."""
     from .checkpoint import load_config, resolve_model_dir
     from .pipeline import SideOptions, build_cloud, cloud_part_class
-    from .precision import resolve_dtype
+    from .precision import check_device, resolve_dtype
     from .schedule import SplitSchedule
 
     _check_args(args)
     _check_port_free(args.host, args.port)
     first = parse_layer_set(args.first, "--first")
     second = parse_layer_set(args.second, "--second")
+    check_device(args.cloud_device, "--cloud-device")
     side = SideOptions(args.cloud_device, resolve_dtype(args.cloud_dtype, args.cloud_device)[0], args.load_in_8bit)
     token = read_token(args.token_file) if args.token_file else None
     credentials = None

@@ -143,7 +143,7 @@ def split_outliers(x: torch.Tensor, k: int, codec: str) -> tuple[torch.Tensor, t
     top = x.abs().topk(k, dim=-1)  # sorted: column 0 holds each position's largest magnitude
     index, values = top.indices, x.gather(-1, top.indices)
     peak = float(top.values[:, 0].max()) if values.numel() else 0.0
-    shift = math.ceil(math.log2(peak / FP16_MAX)) if peak > FP16_MAX else 0
+    shift = math.ceil(math.log2(peak / FP16_MAX)) if FP16_MAX < peak < math.inf else 0
     if shift > MAX_OUTLIER_SHIFT or not math.isfinite(peak):
         raise TriadicError(f"codec {codec}: an outlier of {peak:.3g} is beyond the codec's range; use --codec none")
     if shift:

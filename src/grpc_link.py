@@ -37,7 +37,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import grpc  # noqa: E402
 
 from .protocol import MAGIC, Kind
-from .utils import ProtocolError, TriadicError, log, read_file, read_token
+from .utils import ProtocolError, TriadicError, check_seconds, log, read_file, read_token
 
 SESSION_METHOD = "/triadic.Cloud/Session"
 BATCHING_METADATA = "triadic-batching"  # the cloud batches sessions together (src/cloud_server.py)
@@ -63,7 +63,10 @@ def parse_url(url: str) -> tuple[str, bool]:
     text = url.strip()
     if "://" not in text:
         text = "grpc://" + text
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as error:  # e.g. an unclosed IPv6 bracket
+        raise TriadicError(f"--cloud {url}: {error}") from None
     if parts.scheme not in ("grpc", "grpcs"):
         raise TriadicError(f"--cloud {url}: expected grpc://host:port or grpcs://host:port")
     try:
@@ -208,9 +211,7 @@ class GrpcLink:
             raise TriadicError("--cloud: no URL given")
         if isinstance(tls_ca, str):
             tls_ca = read_file(tls_ca, "--tls-ca")
-        self.timeout = float(timeout)
-        if not self.timeout > 0:
-            raise TriadicError("the link timeout must be > 0 seconds")
+        self.timeout = check_seconds(float(timeout), "--cloud-timeout")
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),

@@ -20,6 +20,10 @@ import torch
 from .utils import TriadicError
 
 SEED_LIMIT = 1 << 64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1; the wire carries a u64
+TOP_K_LIMIT = 1 << 32  # the wire carries top-k as a u32 (protocol.SAMPLING_PAYLOAD)
+# The logits are divided by the temperature in float32: below this they may overflow to inf (and a
+# temperature under 1.4e-45 is 0 there), and sampling fails. vLLM treats temperatures below 1e-5 as greedy.
+MIN_TEMPERATURE = 1e-5
 # The five options a request may set, as GenerationConfig names them.
 OPTION_NAMES = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
@@ -39,10 +43,10 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         """Refuse out-of-range values with one line (transformers would raise deep inside generate)."""
         t, k, p, m, r = self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty
-        if t is not None and (not math.isfinite(t) or t < 0 or (self.do_sample and t == 0)):
-            raise TriadicError(f"--temperature {t}: must be > 0 when sampling (use greedy decoding instead of 0)")
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
-            raise TriadicError(f"--top-k {k}: must be an integer >= 0 (0 turns it off)")
+        if t is not None and (not math.isfinite(t) or t < 0 or (self.do_sample and t < MIN_TEMPERATURE)):
+            raise TriadicError(f"--temperature {t}: must be at least {MIN_TEMPERATURE:g} when sampling (use greedy decoding instead)")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < TOP_K_LIMIT):
+            raise TriadicError(f"--top-k {k}: must be an integer in [0, 2**32) (0 turns it off)")
         if p is not None and not 0 < p <= 1:
             raise TriadicError(f"--top-p {p}: must be in (0, 1]")
         if m is not None and not 0 <= m <= 1:

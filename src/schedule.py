@@ -9,7 +9,7 @@ import random
 import zlib
 from dataclasses import dataclass
 
-from .utils import validate_split_sets
+from .utils import TriadicError, validate_split_sets
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,11 @@ class SplitSchedule:
         first, second = validate_split_sets(self.first, self.second, self.num_layers)
         object.__setattr__(self, "first", first)
         object.__setattr__(self, "second", second)
-        if self.resplit_every < 0:
-            raise ValueError("resplit_every must be >= 0")
+        # The START message carries both as unsigned integers (protocol.START_PAYLOAD: u64 and u32).
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
+            raise TriadicError(f"--seed {self.seed}: the split schedule's seed must be an integer in [0, 2**64)")
+        if isinstance(self.resplit_every, bool) or not isinstance(self.resplit_every, int) or not 0 <= self.resplit_every < 2**32:
+            raise TriadicError(f"--resplit-every {self.resplit_every}: must be an integer in [0, 2**32) (0: once per request)")
 
     def cuts(self, step: int) -> tuple[int, int]:
         """(a, b) for this step: uniform over each set, independent across draws."""

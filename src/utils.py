@@ -43,6 +43,26 @@ def read_token(path: str, what: str = "--token-file") -> str:
     return token
 
 
+# Seconds flags (timeouts, lifetimes) end up as gRPC's int32 milliseconds or a time_t deadline: at most ~24.8 days.
+MAX_SECONDS = (2**31 - 1) // 1000
+
+
+def check_seconds(value: float, flag: str) -> float:
+    """A duration flag: > 0, finite, and small enough for the clocks it reaches (`MAX_SECONDS`)."""
+    if not 0 < value <= MAX_SECONDS:  # also refuses NaN and inf
+        raise TriadicError(f"{flag} {value:g}: must be > 0 and at most {MAX_SECONDS} seconds")
+    return value
+
+
+def check_text(text: str, what: str) -> str:
+    """Text as the tokenizer needs it: valid Unicode (undecodable bytes in argv or stdin arrive as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise TriadicError(f"{what} is not valid UTF-8 text (at character {error.start})") from None
+    return text
+
+
 def log(*parts: object) -> None:
     """Progress and streamed text go to stderr so that `--json` leaves stdout to one JSON line."""
     print(*parts, file=sys.stderr, flush=True)
@@ -99,13 +119,11 @@ def format_prompt(tokenizer, prompt: str, prompt_format: str) -> list[int]:
     """Token ids of the prompt: chat template, Alpaca template (as Alpaca-LoRA), or raw text."""
     if prompt_format == "auto":
         prompt_format = "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+    check_text(prompt, "the prompt")
     if prompt_format == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise TriadicError("--prompt-format chat: this tokenizer has no chat template")
-        encoded = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
-        )
-        return list(encoded["input_ids"])
+        return apply_chat_template(tokenizer, [{"role": "user", "content": prompt}])
     if prompt_format == "alpaca":
         return list(tokenizer(ALPACA_TEMPLATE.format(instruction=prompt))["input_ids"])
     if prompt_format == "raw":
@@ -119,14 +137,15 @@ def conversation_ids(tokenizer, messages: list[dict[str, str]], prompt_format: s
     One message is `format_prompt`'s prompt. Longer conversations use the chat template, or repeat the
     Alpaca template per exchange (each response followed by a blank line), or join raw texts by newlines.
     """
+    for message in messages:
+        check_text(message["content"], f"a {message['role']} message")
     if len(messages) == 1:
         return format_prompt(tokenizer, messages[0]["content"], prompt_format)
     if prompt_format == "auto":
         prompt_format = "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
     if prompt_format == "chat":
         format_prompt(tokenizer, "", "chat")  # the same refusal when there is no template
-        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-        return list(encoded["input_ids"])
+        return apply_chat_template(tokenizer, messages)
     if prompt_format == "alpaca":
         text = "".join(
             ALPACA_TEMPLATE.format(instruction=m["content"]) if m["role"] == "user" else m["content"] + "\n\n" for m in messages
@@ -135,3 +154,18 @@ def conversation_ids(tokenizer, messages: list[dict[str, str]], prompt_format: s
     if prompt_format == "raw":
         return list(tokenizer("\n".join(m["content"] for m in messages))["input_ids"])
     raise TriadicError(f"unknown prompt format {prompt_format!r}")
+
+
+def apply_chat_template(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The tokenizer's chat template over `messages`, ready for the answer; a template that fails is one line.
+
+    Templates fail on their own syntax (a broken `chat_template.jinja`) and on purpose, through
+    `raise_exception` (e.g. roles that do not alternate): both are jinja2's TemplateError.
+    """
+    from jinja2 import TemplateError
+
+    try:
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    except TemplateError as error:
+        raise TriadicError(f"the tokenizer's chat template fails: {error}") from None
+    return list(encoded["input_ids"])

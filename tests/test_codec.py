@@ -1,4 +1,5 @@
 """Lossy codecs: sizes, error bounds, and validation of what they decode."""
+import math
 import struct
 import zlib
 
@@ -63,6 +64,10 @@ def test_outliers_beyond_fp16_are_shifted_not_refused(codec_name):
     assert get_codec(codec_name).encode(llama_like(2))[0][0] == 0  # SmolLM2-sized outliers: no shift
     with pytest.raises(ProtocolError, match="outlier shift 61"):
         protocol.decode(sealed(2, codec.codec_id, dtype, 3, bytes([61]) + payload[1:]), HIDDEN)
+    for peak in (1e30, math.inf):  # past the largest shift, or not a number the shift can reach (--uplink-noise inf)
+        x[1, 7] = peak
+        with pytest.raises(TriadicError, match="beyond the codec's range"):
+            codec.encode(x)
 
 
 def test_int8_fixed_costs_hidden_plus_26_bytes_per_position():

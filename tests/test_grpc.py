@@ -463,13 +463,16 @@ def test_bad_command_line(tiny_tied, capsys):
         (["--max-sessions", "0"], "--max-sessions must be at least 1"),
         (["--tls-cert", "x.pem"], "--tls-cert and --tls-key go together"),
         (["--token-file", "/no/such/file"], "cannot read"),
+        (["--session-lifetime", "inf"], "--session-lifetime inf: must be > 0 and at most 2147483 seconds"),
+        (["--connection-idle", "1e10"], "--connection-idle 1e+10: must be > 0 and at most 2147483 seconds"),
+        (["--cloud-device", "foo"], "--cloud-device foo: not a device this process can use"),
     ]:
         port = [] if "--port" in argv else ["--port", "0"]
         assert main(["--base-model", str(folder), *port, *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("cloud_server: error:") and expected in err[0], err
     busy.close()
-    for url in ("http://x:1", "grpc://host:99999", "grpc://host/path"):
+    for url in ("http://x:1", "grpc://host:99999", "grpc://host/path", "grpc://[::1"):
         with pytest.raises(TriadicError, match="--cloud"):
             GrpcLink(url)
     with pytest.raises(TriadicError, match="--tls-ca /no/such/ca.pem: cannot read"):

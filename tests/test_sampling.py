@@ -73,11 +73,13 @@ def test_sampling_seed_is_not_the_schedule_seed(tiny_tied):
 @pytest.mark.parametrize(
     "options,expected",
     [
-        (dict(do_sample=True, temperature=0.0), "--temperature 0.0: must be > 0 when sampling"),
+        (dict(do_sample=True, temperature=0.0), "--temperature 0.0: must be at least 1e-05 when sampling"),
+        (dict(do_sample=True, temperature=1e-300), "--temperature 1e-300: must be at least 1e-05"),
         (dict(do_sample=True, temperature=-1.0), "--temperature -1.0"),
         (dict(top_p=0.0), "--top-p 0.0: must be in (0, 1]"),
         (dict(top_p=1.01), "--top-p 1.01"),
-        (dict(top_k=-3), "--top-k -3: must be an integer >= 0"),
+        (dict(top_k=-3), "--top-k -3: must be an integer in [0, 2**32)"),
+        (dict(top_k=2**32), "--top-k 4294967296: must be an integer in [0, 2**32)"),
         (dict(min_p=1.5), "--min-p 1.5: must be in [0, 1]"),
         (dict(repetition_penalty=0.0), "--repetition-penalty 0.0: must be > 0"),
         (dict(seed=-1), "--sampling-seed -1"),
