@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError, safe_open
 
 from .families import family_for
 from .utils import TriadicError
@@ -165,9 +166,15 @@ def load_config(model_dir: Path):
 
     try:
         config = AutoConfig.from_pretrained(model_dir)
-    except (ValueError, KeyError, OSError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    except (ValueError, KeyError, OSError, StrictDataclassError) as error:  # the last: a field transformers validates
+        cause = error.__cause__ if isinstance(error, StrictDataclassError) and error.__cause__ else error  # its reason
+        message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(error).__name__
         raise TriadicError(f"{model_dir}: cannot read its config.json ({message[:200]})") from None
+    text = config.get_text_config()
+    for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"):  # before anything sizes by them
+        value = getattr(text, name, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TriadicError(f"{model_dir}: its config.json has {name} = {value!r}, not a positive integer")
     family_for(config, str(model_dir))
     return config
 
@@ -186,13 +193,26 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
     """Map each tensor name to the safetensors file holding it."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: model_dir / file for name, file in weight_map.items()}
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {name: model_dir / file for name, file in weight_map.items()}
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as error:
+            raise TriadicError(f"{index}: not a safetensors index ({type(error).__name__}: {error})") from None
     single = model_dir / "model.safetensors"
     if not single.exists():
         raise TriadicError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
-    with safe_open(single, "pt") as f:
+    with _opened(single) as f:
         return {name: single for name in f.keys()}
+
+
+@contextmanager
+def _opened(file: Path) -> Iterator:
+    """safetensors' `safe_open` on the CPU, with a damaged file (truncated, not safetensors at all) as one line."""
+    try:
+        with safe_open(file, "pt", device="cpu") as f:
+            yield f
+    except SafetensorError as error:
+        raise TriadicError(f"{file}: not a readable safetensors file ({error})") from None
 
 
 _IN_MEMORY: dict[Path, dict[str, torch.Tensor]] = {}
@@ -235,8 +255,8 @@ def read_tensors(model_dir: Path, names: dict[str, str], dtype: torch.dtype, dev
         by_file.setdefault(files[source], []).append((target, source))
     tensors = {}
     for file, pairs in by_file.items():
-        tensors.update(_read_column_major(file, [pair for pair in pairs if pair[0] in column_major], dtype))
-        with safe_open(file, "pt", device="cpu") as f:
+        with _opened(file) as f:  # safetensors checks the header first, and the plain reads below trust it
+            tensors.update(_read_column_major(file, [pair for pair in pairs if pair[0] in column_major], dtype))
             for target, source in pairs:
                 if target not in tensors:  # the rest, and column-major ones of a type _read_column_major leaves out
                     tensors[target] = laid_out(f.get_tensor(source).to(device=device, dtype=dtype), target in column_major)

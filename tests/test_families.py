@@ -5,6 +5,8 @@ else is refused in one line."""
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 import subprocess
 import sys
 
@@ -179,7 +181,13 @@ def bad_model_inputs(tmp_path) -> dict[str, tuple[str, str]]:
     family_config("llama").save_pretrained(tmp_path / "noweights")
     (tmp_path / "broken.gguf").write_bytes(b"GGUF" + bytes(60))
     (tmp_path / "notes.txt").write_text("hello")
+    for name, field in [("negative_layers", "num_hidden_layers"), ("negative_hidden", "hidden_size")]:
+        family_config("llama").save_pretrained(tmp_path / name)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, field: -3 if field == "num_hidden_layers" else -1}))
     return {
+        "negative layer count": (str(tmp_path / "negative_layers"), "config.json has num_hidden_layers = -3, not a positive integer"),
+        "negative hidden size": (str(tmp_path / "negative_hidden"), "cannot read its config.json (The hidden size (-1) is not a multiple"),
         "empty string": ("", "--base-model: empty"),
         "folder without config": (str(tmp_path / "empty"), "folder has no config.json"),
         "unreadable config": (str(tmp_path / "garbage"), "cannot read its config.json"),
@@ -198,6 +206,32 @@ def test_bad_base_model_gives_one_line_and_exit_2(tmp_path, capsys):
         lines = captured.err.strip().splitlines()
         assert expected in lines[-1] and lines[-1].startswith("main_3_split.py: error:"), (what, captured.err)
         assert "Traceback" not in captured.err and captured.out == "", what
+
+
+def test_a_damaged_model_folder_gives_one_line_and_exit_2(tiny_with_tokenizer, tmp_path, capsys):
+    """An interrupted copy, a file that is not safetensors at all, a chat template that does not parse."""
+    from src.cli import run
+
+    folder, _ = tiny_with_tokenizer
+    damaged = {}
+    for name, file, content in [
+        ("truncated", "model.safetensors", (folder / "model.safetensors").read_bytes()[:-1000]),
+        ("garbage", "model.safetensors", bytes(range(256)) * 20),
+        ("template", "chat_template.jinja", b"{% if %}"),
+    ]:
+        shutil.copytree(folder, tmp_path / name)
+        (tmp_path / name / file).write_bytes(content)
+        damaged[name] = tmp_path / name
+    for name, flags, expected in [
+        ("truncated", [], "model.safetensors: not a readable safetensors file (Error while deserializing header: incomplete metadata"),
+        ("garbage", [], "model.safetensors: not a readable safetensors file (Error while deserializing header"),
+        ("template", ["--prompt-format", "chat"], "the tokenizer's chat template fails: Expected an expression"),
+    ]:
+        assert run("three", {1}, {3}, ["--base-model", str(damaged[name]), "--max-new-tokens", "2", *flags]) == 2, name
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert expected in lines[-1] and lines[-1].startswith("main_3_split.py: error:"), (name, captured.err)
+        assert "Traceback" not in captured.err and captured.out == "", name
 
 
 def test_gemma3_lossy_link_weighs_channels_by_the_receiving_norm_gain(tmp_path_factory):
