@@ -39,6 +39,11 @@ class Cloud(Party):
         self.hidden_size = self.config.hidden_size
         self.session = False
 
+    def end_session(self) -> None:
+        """The session is over: forget it and free its caches now (a server drops the whole Cloud instead)."""
+        self.reset()
+        self.session = False
+
     def reset(self) -> None:
         super().reset()
         self.last_step = -1

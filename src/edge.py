@@ -35,13 +35,25 @@ class Link(Protocol):
 
 
 class LocalLink:
-    """Both sides in one process, still talking in bytes: exactly what two machines would exchange."""
+    """Both sides in one process, still talking in bytes: exactly what two machines would exchange.
+
+    It hosts the cloud as the cloud server does, with a host's two controls over its work: a check
+    before each of the cloud's layers (the server's per-request deadline and cancel) and the end of
+    a session, whose caches are freed at once.
+    """
 
     def __init__(self, cloud) -> None:
         self.cloud = cloud
 
     def request(self, data: bytes) -> bytes:
         return self.cloud.handle(bytes(data))
+
+    def watch(self, check: Callable[[], None] | None) -> None:
+        """Run `check` before each of the cloud's layers (it raises to stop the request); None: no longer."""
+        self.cloud.on_layer = check
+
+    def end_session(self) -> None:
+        self.cloud.end_session()
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from .cli import add_pipeline_arguments, build_from_args
 from .cloud_server import DEFAULT_FIRST, DEFAULT_SECOND
 from .codec import get_codec
-from .utils import OneLineParser, TriadicError, parse_layer_set, read_token
+from .utils import OneLineParser, TriadicError, check_seconds, parse_layer_set, read_token
 
 PROG = "edge_server"
 logger = logging.getLogger(PROG)
@@ -35,6 +35,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queue", type=int, default=4, help="requests that may wait while one decodes; more get 429")
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds of decoding per request at most")
     parser.add_argument("--max-body-kb", type=int, default=1024, help="largest request body accepted (KiB)")
+    parser.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request's body may take to arrive; then 408")
+    parser.add_argument("--max-connections", type=int, default=64,
+                        help="open connections and requests at most; a request past it gets 503 and the connection is closed")
     parser.add_argument("--api-key-file", default=None, help="file holding the bearer token clients must send to /v1/*")
     parser.add_argument("--no-unsplit", action="store_true", help="do not offer the unsplit baseline (<name>-unsplit), which loads every layer on the edge")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
@@ -47,10 +50,12 @@ def _check(args) -> None:
         raise TriadicError(f"--port {args.port} is outside [0, 65535]")
     if args.max_queue < 0:
         raise TriadicError("--max-queue must be >= 0")
-    if not args.time_limit > 0:
-        raise TriadicError("--time-limit must be > 0 seconds")
+    check_seconds(args.time_limit, "--time-limit")
     if args.max_body_kb < 1:
         raise TriadicError("--max-body-kb must be at least 1")
+    check_seconds(args.body_timeout, "--body-timeout")
+    if args.max_connections < args.max_queue + 2:
+        raise TriadicError(f"--max-connections must be at least --max-queue + 2 ({args.max_queue + 2}): the decoding request, the queue and one more")
     if args.threads is not None and args.threads < 1:
         raise TriadicError("--threads must be at least 1")
     get_codec(args.codec)
@@ -84,7 +89,8 @@ def build(args):
         return EdgeEngine(build_from_args("one", baseline, None, None), name + "-unsplit", chat, split=False)
 
     api_key = read_token(args.api_key_file, "--api-key-file") if args.api_key_file else None
-    config = ServerConfig(max_queue=args.max_queue, api_key=api_key, max_body_bytes=args.max_body_kb * 1024, time_limit=args.time_limit)
+    config = ServerConfig(max_queue=args.max_queue, api_key=api_key, max_body_bytes=args.max_body_kb * 1024, time_limit=args.time_limit,
+                          body_timeout=args.body_timeout)
     models = Models(split, None if args.no_unsplit else build_unsplit)
     return create_app(models, config), split
 
@@ -112,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     described = split.describe()
     logger.info("model %s: first=%s second=%s codec=%s cloud=%s", split.name, described["first"], described["second"],
                 described["codec"], args.cloud or "in this process")
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="info", timeout_graceful_shutdown=5))
+    # limit_concurrency bounds the connections (idle, sending, waiting) that hold a socket and a task each.
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="info", timeout_graceful_shutdown=5,
+                                           limit_concurrency=args.max_connections))
     logger.info("listening on http://%s:%d", shown, port)
     server.run(sockets=[sock])
     close = getattr(split.edge.link, "close", None)

@@ -147,6 +147,9 @@ def test_completion_and_trace(client):
     crossed = [t for t in trace["tokens"] if t["a"] < t["b"]]
     assert all(t["bytes_up"] > 24 and t["bytes_down"] > 24 for t in crossed)
     assert trace["bytes_up"] == sum(t["bytes_up"] for t in trace["tokens"]) > 0
+    # A temperature too small to divide float32 logits by is greedy, as vLLM does (transformers would fail).
+    tiny = client.chat.completions.create(temperature=1e-300, model="tiny", messages=[{"role": "user", "content": "Hi there"}], max_tokens=9)
+    assert tiny.choices[0].message.content == choice.message.content and tiny.split_trace["decoding"] == "greedy"
 
     unsplit = client.chat.completions.create(temperature=0, model="tiny-unsplit", messages=[{"role": "user", "content": "Hi there"}], max_tokens=9)
     assert [t["id"] for t in unsplit.split_trace["tokens"]] == [t["id"] for t in trace["tokens"]]  # lossless link
@@ -205,6 +208,10 @@ def test_bad_requests_get_400_with_openai_error_shape(tiny_server, client):
         ({**good, "max_tokens": "4"}, "max_tokens"),
         ({**good, "max_tokens": 0}, "max_tokens"),
         ({**good, "max_tokens": 500}, "max_tokens"),  # the tiny model's context is 512
+        ({**good, "max_completion_tokens": None, "max_tokens": "x"}, "max_tokens"),  # null is absent: max_tokens is read
+        ({**good, "max_completion_tokens": None, "max_tokens": 0}, "max_tokens"),
+        ({**good, "max_completion_tokens": "x"}, "max_completion_tokens"),
+        ({**good, "max_completion_tokens": 500, "max_tokens": 4}, "max_completion_tokens"),
         ({**good, "temperature": "hot"}, "temperature"),
         ({**good, "stream": "yes"}, "stream"),
         ({**good, "stop": [1, 2]}, "stop"),
@@ -216,6 +223,12 @@ def test_bad_requests_get_400_with_openai_error_shape(tiny_server, client):
     assert_openai_error(*post(url, good, raw=b"{not json"), 400)
     assert_openai_error(*post(url, good, raw=b"[" * 100_000 + b"]" * 100_000), 400)  # deeper than the JSON parser goes
     assert_openai_error(*post(url, good, raw=b" " * (1024 * 1024 + 1)), 413)  # --max-body-kb 1024
+    huge = b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1' + b"0" * 5000 + b"}"
+    status, reply = post(url, None, raw=huge)  # past Python's 4300-digit limit on int(): a ValueError, not a JSONDecodeError
+    assert_openai_error(status, reply, 400)
+    assert "4300 digits" in reply["error"]["message"]
+    status, reply = post(url, {**good, "max_completion_tokens": None, "max_tokens": 3, "temperature": 0})
+    assert status == 200 and reply["usage"]["completion_tokens"] == 3, reply
     assert "context" in post(url, {**good, "max_tokens": 500})[1]["error"]["message"]
     assert post(url, {**good, "model": "gpt-4o"})[1]["error"]["code"] == "model_not_found"
     status, reply = post(url, good, key=None)
@@ -269,28 +282,59 @@ def test_a_client_that_goes_away_stops_its_generation(tiny_server):
 
 
 def test_engine_time_limit_and_cancel(tiny_server):
-    """The adapter in this process: a time limit ends the answer as "length"; a cancel raises and leaves the edge usable."""
+    """The adapter in this process: the time limit and a cancel are checked before every layer of the prefill,
+    on the edge and on the in-process cloud; either drops the session, and the next request is a fresh one's."""
     from src.pipeline import build_pipeline
     from src.serve.engine import Cancelled, ChatTokenizer, EdgeEngine, Options, Started
 
     pipeline = build_pipeline(str(tiny_server[1]), *TINY_SETS, codec_name="none", seed=3)
+    cloud = pipeline.edge.link.cloud  # a LocalLink's
     engine = EdgeEngine(pipeline, "tiny", ChatTokenizer(pipeline.tokenizer))
     prompt = engine.prepare([{"role": "user", "content": "Hi"}])
+    n = len(prompt.token_ids)
+    assert SplitSchedule(*TINY_SETS, num_layers=4, seed=3).cuts(0) == (0, 2)  # the prefill: cloud [0, 2), edge [2, 4)
+    calls: list[list[int]] = []
+
+    def count() -> bool:
+        calls.append(cloud.fill[:4])
+        return False
+
+    fresh = engine.run(prompt, Options(max_tokens=1, temperature=0), lambda event: None, count)
+    assert len(calls) == 4 + 1  # one check per layer (two on each side), one after the token
+    assert calls[:4] == [[0, 0, 0, 0], [n, 0, 0, 0], [n, n, 0, 0], [n, n, 0, 0]]
+    fresh = engine.run(prompt, Options(max_tokens=8, temperature=0), lambda event: None, lambda: False)
+    assert fresh.cached_tokens == n - 1 and len(fresh.token_ids) == 8
+
     seen: list = []
     done = engine.run(prompt, Options(max_tokens=50, temperature=0, time_limit=1e-9), seen.append, lambda: False)
-    assert isinstance(seen[0], Started) and len(done.token_ids) == 1 == len(seen) - 1
-    assert (done.finish_reason, done.stopped_by) == ("length", "time_limit")
+    assert len(seen) == 1 and isinstance(seen[0], Started)  # stopped before the first layer: no token at all
+    assert (done.text, done.token_ids, done.finish_reason, done.stopped_by) == ("", [], "length", "time_limit")
+    assert engine.edge.end == cloud.end == 0 and cloud.fill == [0] * 5  # the session was dropped on both sides
+
+    calls.clear()
+    seen.clear()
+
+    def cancel_in_the_cloud() -> bool:  # true from the cloud's second layer of the prefill on
+        calls.append(cloud.fill[:4])
+        return len(calls) >= 2
+
     with pytest.raises(Cancelled):
-        engine.run(prompt, Options(max_tokens=50, temperature=0), lambda event: None, lambda: True)
-    again = engine.run(prompt, Options(max_tokens=5, temperature=0), lambda event: None, lambda: False)
-    assert again.token_ids[:1] == done.token_ids and len(again.token_ids) == 5 and again.stopped_by == "max_tokens"
+        engine.run(prompt, Options(max_tokens=50, temperature=0), seen.append, cancel_in_the_cloud)
+    assert calls == [[0, 0, 0, 0], [n, 0, 0, 0]] and len(seen) == 1  # stopped inside the cloud, before any token
+    assert engine.edge.end == 0 and cloud.fill == [0] * 5 and not cloud.session
+
+    again = engine.run(prompt, Options(max_tokens=8, temperature=0), lambda event: None, lambda: False)
+    assert again.cached_tokens == 0 and again.token_ids == fresh.token_ids and again.text == fresh.text
+    after = engine.run(prompt, Options(max_tokens=8, temperature=0, time_limit=60), lambda event: None, lambda: False)
+    assert after.cached_tokens == n - 1 and after.token_ids == fresh.token_ids  # a limit not reached changes nothing
 
 
 def test_bad_flags_exit_2_with_one_line(capsys):
     """In this process: the flags are checked before anything loads, and argparse's own errors exit the same way."""
     from src.edge_server import main
 
-    for flags in (["--max-queue", "-1"], ["--codec", "zip"], ["--port", "70000"], ["--time-limit", "0"]):
+    for flags in (["--max-queue", "-1"], ["--codec", "zip"], ["--port", "70000"], ["--time-limit", "0"], ["--body-timeout", "0"], ["--body-timeout", "inf"],
+                  ["--max-queue", "8", "--max-connections", "9"]):
         assert main(flags) == 2, flags
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and err.startswith("edge_server: error:"), err

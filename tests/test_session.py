@@ -44,6 +44,8 @@ def test_three_turns_run_only_their_new_positions(tiny_tied, sample):
     pipeline = build_pipeline(str(folder), *FIXED, "none", with_tokenizer=False)
     with pipeline.edge.session() as chat:
         history = converse(chat, model, TURNS, sampled(folder) if sample else None)
+        cloud_end = pipeline.cloud.end
+    assert pipeline.cloud.end == 0 and not pipeline.cloud.session  # the session's end frees the local cloud's caches at once
     processed = 0  # positions in the caches after each turn: all but the last generated token
     for k, (request, result) in enumerate(history):
         assert result.cached_positions == processed, k  # turn k reused every cached position
@@ -51,7 +53,7 @@ def test_three_turns_run_only_their_new_positions(tiny_tied, sample):
         a, b = 1, 3
         assert result.layer_evals == {"edge": (a + L - b) * new_positions, "cloud": (b - a) * new_positions}, k
         processed = len(request) + len(result.token_ids) - 1
-    assert pipeline.cloud.end == processed  # the cloud kept its caches across the turns too
+    assert cloud_end == processed  # the cloud kept its caches across the turns too
 
 
 def test_moving_cuts_and_two_part_sessions(tiny_untied):

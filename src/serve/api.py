@@ -43,6 +43,7 @@ class ChatRequest:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the usage and no choices
+    max_tokens_param: str = "max_tokens"  # the field max_tokens came from, for a refusal's `param`
 
 
 def _bad(message: str, param: str, code: str | None = None) -> ApiError:
@@ -55,6 +56,12 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _shown(value) -> str:
+    """A client's value for an error message, cut short: a refusal must not echo a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _content(value, where: str) -> str:
@@ -91,25 +98,26 @@ def parse_chat_request(body, roles: tuple[str, ...]) -> ChatRequest:
             raise _bad(f"{where} must be an object with 'role' and 'content'", where)
         role = message.get("role")
         if role not in roles:
-            raise _bad(f"{where}.role must be one of {', '.join(roles)}, not {role!r}", f"{where}.role")
+            raise _bad(f"{where}.role must be one of {', '.join(roles)}, not {_shown(role)}", f"{where}.role")
         if "content" not in message or message["content"] is None:
             raise _bad(f"{where}.content is required", f"{where}.content")
         messages.append({"role": role, "content": _content(message["content"], f"{where}.content")})
 
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    # OpenAI's API allows null for either; null counts as absent, so max_tokens decides then.
+    param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(param)
     if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
-        raise _bad(f"'{param}' must be an integer >= 1, not {max_tokens!r}", param)
+        raise _bad(f"'{param}' must be an integer >= 1, not {_shown(max_tokens)}", param)
 
     temperature = body.get("temperature")
     if temperature is not None and (not _is_number(temperature) or not 0 <= temperature <= 2):
-        raise _bad(f"'temperature' must be a number in [0, 2], not {temperature!r}", "temperature")
+        raise _bad(f"'temperature' must be a number in [0, 2], not {_shown(temperature)}", "temperature")
     top_p = body.get("top_p")
     if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
-        raise _bad(f"'top_p' must be a number in (0, 1], not {top_p!r}", "top_p")
+        raise _bad(f"'top_p' must be a number in (0, 1], not {_shown(top_p)}", "top_p")
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
-        raise _bad(f"'seed' must be an integer, not {seed!r}", "seed")
+        raise _bad(f"'seed' must be an integer, not {_shown(seed)}", "seed")
 
     stop = body.get("stop")
     if stop is None:
@@ -129,7 +137,7 @@ def parse_chat_request(body, roles: tuple[str, ...]) -> ChatRequest:
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
-        raise _bad(f"'stream' must be a boolean, not {stream!r}", "stream")
+        raise _bad(f"'stream' must be a boolean, not {_shown(stream)}", "stream")
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool)):
         raise _bad("'stream_options' must be an object with a boolean 'include_usage'", "stream_options")
@@ -137,9 +145,10 @@ def parse_chat_request(body, roles: tuple[str, ...]) -> ChatRequest:
         raise _bad("'stream_options' is only allowed with 'stream': true", "stream_options")
     n = body.get("n", 1)
     if n is not None and n != 1:
-        raise _bad(f"'n' must be 1: this server returns one choice, not {n!r}", "n")
+        raise _bad(f"'n' must be 1: this server returns one choice, not {_shown(n)}", "n")
 
     return ChatRequest(
         model=model, messages=tuple(messages), max_tokens=max_tokens, temperature=temperature, top_p=top_p,
         seed=seed, stop=stops, stream=stream, include_usage=bool(options and options.get("include_usage")),
+        max_tokens_param=param,
     )

@@ -8,8 +8,9 @@
 
 One request decodes at a time: the edge's caches belong to one sequence, and the CPU has nothing to
 spare for a second. Up to `max_queue` more wait their turn in arrival order; past that a request is
-refused at once with 429. Every request is bounded: its body in bytes, its tokens by the context, its
-decoding time by `time_limit`, its wait by the queue's length times that.
+refused at once with 429. Every request is bounded: its body in bytes and in the time it takes to
+arrive, its tokens by the context, its decoding time (prefill included) by `time_limit`, its wait by
+the queue's length times that.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import asyncio
 import hmac
 import json
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -29,6 +31,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..utils import TriadicError
 from .api import ApiError, ChatRequest, error_body, parse_chat_request
@@ -38,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 UNSPLIT_SUFFIX = "-unsplit"
+CLIENT_GONE = 499  # nginx's status for a client that closed its request; nobody reads the answer
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class ServerConfig:
     api_key: str | None = None  # when set, /v1/* need "Authorization: Bearer <key>"
     max_body_bytes: int = 1 << 20  # a request body larger than this is refused with 413
     time_limit: float = 300.0  # seconds of decoding per request; then it ends with finish_reason "length"
+    body_timeout: float = 30.0  # seconds for a request's body to arrive once its headers have; then 408
 
 
 class Ticket:
@@ -139,6 +144,8 @@ def create_app(models: Models, config: ServerConfig) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
         headers = {"Retry-After": "1"} if error.status == 429 else None
+        if error.status in (408, CLIENT_GONE):  # the body was not read to its end: this connection cannot carry another request
+            headers = {"Connection": "close"}
         return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -171,7 +178,7 @@ def create_app(models: Models, config: ServerConfig) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(request: Request) -> Response:
         admission.check()  # a full queue refuses before reading or tokenizing anything
-        body = await _read_json(request, config.max_body_bytes)
+        body = await _read_json(request, config.max_body_bytes, config.body_timeout)
         chat = parse_chat_request(body, ROLES)
         name = models.check(chat.model)
         try:
@@ -185,7 +192,7 @@ def create_app(models: Models, config: ServerConfig) -> FastAPI:
         if len(prompt.token_ids) + max_tokens > context:
             raise ApiError(
                 400, f"{len(prompt.token_ids)} prompt tokens + max_tokens {max_tokens} exceed this model's context of {context}",
-                "max_tokens", "context_length_exceeded",
+                chat.max_tokens_param, "context_length_exceeded",
             )
         options = Options(max_tokens, chat.stop, chat.temperature, chat.top_p, chat.seed, config.time_limit)
         ticket = admission.admit()
@@ -204,29 +211,45 @@ def create_app(models: Models, config: ServerConfig) -> FastAPI:
         finally:
             ticket.release()
         if completion is None:  # the client went away: nobody reads this (499 as nginx logs it)
-            return Response(status_code=499)
+            return Response(status_code=CLIENT_GONE)
         return JSONResponse(reply.completion(completion))
 
     return app
 
 
-async def _read_json(request: Request, limit: int):
-    """The body, at most `limit` bytes (413 past it, without reading the rest), as JSON (400 if it is not)."""
+async def _read_json(request: Request, limit: int, timeout: float):
+    """The body as JSON (400 if it is not): at most `limit` bytes (413 past it, without reading the rest),
+    arriving within `timeout` seconds (408 after that: a client that promises a body and sends none
+    must not hold a connection and a task for ever)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit}", None, "request_too_large")
+    try:
+        raw = await asyncio.wait_for(_read_body(request, limit), timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s", None, "request_timeout") from None
+    except ClientDisconnect:
+        logger.info("client went away while sending its request body")
+        raise ApiError(CLIENT_GONE, "the client closed the connection before its body arrived", None, "client_closed_request") from None
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ApiError(400, f"the request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except ValueError:  # a number past Python's digit limit for int(): reading it would cost quadratic time
+        raise ApiError(400, f"the request body holds an integer of more than {sys.get_int_max_str_digits()} digits") from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body's bytes, refused with 413 as soon as they pass `limit`."""
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise ApiError(413, f"request body exceeds the limit of {limit} bytes", None, "request_too_large")
         chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ApiError(400, f"the request body is not valid JSON: {error}") from None
-    except RecursionError:
-        raise ApiError(400, "the request body is nested too deeply") from None
+    return b"".join(chunks)
 
 
 class Job:

@@ -13,7 +13,11 @@ Everything the HTTP layer (src/serve/app.py) and the page know about the split c
 - `temperature`, `top_p` and `seed` become a `SamplingConfig` (temperature 0: greedy), applied with
   transformers' own logits processors;
 - stop strings are matched on the detokenized text by `TextStream` and end the generation from the
-  `on_token` hook.
+  `on_token` hook;
+- the time limit and the client's departure are checked after every token (`on_token`) and, during
+  the prefill, between layers (`Party.on_layer`) on the edge and on a cloud in this process, so a
+  long prompt stops within one layer. A prefill stopped there leaves both sides' caches partial:
+  the session is dropped and the next request starts a new one.
 
 The per-token trace does not need the decoding API at all: the cuts of step t are the shared
 schedule's pure function `schedule.cuts(t)`, and the bytes are counted where they cross, on the link
@@ -31,7 +35,7 @@ from dataclasses import dataclass, field
 from .. import protocol
 from ..cli import eos_token_ids
 from ..pipeline import Pipeline
-from ..sampling import SEED_LIMIT, SamplingConfig, TextStream, model_generation_defaults
+from ..sampling import MIN_TEMPERATURE, SEED_LIMIT, SamplingConfig, TextStream, model_generation_defaults
 from ..utils import ALPACA_TEMPLATE, TriadicError
 
 logger = logging.getLogger(__name__)
@@ -186,6 +190,14 @@ class Cancelled(Exception):
     """The client went away; nothing is returned."""
 
 
+class _Stopped(Exception):
+    """Raised between layers of a prefill: `reason` is "cancelled" or "time_limit"."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class EdgeEngine:
     """One pipeline (split, or the unsplit baseline) behind the server; one request at a time (the caller's lock)."""
 
@@ -222,8 +234,11 @@ class EdgeEngine:
         return Prompt(tuple(ids))
 
     def sampling(self, options: Options) -> SamplingConfig:
-        """OpenAI's options as transformers' (temperature 0: greedy; left out: sampling, the model's generation_config)."""
-        if options.temperature == 0:
+        """OpenAI's options as transformers' (temperature 0: greedy; left out: sampling, the model's generation_config).
+
+        A temperature below `MIN_TEMPERATURE` is greedy too, as in vLLM: transformers would divide the
+        logits by it into inf, and OpenAI's API accepts any value in [0, 2]."""
+        if options.temperature is not None and options.temperature < MIN_TEMPERATURE:
             return SamplingConfig().resolved(self.generation_defaults)
         seed = options.seed if options.seed is not None else secrets.randbits(63)
         config = SamplingConfig(True, options.temperature, None, options.top_p, None, None, seed % SEED_LIMIT)
@@ -245,8 +260,16 @@ class EdgeEngine:
             self.link.take()
         stopped_by = None
 
+        def check_layer() -> None:
+            """Before each layer of the prefill: a long prompt must not outlive its client or its time limit."""
+            if cancelled():
+                raise _Stopped("cancelled")
+            if deadline is not None and time.monotonic() > deadline:
+                raise _Stopped("time_limit")
+
         def on_token(token: int) -> bool:
             nonlocal stopped_by
+            self._watch_layers(None)  # the prefill is over: from here on the check after each token suffices
             step = self.edge.next_step - 1  # steps count on across a session's requests
             a, b = self.schedule.cuts(step)
             up, down, positions_up, positions_down = self.link.take() if self.link is not None else (0, 0, 0, 0)
@@ -265,11 +288,20 @@ class EdgeEngine:
                 stopped_by = "time_limit"
             return stopped_by is not None
 
+        self._watch_layers(check_layer)
         try:
             result = self.session.generate(ids, options.max_tokens, self.eos, on_token=on_token, sampling=sampling)
+        except _Stopped as stop:  # mid-prefill: both sides' caches are partial
+            self.session.close()  # ends the cloud's session too: a local cloud frees its caches now
+            if stop.reason == "cancelled":
+                raise Cancelled() from None
+            logger.info("time limit reached during the prefill of %d positions; the session starts afresh", len(ids) - cached)
+            return Completion("", [], "length", "time_limit", head)
         except TriadicError:
             self.session.close()  # the link or the cloud failed: the next request starts a new session
             raise
+        finally:
+            self._watch_layers(None)
         if result.cached_positions != cached:
             logger.warning("the session kept %d positions where %d were expected", result.cached_positions, cached)
         if stopped_by == "cancelled":
@@ -279,3 +311,11 @@ class EdgeEngine:
         finish = "stop" if stopped_by in ("eos", "stop") else "length"
         final = text.finish()
         return Completion(final, [e.token_id for e in events], finish, stopped_by, head, events, "".join(written))
+
+    def _watch_layers(self, check: Callable[[], None] | None) -> None:
+        """Install (or, with None, remove) the check run before every layer on the edge and on a cloud in this
+        process (`LocalLink.watch`); a remote cloud is bounded by the link's timeout and its own server's limits."""
+        self.edge.on_layer = check
+        watch = getattr(self.edge.link, "watch", None)
+        if watch is not None:
+            watch(check)

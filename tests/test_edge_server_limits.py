@@ -1,0 +1,145 @@
+"""The edge server's bounds on work, against a subprocess with the embedded model and its cloud in the same process.
+
+A prompt of about 4,000 tokens takes some 20 s to prefill here (one thread); `--time-limit` and a
+client that leaves must stop it within one layer, on the edge and on the in-process cloud, and
+leave the session as a fresh server's. A body that does not arrive gets 408 after `--body-timeout`,
+a client that leaves while sending it one log line, and connections past `--max-connections` 503.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from tests.test_edge_server import assert_openai_error, post, start_edge
+
+TIME_LIMIT = 6.0
+SHORT = {"messages": [{"role": "user", "content": "Name a color."}], "max_tokens": 8, "temperature": 0}
+
+
+def long_request(word: str, **extra) -> dict:
+    """About 4,000 prompt tokens: seconds per layer at the prefill, far beyond TIME_LIMIT in all."""
+    return {"messages": [{"role": "user", "content": f"{word} " * 4000}], "max_tokens": 4, "temperature": 0, **extra}
+
+
+@pytest.fixture(scope="module")
+def limited_server(tmp_path_factory):
+    """The embedded model, cloud in this process, and the fresh server's answer to SHORT (its first request)."""
+    logs = tmp_path_factory.mktemp("limited_server")
+    server, url = start_edge(
+        logs / "edge.log", "--codec", "none", "--time-limit", str(TIME_LIMIT), "--body-timeout", "1",
+        "--max-queue", "1", "--max-connections", "6", "--no-unsplit",
+    )
+    status, fresh = post(url, SHORT, key=None)
+    assert status == 200 and fresh["usage"]["completion_tokens"] == 8, fresh
+    yield url, server, fresh
+    server.stop()
+
+
+def raw_request(url: str, body: bytes, length: int) -> socket.socket:
+    """A POST whose Content-Length says `length` and whose body so far is `body`."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict, bytes]:
+    """Status, JSON body, and what came after it before the server closed the connection."""
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    return int(head.split()[1]), json.loads(rest[:length]), rest[length:]
+
+
+def test_time_limit_stops_a_long_prefill_and_the_state_stays_intact(limited_server):
+    url, _, fresh = limited_server
+    began = time.monotonic()
+    status, reply = post(url, long_request("b"), key=None)
+    seconds = time.monotonic() - began
+    assert status == 200, reply
+    assert seconds < TIME_LIMIT + 3, seconds  # within a layer of the limit, not after the whole prefill
+    choice = reply["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"]) == ("", "length")
+    assert reply["usage"]["completion_tokens"] == 0 and reply["usage"]["prompt_tokens"] > 4000
+    assert reply["split_trace"]["stopped_by"] == "time_limit" and reply["split_trace"]["tokens"] == []
+
+    status, again = post(url, SHORT, key=None)  # the session was dropped: this is a fresh server's first request
+    assert status == 200 and again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert again["choices"][0]["message"]["content"] == fresh["choices"][0]["message"]["content"]
+    assert [t["id"] for t in again["split_trace"]["tokens"]] == [t["id"] for t in fresh["split_trace"]["tokens"]]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_gone_mid_prefill_frees_the_model(limited_server, stream):
+    """The next request waits for the departure to be seen and one layer, not for the prefill or the time limit."""
+    url, server, fresh = limited_server
+    body = json.dumps(long_request("c" if stream else "d", stream=stream)).encode()
+    sock = raw_request(url, body, len(body))
+    time.sleep(0.5)
+    sock.close()
+    began = time.monotonic()
+    status, reply = post(url, SHORT, key=None)
+    seconds = time.monotonic() - began
+    assert status == 200 and seconds < TIME_LIMIT - 1.5, seconds
+    assert reply["choices"][0]["message"]["content"] == fresh["choices"][0]["message"]["content"]
+    assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # the interrupted session was dropped
+    assert "4 generated" not in server.log.read_text()
+
+
+def test_a_body_that_does_not_arrive_gets_408(limited_server):
+    url, server, _ = limited_server
+    for sent in (b"", b'{"messages": '):  # nothing, or a part of the promised 100 bytes
+        began = time.monotonic()
+        sock = raw_request(url, sent, 100)
+        status, reply, after = read_response(sock)  # returns once the server has closed the connection
+        sock.close()
+        assert 0.9 < time.monotonic() - began < 5
+        assert_openai_error(status, reply, 408)
+        assert reply["error"]["code"] == "request_timeout" and "1 s" in reply["error"]["message"] and after == b""
+    log = server.log.read_text()
+    assert "Traceback" not in log and "ClientDisconnect" not in log
+
+
+def test_a_client_gone_while_sending_its_body_costs_one_log_line(limited_server):
+    url, server, _ = limited_server
+    for _ in range(3):
+        raw_request(url, b'{"messages": ', 100).close()
+    deadline = time.monotonic() + 10
+    while server.log.read_text().count("client went away while sending its request body") < 3:
+        assert time.monotonic() < deadline, server.log.read_text()[-3000:]
+        time.sleep(0.05)
+    log = server.log.read_text()
+    assert "Traceback" not in log and "ClientDisconnect" not in log
+    assert post(url, {**SHORT, "max_tokens": 1}, key=None)[0] == 200
+
+
+def test_connections_past_the_limit_get_503(limited_server):
+    """--max-connections 6: with five connections open and idle, a sixth one's request is refused."""
+    url, _, _ = limited_server
+    host, port = url.removeprefix("http://").split(":")
+    idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(5)]
+    try:
+        time.sleep(0.2)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert sock.recv(65536).startswith(b"HTTP/1.1 503 ")
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while True:  # the server counts the closed ones out as it notices them
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(f"GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            if sock.recv(65536).startswith(b"HTTP/1.1 200 "):
+                break
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
