@@ -172,8 +172,8 @@ def load_config(model_dir: Path):
         raise TriadicError(f"{model_dir}: cannot read its config.json ({message[:200]})") from None
     text = config.get_text_config()
     for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"):  # before anything sizes by them
-        value = getattr(text, name, None)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        value = getattr(text, name, None)  # absent (a family without attention heads): `family_for` says why it is refused
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise TriadicError(f"{model_dir}: its config.json has {name} = {value!r}, not a positive integer")
     family_for(config, str(model_dir))
     return config
