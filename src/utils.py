@@ -159,13 +159,12 @@ def conversation_ids(tokenizer, messages: list[dict[str, str]], prompt_format: s
 def apply_chat_template(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """The tokenizer's chat template over `messages`, ready for the answer; a template that fails is one line.
 
-    Templates fail on their own syntax (a broken `chat_template.jinja`) and on purpose, through
-    `raise_exception` (e.g. roles that do not alternate): both are jinja2's TemplateError.
+    Templates fail on their own syntax (a broken `chat_template.jinja`), on purpose through
+    `raise_exception` (e.g. roles that do not alternate), or on content they do not expect: the
+    template is the model's code, run on the user's messages, so any failure there is one line.
     """
-    from jinja2 import TemplateError
-
     try:
         encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    except TemplateError as error:
+    except Exception as error:  # noqa: BLE001 (jinja2's TemplateError and whatever the template's own code raises)
         raise TriadicError(f"the tokenizer's chat template fails: {error}") from None
     return list(encoded["input_ids"])

@@ -36,7 +36,7 @@ from .. import protocol
 from ..cli import eos_token_ids
 from ..pipeline import Pipeline
 from ..sampling import MIN_TEMPERATURE, SEED_LIMIT, SamplingConfig, TextStream, model_generation_defaults
-from ..utils import ALPACA_TEMPLATE, TriadicError
+from ..utils import ALPACA_TEMPLATE, TriadicError, apply_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -174,12 +174,8 @@ class ChatTokenizer:
             with self.lock:
                 return list(self.tokenizer(ALPACA_TEMPLATE.format(instruction=messages[0]["content"]))["input_ids"])
         plain = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
-        try:
-            with self.lock:
-                encoded = self.tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=True, return_dict=True)
-        except Exception as error:  # the template itself raises on what it does not accept (jinja's exception types)
-            raise TriadicError(f"the chat template refused these messages: {error}") from None
-        return list(encoded["input_ids"])
+        with self.lock:
+            return apply_chat_template(self.tokenizer, plain)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         with self.lock:
