@@ -336,5 +336,5 @@ class Session:
     def close(self) -> None:
         self.edge.reset()
         end_session = getattr(self.edge.link, "end_session", None)
-        if end_session is not None:  # a remote session is freed at once
+        if end_session is not None:  # the cloud frees the session at once, remote or in this process
             end_session()
