@@ -211,7 +211,7 @@ def _opened(file: Path) -> Iterator:
     try:
         with safe_open(file, "pt", device="cpu") as f:
             yield f
-    except SafetensorError as error:
+    except (SafetensorError, OSError) as error:  # OSError: a shard the index names is missing, or is a folder
         raise TriadicError(f"{file}: not a readable safetensors file ({error})") from None
 
 

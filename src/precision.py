@@ -37,6 +37,8 @@ def check_device(device: str, flag: str) -> None:
     """One line for a device this process cannot use (a typo, CUDA on a CPU-only build, an index past the last GPU)."""
     try:
         torch.empty(0, device=device)
+        if torch.device(device).type == "meta":
+            raise ValueError("the meta device holds shapes, not values")
     except (RuntimeError, AssertionError, ValueError) as error:  # torch raises each of these, by device kind
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise TriadicError(f"{flag} {device}: not a device this process can use ({reason[:160]})") from None

@@ -35,6 +35,7 @@ THREE = ({1}, {29})
         (["--uplink-noise", "inf"], "--uplink-noise inf: must be finite and >= 0"),
         (["--edge-device", "foo"], "--edge-device foo: not a device this process can use"),
         (["--cloud-device", "cuda:99"], "--cloud-device cuda:99: not a device this process can use"),
+        (["--edge-device", "meta"], "--edge-device meta: not a device this process can use (the meta device holds shapes"),
         (["--cloud", "grpc://[::1"], "--cloud grpc://[::1: Invalid IPv6 URL"),
         (["--cloud", "grpc://127.0.0.1:1", "--cloud-timeout", "inf"], "--cloud-timeout inf: must be > 0 and at most 2147483 seconds"),
         (["--prompt", "hi \udcff\udcfe"], "the prompt is not valid UTF-8 text (at character 3)"),

@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 
 from families import FAMILY_CONFIGS, WINDOW, family_config, make_family_checkpoint
 from src.checkpoint import load_config
@@ -222,7 +223,14 @@ def test_a_damaged_model_folder_gives_one_line_and_exit_2(tiny_with_tokenizer, t
         shutil.copytree(folder, tmp_path / name)
         (tmp_path / name / file).write_bytes(content)
         damaged[name] = tmp_path / name
+    shutil.copytree(folder, tmp_path / "missing_shard")  # an index that names a shard that is not there
+    (tmp_path / "missing_shard" / "model.safetensors").unlink()
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        index = {"weight_map": {name: "model-00001-of-00002.safetensors" for name in f.keys()}}
+    (tmp_path / "missing_shard" / "model.safetensors.index.json").write_text(json.dumps(index))
+    damaged["missing_shard"] = tmp_path / "missing_shard"
     for name, flags, expected in [
+        ("missing_shard", [], "model-00001-of-00002.safetensors: not a readable safetensors file (No such file"),
         ("truncated", [], "model.safetensors: not a readable safetensors file (Error while deserializing header: incomplete metadata"),
         ("garbage", [], "model.safetensors: not a readable safetensors file (Error while deserializing header"),
         ("template", ["--prompt-format", "chat"], "the tokenizer's chat template fails: Expected an expression"),
