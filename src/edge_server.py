@@ -35,7 +35,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queue", type=int, default=4, help="requests that may wait while one decodes; more get 429")
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds of decoding per request at most")
     parser.add_argument("--max-body-kb", type=int, default=1024, help="largest request body accepted (KiB)")
-    parser.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request's body may take to arrive; then 408")
+    parser.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request's headers may take to arrive (then the connection closes), and its body (then 408)")
     parser.add_argument("--max-connections", type=int, default=64,
                         help="open connections and requests at most; a request past it gets 503 and the connection is closed")
     parser.add_argument("--api-key-file", default=None, help="file holding the bearer token clients must send to /v1/*")
@@ -95,6 +95,48 @@ def build(args):
     return create_app(models, config), split
 
 
+def header_deadline_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol, with `seconds` for each request's headers to arrive; then the connection closes.
+
+    uvicorn times a connection out only between requests (keep-alive), and the app bounds the body
+    (`--body-timeout`). A client that opens connections and never completes their headers would hold
+    each for ever, and `--max-connections` of them would shut the server. Here a request's headers are
+    due `seconds` after the connection opens, or after the previous response on it.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._headers_due = self.loop.call_later(seconds, self._headers_late)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE and self._headers_due is not None:  # a whole request head is in
+                self._headers_due.cancel()
+                self._headers_due = None
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._headers_due is None and not self.transport.is_closing():  # the next request on this connection
+                self._headers_due = self.loop.call_later(seconds, self._headers_late)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._headers_due is not None:
+                self._headers_due.cancel()
+                self._headers_due = None
+            super().connection_lost(exc)
+
+        def _headers_late(self) -> None:
+            self._headers_due = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                logger.info("closing a connection whose request headers did not arrive within %g s", seconds)
+                self.transport.close()
+
+    return HeaderDeadline
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     sock = None
@@ -118,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     described = split.describe()
     logger.info("model %s: first=%s second=%s codec=%s cloud=%s", split.name, described["first"], described["second"],
                 described["codec"], args.cloud or "in this process")
-    # limit_concurrency bounds the connections (idle, sending, waiting) that hold a socket and a task each.
+    # limit_concurrency bounds the connections (idle, sending, waiting) that hold a socket and a task each;
+    # the protocol bounds the time a request's headers take, as the app bounds its body's.
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="info", timeout_graceful_shutdown=5,
-                                           limit_concurrency=args.max_connections))
+                                           limit_concurrency=args.max_connections,
+                                           http=header_deadline_protocol(args.body_timeout)))
     logger.info("listening on http://%s:%d", shown, port)
     server.run(sockets=[sock])
     close = getattr(split.edge.link, "close", None)

@@ -109,6 +109,22 @@ def test_a_body_that_does_not_arrive_gets_408(limited_server):
     assert "Traceback" not in log and "ClientDisconnect" not in log
 
 
+def test_headers_that_do_not_arrive_close_the_connection(limited_server):
+    """Sockets that send nothing, or a request head that never ends, are closed after --body-timeout (1 s)."""
+    url, server, _ = limited_server
+    host, port = url.removeprefix("http://").split(":")
+    began = time.monotonic()
+    socks = [socket.create_connection((host, int(port)), timeout=30) for _ in range(6)]  # as many as --max-connections
+    for sock in socks[3:]:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # and no end of the head
+    for sock in socks:
+        assert sock.recv(1024) == b""  # closed by the server
+        sock.close()
+    assert 0.9 < time.monotonic() - began < 5
+    assert post(url, {**SHORT, "max_tokens": 1}, key=None)[0] == 200  # the slots are free again
+    assert "Traceback" not in server.log.read_text()
+
+
 def test_a_client_gone_while_sending_its_body_costs_one_log_line(limited_server):
     url, server, _ = limited_server
     for _ in range(3):
