@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .utils import TriadicError
+from .utils import TriadicError, is_unsigned
 
-SEED_LIMIT = 1 << 64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1; the wire carries a u64
-TOP_K_LIMIT = 1 << 32  # the wire carries top-k as a u32 (protocol.SAMPLING_PAYLOAD)
+SEED_LIMIT = 1 << 64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1; the wire carries a u64 (and top-k a u32)
 # The logits are divided by the temperature in float32: below this they may overflow to inf (and a
 # temperature under 1.4e-45 is 0 there), and sampling fails. vLLM treats temperatures below 1e-5 as greedy.
 MIN_TEMPERATURE = 1e-5
@@ -45,7 +44,7 @@ class SamplingConfig:
         t, k, p, m, r = self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty
         if t is not None and (not math.isfinite(t) or t < 0 or (self.do_sample and t < MIN_TEMPERATURE)):
             raise TriadicError(f"--temperature {t}: must be at least {MIN_TEMPERATURE:g} when sampling (use greedy decoding instead)")
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < TOP_K_LIMIT):
+        if k is not None and not is_unsigned(k, 32):
             raise TriadicError(f"--top-k {k}: must be an integer in [0, 2**32) (0 turns it off)")
         if p is not None and not 0 < p <= 1:
             raise TriadicError(f"--top-p {p}: must be in (0, 1]")
@@ -53,7 +52,7 @@ class SamplingConfig:
             raise TriadicError(f"--min-p {m}: must be in [0, 1]")
         if r is not None and not (math.isfinite(r) and r > 0):
             raise TriadicError(f"--repetition-penalty {r}: must be > 0 (1 turns it off)")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
+        if not is_unsigned(self.seed, 64):
             raise TriadicError(f"--sampling-seed {self.seed}: must be an integer in [0, 2**64)")
 
     def resolved(self, model_defaults=None) -> SamplingConfig:

@@ -9,7 +9,7 @@ import random
 import zlib
 from dataclasses import dataclass
 
-from .utils import TriadicError, validate_split_sets
+from .utils import TriadicError, is_unsigned, validate_split_sets
 
 
 @dataclass(frozen=True)
@@ -25,9 +25,9 @@ class SplitSchedule:
         object.__setattr__(self, "first", first)
         object.__setattr__(self, "second", second)
         # The START message carries both as unsigned integers (protocol.START_PAYLOAD: u64 and u32).
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
+        if not is_unsigned(self.seed, 64):
             raise TriadicError(f"--seed {self.seed}: the split schedule's seed must be an integer in [0, 2**64)")
-        if isinstance(self.resplit_every, bool) or not isinstance(self.resplit_every, int) or not 0 <= self.resplit_every < 2**32:
+        if not is_unsigned(self.resplit_every, 32):
             raise TriadicError(f"--resplit-every {self.resplit_every}: must be an integer in [0, 2**32) (0: once per request)")
 
     def cuts(self, step: int) -> tuple[int, int]:

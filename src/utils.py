@@ -54,6 +54,11 @@ def check_seconds(value: float, flag: str) -> float:
     return value
 
 
+def is_unsigned(value: object, bits: int) -> bool:
+    """Whether `value` is an integer (not a bool) that fits an unsigned field of `bits` bits in a message."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << bits
+
+
 def check_text(text: str, what: str) -> str:
     """Text as the tokenizer needs it: valid Unicode (undecodable bytes in argv or stdin arrive as lone surrogates)."""
     try:
