@@ -156,11 +156,16 @@ def replay_sessions(server: subprocess.Popen, url: str, sessions: list[list[byte
         link.close()
     if failures:
         raise RuntimeError(f"{len(failures)} replayed session(s) failed: {failures[0]}")
-    tokens = new_tokens * len(sessions)
+    return row(len(sessions), new_tokens * len(sessions), server_cpu, max(e for _, e in spans) - min(b for b, _ in spans),
+               [1e3 * (e - b) / new_tokens for b, e in spans], counted, now)
+
+
+def row(edges: int, tokens: int, server_cpu: float, span: float, latencies_ms: list[float], counted: dict, now: dict) -> dict:
+    """One measurement: server CPU per token, aggregate tokens/s over `span`, the median edge latency, and how full
+    the batches were between the server's stats `counted` (before) and `now`."""
     batches = now.get("batches", 0) - counted.get("batches", 0)
-    return dict(edges=len(sessions), tokens=tokens, server_cpu_per_token=server_cpu / tokens,
-                aggregate=tokens / (max(e for _, e in spans) - min(b for b, _ in spans)),
-                latency_ms=statistics.median(1e3 * (e - b) / new_tokens for b, e in spans),
+    return dict(edges=edges, tokens=tokens, server_cpu_per_token=server_cpu / tokens, aggregate=tokens / span,
+                latency_ms=statistics.median(latencies_ms),
                 steps_per_batch=(now["steps"] - counted["steps"]) / batches if batches else None)
 
 
@@ -183,12 +188,8 @@ def run_edges(server: subprocess.Popen, url: str, count: int, new_tokens: int, d
     finally:
         for edge in edges:
             edge.wait(timeout=60)
-    tokens = sum(r["tokens"] for r in reports)
-    span = max(r["ended"] for r in reports) - min(r["began"] for r in reports)
-    batches = now.get("batches", 0) - counted.get("batches", 0)
-    return dict(edges=count, tokens=tokens, server_cpu_per_token=server_cpu / tokens, aggregate=tokens / span,
-                latency_ms=statistics.median(1e3 * r["step_seconds"] / r["tokens"] for r in reports),
-                steps_per_batch=(now["steps"] - counted["steps"]) / batches if batches else None)
+    return row(count, sum(r["tokens"] for r in reports), server_cpu, max(r["ended"] for r in reports) - min(r["began"] for r in reports),
+               [1e3 * r["step_seconds"] / r["tokens"] for r in reports], counted, now)
 
 
 def main() -> None:
