@@ -646,6 +646,7 @@ def load(args) -> Loaded:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from .batching import Batcher, enable_packing, why_not_batchable
+    from .panels import use_panels
 
     batching = args.batching
     if batching:  # asked of the part built on the meta device (no weights read): its family and resolved attention
@@ -659,6 +660,9 @@ def load(args) -> Loaded:
     service = CloudService(schedule, cloud.part, limits, token)
     if batching:
         enable_packing(cloud.part)
+        reason = use_panels(cloud.part)  # faster still over a few rows, where it can run
+        if reason is not None:
+            logger.info("weights stay column-major: %s", reason)
         service.batcher = Batcher(args.batch_window_ms / 1e3)
     return Loaded(service, credentials, server_options(args, limits))
 

@@ -10,6 +10,7 @@ from src.batching import PACKED_ATTENTION, Batcher, enable_packing
 from src.checkpoint import is_column_major, load_config
 from src.cloud import Cloud
 from src.edge import LocalLink
+from src.panels import PanelLinear, use_panels, why_no_kernel
 from src.pipeline import build_cloud, build_edge, build_pipeline
 from src.schedule import SplitSchedule
 
@@ -219,6 +220,7 @@ def test_families_batch_to_their_tokens_alone_or_are_declared_unbatchable(model_
              for i, prompt in enumerate(prompts)]
     schedule = SplitSchedule(tuple(FIRST), tuple(SECOND), config.num_hidden_layers)
     part = build_cloud(folder, config, schedule, column_major=True).part  # as a batching server builds it
+    use_panels(part)  # and, where the panel kernel runs (one thread, AVX-512), stores them as panels
     if model_type == "diffllama":
         with pytest.raises(ValueError, match="diffllama"):
             enable_packing(part)
@@ -240,7 +242,8 @@ def test_families_batch_to_their_tokens_alone_or_are_declared_unbatchable(model_
 @pytest.mark.parametrize("model_type", ["llama", "diffllama"])
 def test_a_server_reads_its_weights_once_in_the_layout_its_batching_needs(model_type, tmp_path, monkeypatch):
     """The server asks whether its part can batch before reading any weight: a batchable family is read once,
-    column-major, and batches; DiffLlama is read once, in transformers' layout (what HF computes), and does not."""
+    column-major, and batches (with one torch thread, its linear layers then rewritten as panels where the kernel
+    runs); DiffLlama is read once, in transformers' layout (what HF computes), and does not."""
     import src.models
     from src.cloud_server import load, make_parser
 
@@ -248,9 +251,19 @@ def test_a_server_reads_its_weights_once_in_the_layout_its_batching_needs(model_
     reads = []
     real = src.models.read_tensors
     monkeypatch.setattr(src.models, "read_tensors", lambda *args, **kwargs: reads.append(args[1]) or real(*args, **kwargs))
-    loaded = load(make_parser().parse_args(["--base-model", str(folder), "--port", "0", "--first", "1", "--second", "3"]))
-    service = loaded.service
-    batches = model_type != "diffllama"
-    assert len(reads) == 1 and "model.layers.1.mlp.up_proj.weight" in reads[0]
-    assert (service.batcher is not None) is batches
-    assert is_column_major(service.part.model.layers[1].mlp.up_proj.weight) is batches
+    threads = torch.get_num_threads()
+    try:
+        for flags in (["--threads", "2"], ["--threads", "1"]):
+            loaded = load(make_parser().parse_args(["--base-model", str(folder), "--port", "0", "--first", "1", "--second", "3", *flags]))
+            service = loaded.service
+            batches = model_type != "diffllama"
+            assert len(reads) == 1 and "model.layers.1.mlp.up_proj.weight" in reads[0]
+            assert (service.batcher is not None) is batches
+            up = service.part.model.layers[1].mlp.up_proj
+            if batches and flags[1] == "1" and why_no_kernel() is None:  # one thread: panels, made from the column-major weights
+                assert isinstance(up, PanelLinear)
+            else:
+                assert is_column_major(up.weight) is batches
+            reads.clear()
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,146 @@
+"""Linear layers over weights stored as column panels: a product over a few rows that reads each weight once.
+
+A batching cloud's products run over the rows of several sessions at once, mostly 2 to 30. On one CPU
+thread MKL's fp32 product over 8 such rows costs about twice its product over one row, although both
+read the same weights from memory once: its small-row path repacks the weight on every call. Here the
+weights are stored packed once, `W.T` cut into panels of 48 columns, each panel contiguous, and a small C
+kernel (src/panel_gemm.c) streams every panel past up to 8 rows held in registers. Over SmolLM2's 28
+middle layers in turn (7 products each, weights from memory, one thread), per layer, against MKL over
+column-major weights: one row 1,061 against 1,023 us, 8 rows 1,262 against 1,961, 16 rows 1,627 against
+2,207, 256 rows 12,053 against 12,735, 1,024 rows 48,955 against 47,516 (`python -m bench.panels`,
+results/panels.md). The panels hold the weight once (the last panel zero-padded).
+
+Every output of the kernel sums its terms in order, one fused multiply-add each: a row's result does not
+depend on which other rows share the call, so a session's step packed with others gives, from the
+products, what it gives alone, bit for bit.
+
+The kernel is compiled on first use with the system's C compiler into $TRIADIC_CACHE, and used where the
+CPU has AVX-512 and torch runs one thread: the kernel is single-threaded, and with more threads it would
+leave idle the cores MKL's product uses. Where any of that is missing, `use_panels` says why and the
+layout stays as it was.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import cache_dir
+
+logger = logging.getLogger(__name__)
+
+PANEL = 48  # columns per panel: must match PANEL in panel_gemm.c
+SOURCE = Path(__file__).with_name("panel_gemm.c")
+FLAGS = ("-O3", "-mavx512f", "-mfma", "-shared", "-fPIC")
+
+_kernel: ctypes.CDLL | None = None
+_kernel_problem: str | None = None
+
+
+def why_no_kernel() -> str | None:
+    """Why the panel kernel cannot run here, or None where it can (compiling it on first call)."""
+    global _kernel, _kernel_problem
+    if _kernel is not None or _kernel_problem is not None:
+        return _kernel_problem
+    capability = torch.backends.cpu.get_cpu_capability()
+    if not capability.startswith("AVX512"):
+        _kernel_problem = f"the CPU's vector capability is {capability}, not AVX-512"
+        return _kernel_problem
+    try:
+        _kernel = _compiled()
+    except (OSError, subprocess.SubprocessError, RuntimeError) as error:
+        _kernel_problem = f"the panel kernel could not be built: {error}"
+    return _kernel_problem
+
+
+def _compiled() -> ctypes.CDLL:
+    """The kernel's shared library, built once per source and flags into the cache, and checked against torch."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"panel_gemm-{digest}.so"
+    if not target.exists():
+        if compiler is None:
+            raise RuntimeError("no C compiler (cc, or $CC) on PATH")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:  # built aside, then moved in whole
+            built = Path(scratch) / target.name
+            subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True, timeout=120)
+            os.replace(built, target)
+    library = ctypes.CDLL(str(target))
+    library.panel_gemm.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
+    library.panel_gemm.restype = None
+    _check(library)
+    return library
+
+
+def _check(library: ctypes.CDLL) -> None:
+    """A product the kernel must get right before any model uses it (a miscompiled library is refused)."""
+    generator = torch.Generator().manual_seed(0)
+    weight, rows = torch.randn(100, 37, generator=generator), torch.randn(11, 37, generator=generator)
+    got, panels = torch.empty(11, 100), to_panels(weight)  # held: the kernel sees only their addresses
+    library.panel_gemm(rows.data_ptr(), 11, 37, panels.data_ptr(), 100, got.data_ptr())
+    if not torch.allclose(got, rows @ weight.T, rtol=1e-5, atol=1e-5):
+        raise RuntimeError("its product differs from torch's")
+
+
+def to_panels(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] weight -> [panels, in, PANEL]: panel p holds columns PANEL*p ... of W.T, the last zero-padded.
+
+    Written panel by panel into one new tensor, so that a weight is never held more than twice."""
+    out_features, in_features = weight.shape
+    stored = weight.new_zeros(-(-out_features // PANEL), in_features, PANEL)
+    for p, block in enumerate(weight.split(PANEL)):
+        stored[p, :, : block.shape[0]] = block.T
+    return stored
+
+
+class PanelLinear(nn.Module):
+    """`nn.Linear`'s product over weights stored as panels (fp32, CPU, no gradients)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.panels = nn.Parameter(to_panels(linear.weight.detach()), requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.dtype != torch.float32:
+            raise TypeError(f"PanelLinear computes in float32, not {rows.dtype}")
+        rows = rows.contiguous()
+        y = torch.empty(rows.shape[0], self.out_features)
+        _kernel.panel_gemm(rows.data_ptr(), rows.shape[0], self.in_features, self.panels.data_ptr(), self.out_features, y.data_ptr())
+        if self.bias is not None:
+            y += self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, panels={PANEL}"
+
+
+def use_panels(part: nn.Module) -> str | None:
+    """Store the fp32 CPU linear layers of a part's decoder layers as panels; why not, or None where done.
+
+    One layer at a time, so the weights are held twice for one layer at most while they are rewritten."""
+    reason = why_no_kernel()
+    if reason is None and torch.get_num_threads() != 1:
+        reason = f"torch runs {torch.get_num_threads()} threads and the panel kernel one"
+    linears = [(name, module) for name, module in part.named_modules() if isinstance(module, nn.Linear) and ".layers." in name]
+    if reason is None and any(m.weight.dtype != torch.float32 or m.weight.device.type != "cpu" for _, m in linears):
+        reason = "the panel kernel computes in float32 on the CPU"
+    if reason is not None:
+        return reason
+    for name, linear in linears:
+        owner, _, attribute = name.rpartition(".")
+        setattr(part.get_submodule(owner), attribute, PanelLinear(linear))
+    logger.info("%d linear layers stored as panels of %d columns", len(linears), PANEL)
+    return None
