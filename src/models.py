@@ -16,6 +16,7 @@ The class names are the original design's; they serve every family, not only LLa
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +164,13 @@ class ThirdLlamaModel(SplitLlamaModel):
         return self.norm(self.run_owned_layers(hidden_states, start, cache))
 
 
+# Held while a part is built on the meta device and while its weights are assigned. Both change or go
+# through process-wide state (accelerate's `init_empty_weights` patches nn.Module's parameter registration,
+# `local_torch_dtype` sets the default dtype), so parts built in several threads at once take turns: without
+# it, 17 of 20 concurrent builds lost parameters to another thread's meta device.
+CONSTRUCTION = threading.RLock()
+
+
 class SplitLlamaForCausalLM(nn.Module):
     """Shared loading for the three parts: parameters on the meta device, then only the part's own tensors are read.
 
@@ -179,7 +187,7 @@ class SplitLlamaForCausalLM(nn.Module):
         self.family = family_for(config)
         # The family's own CausalLM, its parameters on meta (nothing allocated), its buffers (rotary
         # frequencies, Gemma's embedding scale) computed for real as transformers computes them.
-        with init_empty_weights(include_buffers=False), no_init_weights():  # the weights come from the checkpoint
+        with CONSTRUCTION, init_empty_weights(include_buffers=False), no_init_weights():  # the weights come from the checkpoint
             full = AutoModelForCausalLM.from_config(config)
         self.model = self.model_class(full.model, self.family, owned_layers)
         if self.with_head:
@@ -215,7 +223,7 @@ class SplitLlamaForCausalLM(nn.Module):
         layout (oneDNN reorders), nor a GPU's, so those weights stay as they are; so does the LM head,
         which runs one row at a time.
         """
-        with local_torch_dtype(dtype):  # buffers in the model's dtype, as from_pretrained(dtype=...) makes them
+        with CONSTRUCTION, local_torch_dtype(dtype):  # buffers in the model's dtype, as from_pretrained(dtype=...) makes them
             part = cls(config, owned_layers)
         shared = shared or {}
         wanted = {name: part.checkpoint_name(name) for name, _ in part.named_parameters() if name not in shared}
@@ -231,7 +239,8 @@ class SplitLlamaForCausalLM(nn.Module):
                         raise TriadicError(f"--lora-weights {lora_weights}: {name} is {tuple(tensors[name].shape)}, its update {tuple(delta.shape)}")
                     tensors[name] = laid_out((tensors[name].float() + delta.to(device)).to(dtype), name in transposed)
         tensors.update(shared)
-        part.load_state_dict(tensors, strict=False, assign=True)
+        with CONSTRUCTION:  # assigning goes through nn.Module's parameter registration, which a build patches
+            part.load_state_dict(tensors, strict=False, assign=True)
         still_empty = [name for name, p in part.named_parameters() if p.is_meta]
         if still_empty:
             raise RuntimeError(f"internal: {still_empty[0]} was not loaded")

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .checkpoint import cache_dir
+from .models import CONSTRUCTION
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +140,9 @@ def use_panels(part: nn.Module) -> str | None:
         reason = "the panel kernel computes in float32 on the CPU"
     if reason is not None:
         return reason
-    for name, linear in linears:
-        owner, _, attribute = name.rpartition(".")
-        setattr(part.get_submodule(owner), attribute, PanelLinear(linear))
+    with CONSTRUCTION:  # new parameters: not while another thread builds a part on the meta device
+        for name, linear in linears:
+            owner, _, attribute = name.rpartition(".")
+            setattr(part.get_submodule(owner), attribute, PanelLinear(linear))
     logger.info("%d linear layers stored as panels of %d columns", len(linears), PANEL)
     return None

@@ -51,6 +51,29 @@ def test_cloud_of_the_default_sets_has_no_embeddings_or_head(tiny_tied):
     assert names and all(name.startswith(("model.layers.0.", "model.layers.1.", "model.layers.2.")) for name in names)
 
 
+def test_parts_built_in_several_threads_at_once_each_hold_their_weights(tiny_tied):
+    """A build patches process-wide state for a moment (accelerate's meta-device registration, the default
+    dtype): builds in other threads take turns with it rather than losing their parameters to it."""
+    import threading
+
+    folder, _ = tiny_tied
+    errors, tokens = [], []
+
+    def build() -> None:
+        for _ in range(3):
+            try:
+                tokens.append(build_pipeline(str(folder), {1}, {3}, with_tokenizer=False).edge.generate(PROMPT, 3).token_ids)
+            except Exception as error:  # noqa: BLE001 (collected: the assertion below says which)
+                errors.append(repr(error))
+
+    threads = [threading.Thread(target=build) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(tokens) == 12 and all(t == tokens[0] for t in tokens)
+
+
 def test_lossy_sides_store_their_layers_weights_column_major_and_lossless_sides_as_transformers(tiny_tied):
     """A lossy codec's sides transpose their fp32 layer weights in memory (faster over several rows); values,
     shapes and the tied head stay; a lossless run keeps transformers' layout, to compute what HF computes."""
