@@ -110,8 +110,8 @@ class Party:
     step on a GPU. Caches made there are inference tensors, so all steps must run there: they do.
     """
 
-    # Called before each layer runs; it may raise to stop the computation (the cloud server's
-    # cancellation and deadline check). The caches are then mid-step: the session must be dropped.
+    # Called before each layer runs; it may raise to stop the computation (`utils.StopSignal.check`,
+    # from either server). The caches are then mid-step: the session must be dropped.
     on_layer: Callable[[], None] | None = None
 
     def __init__(

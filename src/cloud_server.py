@@ -70,7 +70,7 @@ import grpc
 from grpc import aio
 
 from . import protocol
-from .utils import OneLineParser, TriadicError, check_seconds, parse_layer_set, read_file, read_token
+from .utils import OneLineParser, StopSignal, Stopped, TriadicError, check_seconds, parse_layer_set, read_file, read_token
 
 logger = logging.getLogger(__name__)
 
@@ -150,24 +150,6 @@ class Refusal(Exception):
     def __init__(self, code: grpc.StatusCode, reason: str) -> None:
         super().__init__(reason)
         self.code, self.reason = code, reason
-
-
-class Stopped(Exception):
-    """Raised between layers: the computation's client cancelled, or its deadline passed."""
-
-
-class StopSignal:
-    """Read by a computing thread between layers; set from the event loop when its request is cancelled."""
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline  # time.monotonic() by which the computation must have ended
-        self.cancelled = threading.Event()
-
-    def check(self) -> None:
-        if self.cancelled.is_set():
-            raise Stopped("cancelled")
-        if time.monotonic() > self.deadline:
-            raise Stopped("deadline")
 
 
 @dataclass
@@ -359,7 +341,7 @@ class CloudService:
             signal_.cancelled.set()  # the thread stops at its next layer; the slot is freed then
             raise
         except Stopped as stopped:
-            if str(stopped) == "cancelled":
+            if stopped.reason == "cancelled":
                 raise Refusal(grpc.StatusCode.CANCELLED, "cancelled") from None
             raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, f"the message did not finish within its deadline ({self.limits.request_timeout:g} s per message)") from None
         except Refusal:
@@ -491,7 +473,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--cloud-device", default="cpu")
     p.add_argument("--cloud-dtype", default="float32", help="float32, bfloat16, float16, or auto (bfloat16 where the device computes it natively)")
     p.add_argument("--load-in-8bit", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice); with 1, a batching fp32 server on an AVX-512 CPU runs its products in src/panels.py's kernel")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--token-file", default=None, help="file holding a bearer token clients must send")

@@ -1,9 +1,11 @@
-"""Small shared helpers: the user-facing error type, set parsing, prompt templates, logging."""
+"""Small shared helpers: the user-facing error type, set parsing, prompt templates, logging, the stop check between layers."""
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 
 
 class TriadicError(Exception):
@@ -173,3 +175,27 @@ def apply_chat_template(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     except Exception as error:  # noqa: BLE001 (jinja2's TemplateError and whatever the template's own code raises)
         raise TriadicError(f"the tokenizer's chat template fails: {error}") from None
     return list(encoded["input_ids"])
+
+
+class Stopped(Exception):
+    """Raised between layers (`Party.on_layer`): `reason` is "cancelled" (the client went away) or "deadline"."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StopSignal:
+    """The check a computation runs before each layer (`Party.on_layer = signal.check`): the cloud server's
+    per-message deadline and cancellation, the edge server's time limit and departed client."""
+
+    def __init__(self, deadline: float | None, client_left: Callable[[], bool] | None = None) -> None:
+        self.deadline = deadline  # time.monotonic() by which the computation must have ended; None: no limit
+        self.cancelled = threading.Event()  # set from another thread (the serving loop) when the request is cancelled
+        self.client_left = client_left  # asked at each check, where the caller polls its client rather than being told
+
+    def check(self) -> None:
+        if self.cancelled.is_set() or (self.client_left is not None and self.client_left()):
+            raise Stopped("cancelled")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise Stopped("deadline")

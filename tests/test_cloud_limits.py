@@ -159,8 +159,8 @@ def test_cancel_storm_runs_one_computation_at_a_time(guarded, long_model):
 
 
 def test_a_computation_stops_between_layers(tiny_tied):
-    """The server's stop check runs before every layer: an expired request runs none, a cancelled one stops at the next layer."""
-    from src.cloud_server import StopSignal, Stopped
+    """The servers' stop check runs before every layer: an expired request runs none, a cancelled one stops at the next layer."""
+    from src.utils import StopSignal, Stopped
 
     folder, _ = tiny_tied
     cloud = build_pipeline(str(folder), {0}, {4}, "none", with_tokenizer=False).cloud  # the cloud holds layers 0..3
@@ -186,6 +186,9 @@ def test_a_computation_stops_between_layers(tiny_tied):
     with pytest.raises(Stopped, match="cancelled"):
         cloud.handle(prefill)
     assert cloud.layer_evals == 2 * 6  # two layers of six positions, then it stopped
+    StopSignal(None).check()  # the edge server's form: no time limit, a client it polls
+    with pytest.raises(Stopped, match="cancelled"):
+        StopSignal(None, client_left=lambda: True).check()
 
 
 FLOODER = """

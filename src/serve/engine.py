@@ -36,7 +36,7 @@ from .. import protocol
 from ..cli import eos_token_ids
 from ..pipeline import Pipeline
 from ..sampling import MIN_TEMPERATURE, SEED_LIMIT, SamplingConfig, TextStream, model_generation_defaults
-from ..utils import ALPACA_TEMPLATE, TriadicError, apply_chat_template
+from ..utils import ALPACA_TEMPLATE, StopSignal, Stopped, TriadicError, apply_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -186,14 +186,6 @@ class Cancelled(Exception):
     """The client went away; nothing is returned."""
 
 
-class _Stopped(Exception):
-    """Raised between layers of a prefill: `reason` is "cancelled" or "time_limit"."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 class EdgeEngine:
     """One pipeline (split, or the unsplit baseline) behind the server; one request at a time (the caller's lock)."""
 
@@ -256,13 +248,6 @@ class EdgeEngine:
             self.link.take()
         stopped_by = None
 
-        def check_layer() -> None:
-            """Before each layer of the prefill: a long prompt must not outlive its client or its time limit."""
-            if cancelled():
-                raise _Stopped("cancelled")
-            if deadline is not None and time.monotonic() > deadline:
-                raise _Stopped("time_limit")
-
         def on_token(token: int) -> bool:
             nonlocal stopped_by
             self._watch_layers(None)  # the prefill is over: from here on the check after each token suffices
@@ -284,10 +269,10 @@ class EdgeEngine:
                 stopped_by = "time_limit"
             return stopped_by is not None
 
-        self._watch_layers(check_layer)
+        self._watch_layers(StopSignal(deadline, cancelled).check)  # a long prompt must not outlive its client or time limit
         try:
             result = self.session.generate(ids, options.max_tokens, self.eos, on_token=on_token, sampling=sampling)
-        except _Stopped as stop:  # mid-prefill: both sides' caches are partial
+        except Stopped as stop:  # mid-prefill: both sides' caches are partial
             self.session.close()  # ends the cloud's session too: a local cloud frees its caches now
             if stop.reason == "cancelled":
                 raise Cancelled() from None
