@@ -27,6 +27,7 @@ from src.checkpoint import load_config  # noqa: E402
 from src.codec import get_codec  # noqa: E402
 from src.grpc_link import GrpcLink, LinkError, RejectedError, make_link  # noqa: E402
 from src.pipeline import build_edge, build_pipeline  # noqa: E402
+from src.panels import why_no_kernel  # noqa: E402
 from src.schedule import SplitSchedule  # noqa: E402
 from src.utils import TriadicError  # noqa: E402
 from tests.conftest import ROOT, stop_process  # noqa: E402
@@ -365,6 +366,9 @@ time.sleep(600)
 
 
 def test_four_clients_at_once(servers, tiny_tied):
+    """Four sessions at once get the in-process tokens; their batched replies are what each gets alone: bit for
+    bit where the server's products run in the panel kernel (one thread, AVX-512: this server's --threads 1),
+    whose rows do not depend on each other, and within 1e-4 where MKL's products change with the row count."""
     folder, _ = tiny_tied
     server = servers["plain"]
     jobs = [(seed, prompt) for seed, prompt in zip((11, 12, 13, 14), PROMPTS + [[1, 3, 3, 7, 40, 50]])]
@@ -372,12 +376,13 @@ def test_four_clients_at_once(servers, tiny_tied):
     edges = [remote_edge(folder, MOVING, seed, GrpcLink(server.url, timeout=60)) for seed, _ in jobs]
     barrier = threading.Barrier(len(jobs))
     results, errors = [None] * len(jobs), []
-    peak = []
+    logits, peak = [None] * len(jobs), []
 
     def run(i: int) -> None:
         try:
             barrier.wait(30)
-            results[i] = edges[i].generate(jobs[i][1], NEW).token_ids
+            result = edges[i].generate(jobs[i][1], NEW, keep_logits=True)
+            results[i], logits[i] = result.token_ids, result.logits
             peak.append(edges[i].link.stats()["sessions"])
         except BaseException as error:  # reported below
             errors.append(error)
@@ -390,6 +395,14 @@ def test_four_clients_at_once(servers, tiny_tied):
     assert not errors, errors
     assert results == expected
     assert max(peak) >= 2  # the sessions did overlap
+    assert edges[0].link.stats()["batching"]["largest"] >= 2  # and ran in batches
+    panels = "stored as panels" in server.log.read_text()
+    assert panels is (why_no_kernel() is None)
+    for i, edge in enumerate(edges):  # each alone now
+        alone = edge.generate(jobs[i][1], NEW, keep_logits=True)
+        assert alone.token_ids == results[i]
+        difference = max((x - y).abs().max().item() for x, y in zip(alone.logits, logits[i]))
+        assert difference == 0 if panels else difference < 1e-4, (i, difference)
     for edge in edges:
         edge.link.close()
     with GrpcLink(server.url) as probe:
