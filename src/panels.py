@@ -131,18 +131,20 @@ class PanelLinear(nn.Module):
 def use_panels(part: nn.Module) -> str | None:
     """Store the fp32 CPU linear layers of a part's decoder layers as panels; why not, or None where done.
 
-    One layer at a time, so the weights are held twice for one layer at most while they are rewritten."""
+    One weight at a time, each dropped as soon as its panels replace it: the part holds one weight twice at most."""
     reason = why_no_kernel()
     if reason is None and torch.get_num_threads() != 1:
         reason = f"torch runs {torch.get_num_threads()} threads and the panel kernel one"
-    linears = [(name, module) for name, module in part.named_modules() if isinstance(module, nn.Linear) and ".layers." in name]
-    if reason is None and any(m.weight.dtype != torch.float32 or m.weight.device.type != "cpu" for _, m in linears):
+    names = [name for name, module in part.named_modules() if isinstance(module, nn.Linear) and ".layers." in name]
+    weights = [part.get_submodule(name).weight for name in names]
+    if reason is None and any(w.dtype != torch.float32 or w.device.type != "cpu" for w in weights):
         reason = "the panel kernel computes in float32 on the CPU"
+    del weights
     if reason is not None:
         return reason
     with CONSTRUCTION:  # new parameters: not while another thread builds a part on the meta device
-        for name, linear in linears:
+        for name in names:
             owner, _, attribute = name.rpartition(".")
-            setattr(part.get_submodule(owner), attribute, PanelLinear(linear))
-    logger.info("%d linear layers stored as panels of %d columns", len(linears), PANEL)
+            setattr(part.get_submodule(owner), attribute, PanelLinear(part.get_submodule(name)))
+    logger.info("%d linear layers stored as panels of %d columns", len(names), PANEL)
     return None

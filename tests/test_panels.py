@@ -1,4 +1,6 @@
 """Linear layers over panel-stored weights (src/panels.py): the product nn.Linear gives, a row independent of the others."""
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -43,7 +45,7 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
 
 
 @needs_kernel
-def test_use_panels_replaces_only_the_decoder_layers_linears(tiny_untied):
+def test_use_panels_replaces_only_the_decoder_layers_linears(tiny_untied, monkeypatch):
     from src.checkpoint import load_config
     from src.pipeline import build_cloud
     from src.schedule import SplitSchedule
@@ -53,7 +55,12 @@ def test_use_panels_replaces_only_the_decoder_layers_linears(tiny_untied):
     part = build_cloud(folder, config, SplitSchedule((1,), (3,), config.num_hidden_layers), column_major=True).part
     x = torch.randn(1, 3, config.hidden_size)
     before = part.model.layers[1].mlp(x)
+    held = [weakref.ref(m.weight) for name, m in part.named_modules() if isinstance(m, nn.Linear) and ".layers." in name]
+    alive = []  # at each rewrite, how many of the old weights are still held
+    real = panels.to_panels
+    monkeypatch.setattr(panels, "to_panels", lambda w: alive.append(sum(r() is not None for r in held)) or real(w))
     assert use_panels(part) is None
+    assert alive == list(range(len(held), 0, -1))  # each old weight is dropped as soon as its panels replace it
     mlp = part.model.layers[1].mlp
     assert all(isinstance(getattr(mlp, name), PanelLinear) for name in ("gate_proj", "up_proj", "down_proj"))
     assert not any(isinstance(m, nn.Linear) for name, m in part.named_modules() if ".layers." in name)
