@@ -644,7 +644,7 @@ def load(args) -> Loaded:
         enable_packing(cloud.part)
         reason = use_panels(cloud.part)  # faster still over a few rows, where it can run
         if reason is not None:
-            logger.info("weights stay column-major: %s", reason)
+            logger.info("the layers' products stay torch's: %s", reason)
         service.batcher = Batcher(args.batch_window_ms / 1e3)
     return Loaded(service, credentials, server_options(args, limits))
 

@@ -132,14 +132,12 @@ def use_panels(part: nn.Module) -> str | None:
     """Store the fp32 CPU linear layers of a part's decoder layers as panels; why not, or None where done.
 
     One weight at a time, each dropped as soon as its panels replace it: the part holds one weight twice at most."""
-    reason = why_no_kernel()
-    if reason is None and torch.get_num_threads() != 1:
-        reason = f"torch runs {torch.get_num_threads()} threads and the panel kernel one"
     names = [name for name, module in part.named_modules() if isinstance(module, nn.Linear) and ".layers." in name]
-    weights = [part.get_submodule(name).weight for name in names]
-    if reason is None and any(w.dtype != torch.float32 or w.device.type != "cpu" for w in weights):
-        reason = "the panel kernel computes in float32 on the CPU"
-    del weights
+    if any(part.get_submodule(n).weight.dtype != torch.float32 or part.get_submodule(n).weight.device.type != "cpu" for n in names):
+        return "the panel kernel computes in float32 on the CPU"
+    if torch.get_num_threads() != 1:
+        return f"torch runs {torch.get_num_threads()} threads and the panel kernel one"
+    reason = why_no_kernel()  # built here, where it will be used
     if reason is not None:
         return reason
     with CONSTRUCTION:  # new parameters: not while another thread builds a part on the meta device

@@ -69,15 +69,17 @@ def test_use_panels_replaces_only_the_decoder_layers_linears(tiny_untied, monkey
 
 def test_where_the_kernel_cannot_run_the_layout_stays_and_says_why(tiny_untied, tmp_path, monkeypatch):
     from src.checkpoint import load_config
-    from src.pipeline import build_cloud
+    from src.pipeline import SideOptions, build_cloud
     from src.schedule import SplitSchedule
 
     folder, _ = tiny_untied
     config = load_config(folder)
     part = build_cloud(folder, config, SplitSchedule((1,), (3,), config.num_hidden_layers)).part
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    if why_no_kernel() is None:
-        assert use_panels(part) == "torch runs 2 threads and the panel kernel one"
+    assert use_panels(part) == "torch runs 2 threads and the panel kernel one"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    bf16 = build_cloud(folder, config, SplitSchedule((1,), (3,), config.num_hidden_layers), side=SideOptions(dtype=torch.bfloat16)).part
+    assert use_panels(bf16) == "the panel kernel computes in float32 on the CPU"
     monkeypatch.setattr(panels, "_kernel", None)
     monkeypatch.setattr(panels, "_kernel_problem", None)
     monkeypatch.setenv("TRIADIC_CACHE", str(tmp_path))  # nothing built there yet
