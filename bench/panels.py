@@ -12,6 +12,7 @@ first row's product computed alone (src/panels.py: each output sums its terms in
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -48,7 +49,8 @@ def main() -> None:
     torch.set_num_threads(1)
     problem = why_no_kernel()
     if problem is not None:
-        raise SystemExit(f"bench.panels: {problem}")
+        print(f"bench.panels: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     config = load_config(resolve_model_dir(None))
     hidden, inner = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
