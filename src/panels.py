@@ -25,7 +25,9 @@ import ctypes
 import hashlib
 import logging
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -41,6 +43,7 @@ logger = logging.getLogger(__name__)
 PANEL = 48  # columns per panel: must match PANEL in panel_gemm.c
 SOURCE = Path(__file__).with_name("panel_gemm.c")
 FLAGS = ("-O3", "-mavx512f", "-mfma", "-shared", "-fPIC")
+COMPILE_SECONDS = 60.0  # a compiler that hangs is killed, with what it started, and the products stay torch's
 
 _kernel: ctypes.CDLL | None = None
 _kernel_problem: str | None = None
@@ -57,26 +60,57 @@ def why_no_kernel() -> str | None:
         return _kernel_problem
     try:
         _kernel = _compiled()
-    except (OSError, subprocess.SubprocessError, RuntimeError) as error:
-        _kernel_problem = f"the panel kernel could not be built: {error}"
+    except Exception as error:  # noqa: BLE001 (whatever fails, the products stay torch's and the reason is said)
+        _kernel_problem = f"the panel kernel could not be built: {error}".splitlines()[0]
     return _kernel_problem
 
 
 def _compiled() -> ctypes.CDLL:
-    """The kernel's shared library, built once per source and flags into the cache, and checked against torch."""
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    """The kernel's shared library: from the cache where its recorded sha256 still matches, else built and checked.
+
+    A library enters the cache only after it passed `_check`, with its sha256 beside it: loading a file that
+    was truncated or replaced (dlopen of a truncated file dies of SIGBUS) or one that computes wrongly is
+    never tried; such a file is built again."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"panel_gemm-{digest}.so"
-    if not target.exists():
-        if compiler is None:
-            raise RuntimeError("no C compiler (cc, or $CC) on PATH")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:  # built aside, then moved in whole
-            built = Path(scratch) / target.name
-            subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True, timeout=120)
-            os.replace(built, target)
-    library = ctypes.CDLL(str(target))
+    seal = target.with_name(target.name + ".sha256")
+    try:
+        if hashlib.sha256(target.read_bytes()).hexdigest() == seal.read_text().strip():
+            return _loaded(target)
+    except OSError:  # not built yet, or unreadable: build it
+        pass
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:  # built and checked aside, then moved in whole
+        built = Path(scratch) / target.name
+        _compile(built)
+        library = _loaded(built)
+        (Path(scratch) / seal.name).write_text(hashlib.sha256(built.read_bytes()).hexdigest() + "\n")
+        os.replace(built, target)  # the loaded library stays mapped; other processes now find it
+        os.replace(Path(scratch) / seal.name, seal)
+    return library
+
+
+def _compile(output: Path) -> None:
+    """`$CC` (default cc; it may carry its own arguments) over the source, within COMPILE_SECONDS."""
+    command = shlex.split(os.environ.get("CC") or "cc")
+    compiler = shutil.which(command[0]) if command else None
+    if compiler is None:
+        raise RuntimeError(f"no C compiler: {command[0] if command else 'cc'!r} is not on PATH")
+    process = subprocess.Popen([compiler, *command[1:], *FLAGS, "-o", str(output), str(SOURCE)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, errors = process.communicate(timeout=COMPILE_SECONDS)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the compiler and whatever it started
+        process.wait()
+        raise RuntimeError(f"{compiler} ran past {COMPILE_SECONDS:g} s") from None
+    if process.returncode != 0:
+        last = (errors.strip().splitlines() or ["no message"])[-1]
+        raise RuntimeError(f"{compiler} exited with {process.returncode}: {last}")
+
+
+def _loaded(path: Path) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(path))
     library.panel_gemm.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
     library.panel_gemm.restype = None
     _check(library)
@@ -84,13 +118,16 @@ def _compiled() -> ctypes.CDLL:
 
 
 def _check(library: ctypes.CDLL) -> None:
-    """A product the kernel must get right before any model uses it (a miscompiled library is refused)."""
+    """Products the kernel must get right before any model uses it (a miscompiled or foreign library is refused):
+    a row block short of 8 and tails of a panel, every row count of a block, and more rows than one pass takes."""
     generator = torch.Generator().manual_seed(0)
-    weight, rows = torch.randn(100, 37, generator=generator), torch.randn(11, 37, generator=generator)
-    got, panels = torch.empty(11, 100), to_panels(weight)  # held: the kernel sees only their addresses
-    library.panel_gemm(rows.data_ptr(), 11, 37, panels.data_ptr(), 100, got.data_ptr())
-    if not torch.allclose(got, rows @ weight.T, rtol=1e-5, atol=1e-5):
-        raise RuntimeError("its product differs from torch's")
+    for rows, in_features, out_features in ((11, 37, 100), (8, 130, 49), (1, 48, 96), (300, 5, 1)):
+        weight = torch.randn(out_features, in_features, generator=generator, dtype=torch.float32)
+        x = torch.randn(rows, in_features, generator=generator, dtype=torch.float32)
+        got, stored = torch.empty(rows, out_features, dtype=torch.float32), to_panels(weight)  # held: the kernel sees only addresses
+        library.panel_gemm(x.data_ptr(), rows, in_features, stored.data_ptr(), out_features, got.data_ptr())
+        if not torch.allclose(got, x @ weight.T, rtol=1e-5, atol=1e-5):
+            raise RuntimeError(f"its product differs from torch's ({rows} x {in_features} by {out_features})")
 
 
 def to_panels(weight: torch.Tensor) -> torch.Tensor:
@@ -109,6 +146,9 @@ class PanelLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
+        reason = why_no_kernel()
+        if reason is not None:
+            raise RuntimeError(reason)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.panels = nn.Parameter(to_panels(linear.weight.detach()), requires_grad=False)
         self.bias = linear.bias
@@ -118,7 +158,7 @@ class PanelLinear(nn.Module):
         if rows.dtype != torch.float32:
             raise TypeError(f"PanelLinear computes in float32, not {rows.dtype}")
         rows = rows.contiguous()
-        y = torch.empty(rows.shape[0], self.out_features)
+        y = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)  # not the default dtype, which builds change
         _kernel.panel_gemm(rows.data_ptr(), rows.shape[0], self.in_features, self.panels.data_ptr(), self.out_features, y.data_ptr())
         if self.bias is not None:
             y += self.bias

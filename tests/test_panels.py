@@ -1,5 +1,7 @@
 """Linear layers over panel-stored weights (src/panels.py): the product nn.Linear gives, a row independent of the others."""
+import time
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,7 +88,7 @@ def test_where_the_kernel_cannot_run_the_layout_stays_and_says_why(tiny_untied, 
     monkeypatch.setenv("CC", "no-such-compiler")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     reason = use_panels(part)
-    assert reason == "the panel kernel could not be built: no C compiler (cc, or $CC) on PATH"
+    assert reason == "the panel kernel could not be built: no C compiler: 'no-such-compiler' is not on PATH"
     assert isinstance(part.model.layers[1].mlp.up_proj, nn.Linear)
     monkeypatch.setattr(panels, "_kernel_problem", None)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
@@ -101,3 +103,75 @@ def test_a_library_whose_product_is_wrong_is_refused():
 
     with pytest.raises(RuntimeError, match="differs from torch's"):
         panels._check(Miscompiled())
+
+
+def fresh_kernel(monkeypatch, cache, compiler: str | None = None) -> str | None:
+    """why_no_kernel() as a new process would answer it, with this cache and $CC."""
+    monkeypatch.setattr(panels, "_kernel", None)
+    monkeypatch.setattr(panels, "_kernel_problem", None)
+    monkeypatch.setenv("TRIADIC_CACHE", str(cache))
+    if compiler is None:
+        monkeypatch.delenv("CC", raising=False)
+    else:
+        monkeypatch.setenv("CC", compiler)
+    return why_no_kernel()
+
+
+@needs_kernel
+def test_a_damaged_or_foreign_library_in_the_cache_is_built_again_and_a_wrong_one_never_enters(tmp_path, monkeypatch):
+    """dlopen of a truncated library dies of SIGBUS, so a cached library is loaded only where its recorded sha256
+    matches; a compiler's output that lacks the kernel or computes wrongly gives a reason and is not cached."""
+    assert fresh_kernel(monkeypatch, tmp_path, "cc -O2") is None  # $CC may carry arguments
+    (library,) = (tmp_path / "kernels").glob("panel_gemm-*.so")
+    size = library.stat().st_size
+    library.write_bytes(library.read_bytes()[:14000])  # what killed the process with SIGBUS before
+    assert fresh_kernel(monkeypatch, tmp_path) is None and library.stat().st_size == size
+    library.write_bytes(b"")
+    assert fresh_kernel(monkeypatch, tmp_path) is None and library.stat().st_size == size
+
+    empty = tmp_path / "empty.c"
+    empty.write_text("int nothing_here;\n")
+    no_symbol = tmp_path / "nosym.sh"  # "compiles" a library without the kernel
+    no_symbol.write_text(f'#!/bin/sh\nout=""; while [ $# -gt 0 ]; do [ "$1" = -o ] && out="$2"; shift; done\n'
+                         f'exec cc -shared -fPIC -o "$out" {empty}\n')
+    no_symbol.chmod(0o755)
+    other = tmp_path / "other"
+    reason = fresh_kernel(monkeypatch, other, str(no_symbol))
+    assert reason is not None and "panel_gemm" in reason  # undefined symbol: a reason, not an AttributeError
+    assert not list((other / "kernels").glob("panel_gemm-*"))
+    failing = tmp_path / "failing.sh"
+    failing.write_text("#!/bin/sh\necho 'fake compiler: internal error XYZ' >&2\nexit 3\n")
+    failing.chmod(0o755)
+    assert fresh_kernel(monkeypatch, other, str(failing)).endswith("exited with 3: fake compiler: internal error XYZ")
+
+
+@needs_kernel
+def test_the_product_is_float32_whatever_the_default_dtype():
+    """A part's build changes the process's default dtype for a moment; the kernel's output must not follow it."""
+    torch.manual_seed(2)
+    linear = nn.Linear(64, 100)
+    paneled = PanelLinear(linear)
+    x = torch.randn(5, 64)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = paneled(x)
+    finally:
+        torch.set_default_dtype(previous)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiler_that_hangs_is_killed_with_what_it_started(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(panels, "COMPILE_SECONDS", 1.0)
+    marker = tmp_path / "child.pid"
+    hanging = tmp_path / "hang.sh"
+    hanging.write_text(f"#!/bin/sh\nsleep 300 &\necho $! > {marker}\nwait\n")
+    hanging.chmod(0o755)
+    began = time.monotonic()
+    assert fresh_kernel(monkeypatch, tmp_path, str(hanging)).endswith("ran past 1 s")
+    assert time.monotonic() - began < 10
+    child = int(marker.read_text())
+    time.sleep(0.2)
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
