@@ -68,24 +68,27 @@ def why_no_kernel() -> str | None:
 def _compiled() -> ctypes.CDLL:
     """The kernel's shared library: from the cache where its recorded sha256 still matches, else built and checked.
 
-    A library enters the cache only after it passed `_check`, with its sha256 beside it: loading a file that
-    was truncated or replaced (dlopen of a truncated file dies of SIGBUS) or one that computes wrongly is
-    never tried; such a file is built again."""
+    A library enters the cache only after it passed `_check`, with its sha256 beside it, so a file that was
+    truncated or replaced (dlopen of a truncated file dies of SIGBUS) or one that computes wrongly is never
+    loaded; such a file is built again. What is loaded is a private copy of the bytes that were checked:
+    the process's mapping must not change if the cached file does later."""
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"panel_gemm-{digest}.so"
     seal = target.with_name(target.name + ".sha256")
     try:
-        if hashlib.sha256(target.read_bytes()).hexdigest() == seal.read_text().strip():
-            return _loaded(target)
+        data = target.read_bytes()
+        if hashlib.sha256(data).hexdigest() == seal.read_text().strip():
+            return _loaded(data, target.parent)
     except OSError:  # not built yet, or unreadable: build it
         pass
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:  # built and checked aside, then moved in whole
         built = Path(scratch) / target.name
         _compile(built)
-        library = _loaded(built)
-        (Path(scratch) / seal.name).write_text(hashlib.sha256(built.read_bytes()).hexdigest() + "\n")
-        os.replace(built, target)  # the loaded library stays mapped; other processes now find it
+        data = built.read_bytes()
+        library = _loaded(data, Path(scratch))
+        (Path(scratch) / seal.name).write_text(hashlib.sha256(data).hexdigest() + "\n")
+        os.replace(built, target)  # other processes now find it
         os.replace(Path(scratch) / seal.name, seal)
     return library
 
@@ -109,8 +112,12 @@ def _compile(output: Path) -> None:
         raise RuntimeError(f"{compiler} exited with {process.returncode}: {last}")
 
 
-def _loaded(path: Path) -> ctypes.CDLL:
-    library = ctypes.CDLL(str(path))
+def _loaded(data: bytes, folder: Path) -> ctypes.CDLL:
+    """Load these bytes from a file of their own in `folder`, removed at once (the mapping keeps it), and check it."""
+    with tempfile.NamedTemporaryFile(dir=folder, suffix=".so") as copy:
+        copy.write(data)
+        copy.flush()
+        library = ctypes.CDLL(copy.name)
     library.panel_gemm.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
     library.panel_gemm.restype = None
     _check(library)
