@@ -220,7 +220,7 @@ def test_families_batch_to_their_tokens_alone_or_are_declared_unbatchable(model_
              for i, prompt in enumerate(prompts)]
     schedule = SplitSchedule(tuple(FIRST), tuple(SECOND), config.num_hidden_layers)
     part = build_cloud(folder, config, schedule, column_major=True).part  # as a batching server builds it
-    use_panels(part)  # and, where the panel kernel runs (one thread, AVX-512), stores them as panels
+    assert (use_panels(part) is None) is (why_no_kernel() is None)  # and, where the kernel runs (one thread), as panels
     if model_type == "diffllama":
         with pytest.raises(ValueError, match="diffllama"):
             enable_packing(part)
