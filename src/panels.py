@@ -126,7 +126,7 @@ def _loaded(data: bytes, folder: Path) -> ctypes.CDLL:
 
 def _check(library: ctypes.CDLL) -> None:
     """Products the kernel must get right before any model uses it (a miscompiled or foreign library is refused):
-    a row block short of 8 and tails of a panel, every row count of a block, and more rows than one pass takes."""
+    last row blocks of 3, 8, 1 and 4 rows, partly filled last panels, and more rows than one pass takes."""
     generator = torch.Generator().manual_seed(0)
     for rows, in_features, out_features in ((11, 37, 100), (8, 130, 49), (1, 48, 96), (300, 5, 1)):
         weight = torch.randn(out_features, in_features, generator=generator, dtype=torch.float32)
