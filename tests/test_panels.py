@@ -69,6 +69,17 @@ def test_use_panels_replaces_only_the_decoder_layers_linears(tiny_untied, monkey
     torch.testing.assert_close(mlp(x), before, rtol=1e-5, atol=1e-6)
 
 
+def forget_kernel(monkeypatch, cache, compiler: str | None = None) -> None:
+    """This process as a new one: no kernel loaded or refused yet, this cache and $CC (None: the default cc)."""
+    monkeypatch.setattr(panels, "_kernel", None)
+    monkeypatch.setattr(panels, "_kernel_problem", None)
+    monkeypatch.setenv("TRIADIC_CACHE", str(cache))
+    if compiler is None:
+        monkeypatch.delenv("CC", raising=False)
+    else:
+        monkeypatch.setenv("CC", compiler)
+
+
 def test_where_the_kernel_cannot_run_the_layout_stays_and_says_why(tiny_untied, tmp_path, monkeypatch):
     from src.checkpoint import load_config
     from src.pipeline import SideOptions, build_cloud
@@ -82,15 +93,12 @@ def test_where_the_kernel_cannot_run_the_layout_stays_and_says_why(tiny_untied, 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     bf16 = build_cloud(folder, config, SplitSchedule((1,), (3,), config.num_hidden_layers), side=SideOptions(dtype=torch.bfloat16)).part
     assert use_panels(bf16) == "the panel kernel computes in float32 on the CPU"
-    monkeypatch.setattr(panels, "_kernel", None)
-    monkeypatch.setattr(panels, "_kernel_problem", None)
-    monkeypatch.setenv("TRIADIC_CACHE", str(tmp_path))  # nothing built there yet
-    monkeypatch.setenv("CC", "no-such-compiler")
+    forget_kernel(monkeypatch, tmp_path, "no-such-compiler")  # nothing built there yet: use_panels builds it
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     reason = use_panels(part)
     assert reason == "the panel kernel could not be built: no C compiler: 'no-such-compiler' is not on PATH"
     assert isinstance(part.model.layers[1].mlp.up_proj, nn.Linear)
-    monkeypatch.setattr(panels, "_kernel_problem", None)
+    forget_kernel(monkeypatch, tmp_path)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert use_panels(part) == "the CPU's vector capability is AVX2, not AVX-512"
 
@@ -107,13 +115,7 @@ def test_a_library_whose_product_is_wrong_is_refused():
 
 def fresh_kernel(monkeypatch, cache, compiler: str | None = None) -> str | None:
     """why_no_kernel() as a new process would answer it, with this cache and $CC."""
-    monkeypatch.setattr(panels, "_kernel", None)
-    monkeypatch.setattr(panels, "_kernel_problem", None)
-    monkeypatch.setenv("TRIADIC_CACHE", str(cache))
-    if compiler is None:
-        monkeypatch.delenv("CC", raising=False)
-    else:
-        monkeypatch.setenv("CC", compiler)
+    forget_kernel(monkeypatch, cache, compiler)
     return why_no_kernel()
 
 
