@@ -180,7 +180,7 @@ def use_panels(part: nn.Module) -> str | None:
 
     One weight at a time, each dropped as soon as its panels replace it: the part holds one weight twice at most."""
     names = [name for name, module in part.named_modules() if isinstance(module, nn.Linear) and ".layers." in name]
-    if any(part.get_submodule(n).weight.dtype != torch.float32 or part.get_submodule(n).weight.device.type != "cpu" for n in names):
+    if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in (part.get_submodule(n).weight for n in names)):
         return "the panel kernel computes in float32 on the CPU"
     if torch.get_num_threads() != 1:
         return f"torch runs {torch.get_num_threads()} threads and the panel kernel one"
