@@ -50,6 +50,39 @@ def python_profile(label: str, run, args) -> str:
     return "\n".join([f"#### {label}\n", "```"] + [line[:160] for line in body[-args.rows - 2 :]] + ["```\n"])
 
 
+def message_times(hidden: int, device: str, dtype: torch.dtype, n: int = 200) -> str:
+    """One message's encode and decode on this host, and the parts of int8's: where a codec's per-token time goes."""
+    from src.codec import get_codec, rice_decode, rice_encode, rotate
+
+    def clock(work) -> float:
+        for _ in range(10):
+            work()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        for _ in range(n):
+            work()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - began) / n * 1e6
+
+    rows = ["| codec, positions | encode us | decode us |", "|---|---|---|"]
+    for name in ("none", "int8-fixed", "int8"):
+        codec = get_codec(name)
+        for count in (1, 3):
+            x = torch.randn(count, hidden, device=device, dtype=dtype) * 4
+            payload, code = codec.encode(x)
+            view = memoryview(payload)
+            rows.append(f"| {name}, {count} | {clock(lambda: codec.encode(x)):.0f} | "
+                        f"{clock(lambda: codec.decode(view, count, hidden, code, device)):.0f} |")
+    q = (torch.randn(hidden) * 6).round().to(torch.int32).numpy()
+    code = rice_encode(q, 3)
+    rest = torch.randn(1, hidden, device=device)
+    parts = [f"rice_encode {clock(lambda: rice_encode(q, 3)):.0f} us", f"rice_decode {clock(lambda: rice_decode(memoryview(code), hidden, 3, 'int8')):.0f} us",
+             f"rotate on {device} {clock(lambda: rotate(rest)):.0f} us", f"one empty {device} op {clock(lambda: rest.add_(0)):.0f} us"]
+    return "\n".join([f"One message at hidden {hidden} on this host ({dtype} in), `--messages`:\n"] + rows + ["", "int8's parts, one position: " + ", ".join(parts) + "."])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true")
@@ -60,6 +93,7 @@ def main() -> None:
     parser.add_argument("--more-codecs", nargs="*", default=[], help="codecs timed besides none and int8 (e.g. int8-fixed)")
     parser.add_argument("--only", nargs="*", default=[], help="time only configurations whose label contains one of these")
     parser.add_argument("--rows", type=int, default=25, help="functions per profile")
+    parser.add_argument("--messages", action="store_true", help="also time one message's encode and decode, and their parts, on this host")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -144,15 +178,21 @@ def main() -> None:
         f"Random-init LLaMA-7B-shaped model ({L} layers, hidden {cfg.hidden_size}), {dtype}, on {name}, torch {torch.__version__}; "
         f"both sides on the one GPU; {args.new_tokens} new tokens; each configuration and HF generate take turns, "
         f"{args.repeats} rounds after a warm-up round, medians; set-up {setup:.0f} s (`python -m bench.gpu_speed`).\n",
-        "| configuration | tokens/s | HF generate in the same rounds, tokens/s | vs HF generate | first 32 tokens equal HF's |",
-        "|---|---|---|---|---|",
-        f"| HF generate, unsplit, before the rest | {statistics.median(rates['HF generate, unsplit']):.1f} | - | 1.00x | - |",
+        "The last ratio pairs each run with the HF run right after it: a shared host's drift between rounds cancels there.\n",
+        "| configuration | tokens/s | HF generate in the same rounds, tokens/s | vs HF generate | median of per-round ratios (min-max) "
+        "| first 32 tokens equal HF's |",
+        "|---|---|---|---|---|---|",
+        f"| HF generate, unsplit, before the rest | {statistics.median(rates['HF generate, unsplit']):.1f} | - | 1.00x | - | - |",
     ]
     for label, values in hf_rates.items():
         rate, hf_rate = statistics.median(rates[label]), statistics.median(values)
-        lines.append(f"| {label} | {rate:.1f} | {hf_rate:.1f} | {rate / hf_rate:.2f}x | {same[label]} |")
+        paired = [a / b for a, b in zip(rates[label], values)]
+        lines.append(f"| {label} | {rate:.1f} | {hf_rate:.1f} | {rate / hf_rate:.2f}x | {statistics.median(paired):.2f}x "
+                     f"({min(paired):.2f}-{max(paired):.2f}) | {same[label]} |")
     lines += ["", "Milliseconds per token of the last timed run, by side and kind (`Party.seconds`):\n"]
     lines += [f"- {label}: {text}" for label, text in split.items()]
+    if args.messages:
+        lines += ["", message_times(cfg.hidden_size, device, dtype)]
     if profiles:
         lines += ["", f"### Python profile of {args.profile_tokens} tokens (prefill included), top functions by own time\n"] + profiles
     text = "\n".join(lines) + "\n"
