@@ -44,8 +44,7 @@ class Codec:
         """[count, hidden] finite float values on `device`; ProtocolError if the payload is malformed.
 
         Validation runs on the host, before anything reaches `device` (no wait on a GPU); the arithmetic
-        over all values (the inverse rotation) runs on `device` for a large message, on the host for a
-        small one (`codec_device`)."""
+        over all values (the inverse rotation) runs on `device`, where the receiver computes."""
         raise NotImplementedError
 
 
@@ -161,24 +160,6 @@ def read_shift(payload: memoryview, codec: str) -> int:
     return payload[0]
 
 
-# Up to this many values, a message's codec arithmetic runs on the host CPU even where the states live on a GPU.
-# A decode step's message is one position or a few: on a GPU its rotation, rounding and outlier split are some
-# 25 kernels, each bound by its launch, 600 to 740 us per encode on an H100 host against about 250 us on
-# the host's CPU after one 8 KB copy (`python -m bench.gpu_speed --messages`, results/gpu.md). A prefill's
-# thousands of positions stay on the GPU.
-HOST_CODEC_VALUES = 1 << 16
-
-
-def codec_device(device: torch.device | str, values: int) -> torch.device:
-    """Where a message of `values` numbers is encoded or decoded: the CPU for small ones, else `device`."""
-    return torch.device("cpu") if values <= HOST_CODEC_VALUES else torch.device(device)
-
-
-def codec_input(x: torch.Tensor) -> torch.Tensor:
-    """The states to encode, as float32 on `codec_device`: one copy to the host for a small message on a GPU."""
-    return x.detach().to(codec_device(x.device, x.numel())).to(torch.float32)
-
-
 def host(*tensors: torch.Tensor) -> list[np.ndarray]:
     """The final tensors of an encoding as host byte arrays: from a GPU, one copy (and one wait) for all."""
     flat = [t.reshape(-1).view(torch.uint8) for t in tensors]
@@ -225,15 +206,15 @@ def check_scale(scale: np.ndarray, codec: str) -> np.ndarray:
 def finish_decode(device: torch.device | str, q: np.ndarray, scale: np.ndarray, index: np.ndarray, values: np.ndarray,
                   shift: int) -> torch.Tensor:
     """q * scale rotated back, with the outliers (fp16 values times 2**shift) put in place: validated host arrays
-    in one float32 copy to `codec_device` (a GPU `device` for a large message), where the rotation runs; the
-    result goes to `device`. Every input is finite and bounded, so the result is finite."""
+    sent to `device` in one float32 copy, where the rotation runs. Every input is finite and bounded, so the
+    result is finite."""
     count, hidden = q.shape
     values = values.astype(np.float32) * np.float32(2.0**shift)
-    flat = torch.from_numpy(np.concatenate([q.ravel(), scale.ravel(), index.ravel(), values.ravel()])).to(codec_device(device, q.size))
+    flat = torch.from_numpy(np.concatenate([q.ravel(), scale.ravel(), index.ravel(), values.ravel()])).to(device)
     k = index.shape[1]
     q, scale, rest = flat[: count * hidden].view(count, hidden), flat[count * hidden : count * (hidden + 1)], flat[count * (hidden + 1) :]
     index, values = rest[: count * k].view(count, k).long(), rest[count * k :].view(count, k)
-    return rotate(q * scale.view(count, 1), inverse=True).scatter(-1, index, values).to(device)
+    return rotate(q * scale.view(count, 1), inverse=True).scatter(-1, index, values)
 
 
 class RotatedInt8Codec(Codec):
@@ -260,7 +241,7 @@ class RotatedInt8Codec(Codec):
         return 1 + sum(np.dtype(dtype).itemsize * math.prod(shape) for dtype, shape in self._parts(count, hidden))
 
     def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
-        x = codec_input(x)  # a large message stays on its GPU, and only the final bytes go to the host
+        x = x.detach().to(torch.float32)  # on the device where it lives: only the final bytes go to the host
         index, values, shift, rest = split_outliers(x, self.outliers, self.name)
         rotated = rotate(rest)
         scale = rotated.abs().amax(-1, keepdim=True).clamp_min(1e-30).to(torch.float16).to(torch.float32)
@@ -367,7 +348,7 @@ class RiceCodec(Codec):
         return [(np.uint16, (count, 1)), (np.uint16, (count, self.outliers)), (np.float16, (count, self.outliers))]  # bf16 step bits
 
     def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
-        x = codec_input(x)  # a large message stays on its GPU, and only the final integers go to the host
+        x = x.detach().to(torch.float32)  # on the device where it lives: only the final integers go to the host
         index, values, shift, rest = split_outliers(x, self.outliers, self.name)
         rotated = rotate(rest)
         # bf16: the step needs range, not precision (both sides use the rounded value).
