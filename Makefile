@@ -30,9 +30,10 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || \
 	{ echo "make browser: cannot install Debian's chromium package here (needs root and apt-get)" >&2; exit 1; }
 
-# ruff.toml says which mistakes it looks for; the tests run only where it finds none.
+# ruff.toml says which mistakes it looks for, mypy.ini what the type check covers; the tests run only where both find none.
 lint: $(STAMP)
 	$(PY) -m ruff check --quiet .
+	$(PY) -m mypy --no-error-summary
 
 test: lint
 	$(PY) -m pytest -q tests

@@ -12,9 +12,10 @@ which positions to put in a message (those the receiver lacks at the cut) withou
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from .codec import Codec
 from .kv_cache import growing_cache
 from .models import Chunk, SplitLlamaForCausalLM, SplitLlamaModel
 from .schedule import SplitSchedule
+
+if TYPE_CHECKING:
+    from .batching import Batcher
 
 
 class _Run:
@@ -138,7 +142,7 @@ class Party:
         self.device, self.dtype = reference.device, reference.dtype
         self.layer_evals = 0
         self.peak_stored = 0
-        self.batcher = None  # a cloud serving many sessions runs their layer work together (src/batching.py)
+        self.batcher: Batcher | None = None  # a cloud serving many sessions runs their layer work together (src/batching.py)
         # Whether a lagging layer catches up step by step (as HF generate ran those positions) instead of
         # in one chunk: set per side from its link's codec and its dtype (`use_step_catch_up`).
         self.catch_up_by_step = False
@@ -154,7 +158,7 @@ class Party:
 
     def reset(self) -> None:
         """Forget the sequence: a new session starts from empty caches and timers."""
-        self.seconds: Counter[str] = Counter()  # where this session's time goes: compute, encode, decode
+        self.seconds: defaultdict[str, float] = defaultdict(float)  # where this session's time goes: compute, encode, decode
         self.cache = growing_cache(self.config)
         self.fill = [0] * (self.num_layers + 1)
         self.peer_fill = [0] * (self.num_layers + 1)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -41,7 +42,7 @@ PACKED_ATTENTION = "triadic_packed"
 class Segment:
     """One session's rows in a packed layer call: rows [offset, offset + length) of the block."""
 
-    cache: object  # that session's own transformers Cache
+    cache: Cache  # that session's own transformers Cache
     offset: int
     length: int
     mask: torch.Tensor | None  # its own chunk's mask (transformers'), None where it needs none

@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +160,7 @@ def default_prompt_format(model_dir: Path) -> str | None:
     return None
 
 
-def load_config(model_dir: Path):
+def load_config(model_dir: str | Path):
     """The checkpoint's config, refused in one line unless its family is one the split runs."""
     from transformers import AutoConfig
 
@@ -273,7 +273,7 @@ def _read_column_major(file: Path, pairs: list[tuple[str, str]], dtype: torch.dt
     Each weight is read a block of rows at a time through one small buffer, straight into its final
     storage: a whole-tensor temporary per weight fragmented the heap (Gemma's cloud held 1.28x its parameters).
     """
-    tensors = {}
+    tensors: dict[str, torch.Tensor] = {}
     if not pairs:
         return tensors
     with open(file, "rb") as f:
@@ -326,7 +326,7 @@ UNMERGEABLE_LORA = {
 # fan_in_fan_out is not listed: on nn.Linear layers (every supported family's) PEFT itself ignores it.
 
 
-def load_lora_deltas(adapter: str, layers: set[int]) -> dict[str, torch.Tensor]:
+def load_lora_deltas(adapter: str, layers: AbstractSet[int]) -> dict[str, torch.Tensor]:
     """LoRA updates per checkpoint weight name, for the given decoder layers only, as PEFT merges them.
 
     Merging the deltas into the part's own weights keeps the decode path free of adapter overhead,

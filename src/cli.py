@@ -78,12 +78,14 @@ def resolve_sets(mode: str, args, first: set[int] | None, second: set[int] | Non
     if mode == "one":
         first = first if args.first is not None else {num_layers}
         second = second if args.second is not None else first
-        if len(first) != 1 or first != second:
-            raise TriadicError("main_1_split.py runs unsplit: --first and --second must be one and the same index")
     elif mode == "two":
         if args.second is not None and second != {num_layers}:
             log(f"note: the two-part split runs the cloud to the last layer; --second {args.second} is ignored")
         second = {num_layers}
+    if first is None or second is None:  # the scripts state what the baseline and the two-part split leave out
+        raise TriadicError("no split sets: give --first and --second")
+    if mode == "one" and (len(first) != 1 or first != second):
+        raise TriadicError("main_1_split.py runs unsplit: --first and --second must be one and the same index")
     return first, second
 
 

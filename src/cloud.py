@@ -137,6 +137,7 @@ class Cloud(Party):
         self.store.put(a, start, self.to_compute(self.unweigh(a, message.hidden, codec)))
         self.run_layers(a, b, end)
         if self.with_head:
+            assert self.sampler is not None  # made at the START or TURN of a cloud with the head
             with self.timed("compute"):
                 token = self.sampler.choose(self.part.head(self.store.get(b, end - 1, end))[0])
             reply = protocol.encode_token(step, end - 1, token, self.hidden_size)

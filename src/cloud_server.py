@@ -65,12 +65,17 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc import aio
 
 from . import protocol
 from .utils import OneLineParser, StopSignal, Stopped, TriadicError, check_seconds, parse_layer_set, read_file, read_token
+
+if TYPE_CHECKING:  # imported where used: `--help` and bad arguments answer before torch loads
+    from .batching import Batcher
+    from .cloud import Cloud
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +129,14 @@ class _Libc:
 
     def __init__(self) -> None:
         name = ctypes.util.find_library("c")
+        self.libc: ctypes.CDLL | None = None
         try:
-            self.libc = ctypes.CDLL(name) if name else None
-            self.libc.malloc_trim  # noqa: B018 (not glibc: no trimming)
+            libc = ctypes.CDLL(name) if name else None
+            if libc is not None:
+                libc.malloc_trim  # noqa: B018 (not glibc: no trimming)
+                self.libc = libc
         except (OSError, AttributeError):
-            self.libc = None
+            pass
 
     def configure(self, arenas: int = 2, mmap_threshold: int = 256 << 10) -> None:
         """Call before threads start: at most `arenas` arenas, blocks over `mmap_threshold` mmapped (and unmapped when freed)."""
@@ -158,7 +166,7 @@ class _Session:
     peer: str
     opened: float  # time.monotonic()
     expires: float  # opened + the session lifetime
-    cloud: object = None  # its Cloud: caches and stored states, dropped as soon as the session ends
+    cloud: Cloud | None = None  # its Cloud: caches and stored states, dropped as soon as the session ends
     computation: futures.Future | None = None
     closed: bool = False
 
@@ -192,10 +200,10 @@ class CloudService:
         self.counters = Counters()
         self._counter_lock = threading.Lock()  # computations are counted from their threads
         self._executor = futures.ThreadPoolExecutor(max_workers=limits.max_computations, thread_name_prefix="compute")
-        self._slots: asyncio.Semaphore | None = None  # made on the serving loop
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._slots: asyncio.Semaphore  # made on the serving loop (bind_loop)
+        self._loop: asyncio.AbstractEventLoop
         self._stopping = False
-        self.batcher = None  # cross-session batching of the sessions' layer work (src/batching.py), if on
+        self.batcher: Batcher | None = None  # cross-session batching of the sessions' layer work (src/batching.py), if on
 
     # -- gRPC wiring -------------------------------------------------------------------------
     def handler(self) -> grpc.GenericRpcHandler:
@@ -649,7 +657,7 @@ def load(args) -> Loaded:
     return Loaded(service, credentials, server_options(args, limits))
 
 
-async def serve(args, loaded: Loaded, stop: asyncio.Event) -> int:
+async def serve(args, loaded: Loaded, stop: _StopEvent) -> int:
     """Listen until `stop` is set; 2 where the address cannot be bound."""
     service = loaded.service
     service.bind_loop()

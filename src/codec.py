@@ -171,9 +171,10 @@ def host(*tensors: torch.Tensor) -> list[np.ndarray]:
 
 def read_parts(payload: memoryview, parts: list[tuple[type, tuple[int, ...]]]) -> tuple[list[np.ndarray], int]:
     """Fixed-size arrays laid end to end at the start of a payload (read in place), and the offset after them."""
-    pieces, offset = [], 0
-    for dtype, shape in parts:
-        dtype, n = np.dtype(dtype), math.prod(shape)
+    pieces: list[np.ndarray] = []
+    offset = 0
+    for kind, shape in parts:
+        dtype, n = np.dtype(kind), math.prod(shape)
         if offset + dtype.itemsize * n > len(payload):
             raise ProtocolError(f"truncated payload: {len(payload)} bytes, at least {offset + dtype.itemsize * n} needed")
         pieces.append(np.frombuffer(payload, dtype, n, offset).reshape(shape))
@@ -209,12 +210,12 @@ def finish_decode(device: torch.device | str, q: np.ndarray, scale: np.ndarray, 
     sent to `device` in one float32 copy, where the rotation runs. Every input is finite and bounded, so the
     result is finite."""
     count, hidden = q.shape
-    values = values.astype(np.float32) * np.float32(2.0**shift)
-    flat = torch.from_numpy(np.concatenate([q.ravel(), scale.ravel(), index.ravel(), values.ravel()])).to(device)
     k = index.shape[1]
-    q, scale, rest = flat[: count * hidden].view(count, hidden), flat[count * hidden : count * (hidden + 1)], flat[count * (hidden + 1) :]
-    index, values = rest[: count * k].view(count, k).long(), rest[count * k :].view(count, k)
-    return rotate(q * scale.view(count, 1), inverse=True).scatter(-1, index, values)
+    outliers = values.astype(np.float32) * np.float32(2.0**shift)
+    flat = torch.from_numpy(np.concatenate([q.ravel(), scale.ravel(), index.ravel(), outliers.ravel()])).to(device)
+    rest = flat[count * (hidden + 1) :]
+    steps = flat[: count * hidden].view(count, hidden) * flat[count * hidden : count * (hidden + 1)].view(count, 1)
+    return rotate(steps, inverse=True).scatter(-1, rest[: count * k].view(count, k).long(), rest[count * k :].view(count, k))
 
 
 class RotatedInt8Codec(Codec):
@@ -269,7 +270,7 @@ def _pack_low_bits(z: np.ndarray, k: int) -> np.ndarray:
     where unpacking every bit into its own byte costs k bytes per value in between.
     """
     n, groups = len(z), -(-len(z) // 8)
-    padded = np.zeros(groups * 8, np.uint64)
+    padded: np.ndarray = np.zeros(groups * 8, np.uint64)
     padded[:n] = z & ((1 << k) - 1)
     words = np.bitwise_or.reduce(padded.reshape(groups, 8) << _BIT_OFFSETS[k], axis=1).astype("<u8")
     return words.view(np.uint8).reshape(groups, 8)[:, :k].reshape(-1)[: (n * k + 7) // 8]
@@ -278,9 +279,9 @@ def _pack_low_bits(z: np.ndarray, k: int) -> np.ndarray:
 def _unpack_low_bits(raw: np.ndarray, n: int, k: int) -> np.ndarray:
     """`_pack_low_bits` undone: the values of the stream's whole groups of eight (the padding's read as values past n)."""
     groups = -(-n // 8)
-    stream = np.zeros(groups * k, np.uint8)
+    stream: np.ndarray = np.zeros(groups * k, np.uint8)
     stream[: len(raw)] = raw
-    words = np.zeros((groups, 8), np.uint8)
+    words: np.ndarray = np.zeros((groups, 8), np.uint8)
     words[:, :k] = stream.reshape(groups, k)
     return ((words.view("<u8") >> _BIT_OFFSETS[k]) & np.uint64((1 << k) - 1)).reshape(-1).astype(np.int64)
 
@@ -296,7 +297,7 @@ def rice_encode(q: np.ndarray, k: int) -> bytes:
     z = (q << 1) ^ (q >> 63)  # zigzag
     low = _pack_low_bits(z, k).tobytes() if k else b""
     ends = np.cumsum((z >> k) + 1)  # one past each value's terminating zero
-    unary = np.ones(int(ends[-1]) if len(ends) else 0, dtype=np.uint8)
+    unary: np.ndarray = np.ones(int(ends[-1]) if len(ends) else 0, dtype=np.uint8)
     unary[ends - 1] = 0
     return low + np.packbits(unary, bitorder="little").tobytes()
 
@@ -381,7 +382,7 @@ class RiceCodec(Codec):
         step, index = check_scale(bf16_bits_to_float32(step), self.name), check_outliers(index, values, hidden, self.name)
         if (step > self.max_step(shift)).any():
             raise ProtocolError(f"codec {self.name}: step {step.max():.3g} is out of range (at most {self.max_step(shift):.4g})")
-        q = rice_decode(payload[offset:], count * hidden, self.k, self.name).astype(np.float32).reshape(count, hidden)
+        q: np.ndarray = rice_decode(payload[offset:], count * hidden, self.k, self.name).astype(np.float32).reshape(count, hidden)
         return finish_decode(device, q, step, index, values, shift)
 
 

@@ -229,6 +229,7 @@ class Edge(Party):
         return not windows or self.end < min(w for w in windows if w is not None)
 
     def _expect(self, request: bytes, kind: Kind) -> None:
+        assert self.link is not None  # an edge without a cloud sends nothing
         reply = protocol.decode(self.link.request(request), self.hidden_size)
         if reply.kind is not kind:
             raise ProtocolError(f"the cloud answered {kind.name} with {reply.kind.name}")
@@ -250,6 +251,7 @@ class Edge(Party):
             else:
                 self.store.put(b, reply.start, self.to_compute(self.unweigh(b, reply.hidden, self.codec)))
         if token is None:
+            assert self.third is not None and sampler is not None  # without them, the cloud sends the token
             self.run_layers(b, self.num_layers, end)
             with self.timed("compute"):
                 logits = self.third.head(self.store.get(self.num_layers, end - 1, end))[0]
@@ -277,6 +279,7 @@ class Edge(Party):
         with self.timed("encode"):
             request = protocol.encode_hidden(step, out_start, self.weigh(a, self.protect(states), self.codec), self.codec)
         began = time.perf_counter()
+        assert self.link is not None  # a < b: this schedule has a cloud
         raw_reply = self.link.request(request)
         result.link_seconds += time.perf_counter() - began
         self.advance_peer(range(a, b), end)

@@ -11,6 +11,7 @@ Bad flags end with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import socket
 import sys
@@ -107,6 +108,8 @@ def header_deadline_protocol(seconds: float) -> type:
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeaderDeadline(H11Protocol):
+        _headers_due: asyncio.TimerHandle | None = None
+
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._headers_due = self.loop.call_later(seconds, self._headers_late)

@@ -213,7 +213,7 @@ class GrpcLink:
             tls_ca = read_file(tls_ca, "--tls-ca")
         self.timeout = check_seconds(float(timeout), "--cloud-timeout")
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        options = [
+        options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             # Own subchannels: a link rebuilt after a failure connects afresh instead of
@@ -276,6 +276,7 @@ class GrpcLink:
                 previous.reader.join(timeout=min(2.0, self.timeout))
             self._stream = _Stream(self.channel, self.metadata)
         stream = self._stream
+        assert stream is not None, "a request without a stream"  # new_stream is asked for whenever there is none
         stream.requests.put(data)
         try:
             item = stream.replies.get(timeout=self.timeout)

@@ -15,7 +15,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 class GrowingLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        self._key_buffer = self._value_buffer = None
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
         self.length = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,6 +27,7 @@ class GrowingLayer(DynamicLayer):
             capacity = max(end, 64, 2 * (0 if self._key_buffer is None else self._key_buffer.shape[-2]))
             self._key_buffer = self._grow(self._key_buffer, key_states, capacity)
             self._value_buffer = self._grow(self._value_buffer, value_states, capacity)
+        assert self._key_buffer is not None and self._value_buffer is not None
         self._key_buffer[..., self.length : end, :] = key_states
         self._value_buffer[..., self.length : end, :] = value_states
         self.length = end
@@ -39,6 +41,7 @@ class GrowingLayer(DynamicLayer):
             raise ValueError("crop takes the negative number of positions to remove")
         if tokens_to_remove == 0 or not self.is_initialized:
             return
+        assert self._key_buffer is not None and self._value_buffer is not None  # set by the first update
         self.length = max(0, self.length + tokens_to_remove)
         self.keys = self._key_buffer[..., : self.length, :]
         self.values = self._value_buffer[..., : self.length, :]

@@ -17,7 +17,7 @@ The class names are the original design's; they serve every family, not only LLa
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +70,7 @@ class SplitLlamaModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings as the family's forward() makes them (Gemma scales inside its module, Granite here)."""
+        assert self.embed_tokens is not None, "embed() on a part without the embeddings"
         return self.family.scale_embeddings(self.config, self.embed_tokens(input_ids))
 
     def rotary(self, hidden_states: torch.Tensor, start: int, end: int, layer_idx: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -161,6 +162,7 @@ class ThirdLlamaModel(SplitLlamaModel):
         super().__init__(base, family, owned_layers, with_embeddings=False, with_norm=True)
 
     def forward(self, hidden_states: torch.Tensor, start: int = 0, cache: Cache | None = None) -> torch.Tensor:
+        assert self.norm is not None  # the last part holds the norm (with_norm=True above)
         return self.norm(self.run_owned_layers(hidden_states, start, cache))
 
 
@@ -178,7 +180,7 @@ class SplitLlamaForCausalLM(nn.Module):
     part's state dict is a subset of the full model's.
     """
 
-    model_class: type[SplitLlamaModel]
+    model_class: Callable[[nn.Module, Family, Iterable[int]], SplitLlamaModel]
     with_head = False
 
     def __init__(self, config: PretrainedConfig, owned_layers: Iterable[int]):
@@ -227,7 +229,7 @@ class SplitLlamaForCausalLM(nn.Module):
             part = cls(config, owned_layers)
         shared = shared or {}
         wanted = {name: part.checkpoint_name(name) for name, _ in part.named_parameters() if name not in shared}
-        transposed = frozenset()
+        transposed: frozenset[str] = frozenset()
         if column_major and dtype == torch.float32 and torch.device(device).type == "cpu":
             transposed = frozenset(f"{name}.weight" for name, module in part.named_modules()
                                    if isinstance(module, nn.Linear) and name.startswith("model.layers.")) & wanted.keys()
@@ -286,6 +288,7 @@ class ThirdLlamaForCausalLM(SplitLlamaForCausalLM):
 
     def head(self, last_hidden: torch.Tensor) -> torch.Tensor:
         """Logits from the hidden state after the last decoder layer (before the final norm)."""
+        assert self.model.norm is not None  # a part with the head holds the norm
         return self.logits(self.model.norm(last_hidden))
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:

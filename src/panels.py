@@ -166,6 +166,7 @@ class PanelLinear(nn.Module):
             raise TypeError(f"PanelLinear computes in float32, not {rows.dtype}")
         rows = rows.contiguous()
         y = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)  # not the default dtype, which builds change
+        assert _kernel is not None  # PanelLinear is made only once the kernel has loaded
         _kernel.panel_gemm(rows.data_ptr(), rows.shape[0], self.in_features, self.panels.data_ptr(), self.out_features, y.data_ptr())
         if self.bias is not None:
             y += self.bias

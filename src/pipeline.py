@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PretrainedConfig
 
 from .checkpoint import load_config, load_tokenizer, read_tensors, resolve_model_dir
 from .cloud import Cloud
 from .codec import get_codec
-from .edge import Edge, LocalLink
+from .edge import Edge, Link, LocalLink
 from .families import family_for
 from .models import FirstLlamaForCausalLM, SecondLlamaForCausalLM, ThirdLlamaForCausalLM
 from .schedule import SplitSchedule
@@ -81,7 +82,9 @@ def build_edge(
     )
     third = None
     if not two_part:
-        tied = {"lm_head.weight": first.model.embed_tokens.weight} if config.tie_word_embeddings else None
+        embeddings = first.model.embed_tokens
+        assert embeddings is not None  # the first part always holds them
+        tied = {"lm_head.weight": embeddings.weight} if config.tie_word_embeddings else None
         third = ThirdLlamaForCausalLM.from_checkpoint(
             model_dir, config, schedule.edge_third_layers, side.dtype, side.device, lora_weights, shared=tied,
             column_major=column_major,
@@ -110,7 +113,7 @@ def build_cloud(
 @dataclass
 class Pipeline:
     model_dir: Path
-    config: object
+    config: PretrainedConfig
     tokenizer: object
     schedule: SplitSchedule
     edge: Edge
@@ -143,7 +146,8 @@ def build_pipeline(
     if two_part and needs_cloud and schedule.first[-1] == schedule.num_layers:
         raise TriadicError(f"two-part split: first may contain {schedule.num_layers} (= L) only alone, as the unsplit baseline")
     two_part = two_part and needs_cloud  # first = {L}: the edge runs everything and keeps the head
-    cloud = link = None
+    cloud: Cloud | None = None
+    link: Link | None = None
     if needs_cloud and cloud_url is not None:
         from .grpc_link import make_link
 

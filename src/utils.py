@@ -6,6 +6,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import NoReturn
 
 
 class TriadicError(Exception):
@@ -23,7 +24,7 @@ class ProtocolError(TriadicError):
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line (exit code 2), like every other bad input."""
 
-    def error(self, message: str) -> None:
+    def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
 

@@ -46,7 +46,7 @@ class ChatRequest:
     max_tokens_param: str = "max_tokens"  # the field max_tokens came from, for a refusal's `param`
 
 
-def _bad(message: str, param: str, code: str | None = None) -> ApiError:
+def _bad(message: str, param: str | None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param, code)
 
 

@@ -128,6 +128,7 @@ class Models:
         if name == self.split.name:
             return self.split
         if self._unsplit is None:
+            assert self._build_unsplit is not None  # its name is listed (and checked) only where it can be built
             began = time.perf_counter()
             self._unsplit = self._build_unsplit()
             logger.info("unsplit baseline loaded in %.1f s", time.perf_counter() - began)

@@ -142,7 +142,7 @@ class TracingLink:
         """What crossed since the last call (one exchange per step at most), and forget it."""
         total = tuple(sum(column) for column in zip(*self.exchanges)) if self.exchanges else (0, 0, 0, 0)
         self.exchanges.clear()
-        return total  # type: ignore[return-value]
+        return total
 
     def __getattr__(self, name: str):  # close, end_session, stats of a GrpcLink
         return getattr(self.inner, name)
