@@ -57,6 +57,15 @@ def test_main_1_refuses_sets_that_need_a_cloud(capsys):
     assert "runs unsplit" in capsys.readouterr().err
 
 
+def test_a_script_with_its_sets_set_to_none_gets_one_line(capsys):
+    # A user who blanks the sets at the top of main_3_split.py (or main_2_split.py's first) is told what to give.
+    assert run("three", None, None, []) == 2
+    assert run("two", None, None, []) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["main_3_split.py: error: no split sets: give --first and --second",
+                   "main_2_split.py: error: no split sets: give --first and --second"]
+
+
 def test_a_real_process_prints_no_traceback():
     process = subprocess.run(
         [sys.executable, "main_3_split.py", "--first", "4,9", "--second", "7", "--json"],
