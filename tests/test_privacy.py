@@ -1,21 +1,8 @@
-"""Plumbing of the privacy attacks (bench/privacy.py) on tiny random-init models: fast, no embedded model."""
+"""Plumbing of the privacy attacks (bench/privacy/) on tiny random-init models: fast, no embedded model."""
 import torch
 
-from bench.privacy import (
-    LayerClassifier,
-    Matcher,
-    Replay,
-    TokenProbe,
-    clean_states,
-    exposures,
-    hidden_messages,
-    lowest_exposure,
-    nearest_neighbour,
-    record,
-    recovery,
-    schedule_from_start,
-    transcode,
-)
+from bench.privacy.attacks import LayerClassifier, Matcher, Replay, TokenProbe, clean_states, nearest_neighbour, recovery
+from bench.privacy.capture import exposures, hidden_messages, lowest_exposure, record, schedule_from_start, transcode
 from src import protocol
 from src.protocol import Kind
 from src.pipeline import build_pipeline
