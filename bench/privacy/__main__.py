@@ -20,7 +20,8 @@ SIGMAS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=privacy.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.privacy", description=privacy.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep-tokens", type=int, default=384, help="held-out tokens for the fixed-cut sweep and the mitigation curve")
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens of the random-split run (then --forced steps)")
     parser.add_argument("--forced", type=int, default=160, help="teacher-forced steps of the random-split run")
