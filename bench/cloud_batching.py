@@ -44,11 +44,11 @@ EDGE = """
 import json, sys, time, torch
 torch.set_num_threads(1)
 from src.checkpoint import resolve_model_dir
-from src.pipeline import SideOptions, build_pipeline
+from src.pipeline import RemoteCloud, SideOptions, build_pipeline
 from src.utils import format_prompt
 model_dir = resolve_model_dir(None)
 side = SideOptions(dtype=getattr(torch, sys.argv[5]))
-pipeline = build_pipeline(str(model_dir), set(range(1, 7)), set(range(24, 30)), "int8", seed=int(sys.argv[3]), cloud_url=sys.argv[1],
+pipeline = build_pipeline(str(model_dir), set(range(1, 7)), set(range(24, 30)), "int8", seed=int(sys.argv[3]), remote=RemoteCloud(sys.argv[1]),
                           edge_side=side)
 prompt = format_prompt(pipeline.tokenizer, sys.argv[2], "chat")
 print("ready", flush=True)

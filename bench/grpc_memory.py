@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from src.grpc_link import GrpcLink
-from src.pipeline import build_pipeline
+from src.pipeline import RemoteCloud, build_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRST, SECOND = set(range(1, 7)), set(range(24, 30))
@@ -44,7 +44,7 @@ def main() -> None:
                 raise SystemExit(log_path.read_text())
             time.sleep(0.2)
         url = f"grpc://{match.group(1)}"
-        edges = [build_pipeline(None, FIRST, SECOND, "int8", seed=i, with_tokenizer=False, cloud_url=url).edge for i in range(4)]
+        edges = [build_pipeline(None, FIRST, SECOND, "int8", seed=i, with_tokenizer=False, remote=RemoteCloud(url)).edge for i in range(4)]
 
         def rss() -> float:
             with GrpcLink(url) as link:

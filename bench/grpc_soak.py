@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.common import machine
 from src.checkpoint import load_tokenizer, resolve_model_dir
 from src.grpc_link import GrpcLink
-from src.pipeline import build_pipeline
+from src.pipeline import RemoteCloud, build_pipeline
 from src.utils import format_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def main() -> None:
     server, url = start_server()
     try:
         local = build_pipeline(str(model_dir), FIRST, SECOND, "int8", with_tokenizer=False)
-        remote = build_pipeline(str(model_dir), FIRST, SECOND, "int8", with_tokenizer=False, cloud_url=url)
+        remote = build_pipeline(str(model_dir), FIRST, SECOND, "int8", with_tokenizer=False, remote=RemoteCloud(url))
         rates = {"in-process": [], "loopback gRPC": []}
         for name, pipeline in [("in-process", local), ("loopback gRPC", remote)] * 4:
             result = pipeline.edge.generate(prompt, args.new_tokens)
@@ -69,7 +69,7 @@ def main() -> None:
         rss = []
 
         def session(seed: int) -> None:
-            pipeline = build_pipeline(str(model_dir), FIRST, SECOND, "int8", seed=seed, with_tokenizer=False, cloud_url=url)
+            pipeline = build_pipeline(str(model_dir), FIRST, SECOND, "int8", seed=seed, with_tokenizer=False, remote=RemoteCloud(url))
             try:
                 pipeline.edge.generate(prompt, args.soak_tokens)
             finally:

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from .pipeline import Pipeline, SideOptions, build_pipeline
+from .pipeline import Pipeline, RemoteCloud, SideOptions, build_pipeline
 from .precision import check_device, dtype_name, resolve_dtype
 from .sampling import SamplingConfig, TextStream, model_generation_defaults
 from .utils import OneLineParser, TriadicError, conversation_ids, format_prompt, log, parse_layer_set
@@ -127,8 +127,7 @@ def build_from_args(mode: str, args, first: set[int] | None, second: set[int] | 
     pipeline = build_pipeline(
         model_dir, first, second, args.codec, args.seed, args.resplit_every, two_part=mode == "two",
         lora_weights=args.lora_weights, edge_side=edge_side, cloud_side=cloud_side,
-        cloud_url=args.cloud, tls_ca_path=args.tls_ca, token_file_path=args.token_file, timeout=args.cloud_timeout,
-        tls_server_name=args.tls_server_name,
+        remote=RemoteCloud(args.cloud, args.tls_ca, args.token_file, args.cloud_timeout, args.tls_server_name) if args.cloud is not None else None,
     )
     pipeline.edge.uplink_noise = args.uplink_noise
     return pipeline

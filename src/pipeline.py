@@ -44,6 +44,17 @@ class SideOptions:
         return wanted and not self.load_in_8bit
 
 
+@dataclass(frozen=True)
+class RemoteCloud:
+    """A cloud server (cloud_server.py) for the edge to talk to over gRPC, instead of a cloud built in this process."""
+
+    url: str  # grpc://host:port; several, comma-separated, are clouds to fail over to (`--cloud`)
+    tls_ca_path: str | None = None  # PEM file of the CA that signed the server's certificate; None: plaintext (`--tls-ca`)
+    token_file_path: str | None = None  # file holding the bearer token the server requires (`--token-file`)
+    timeout: float = 120.0  # seconds to wait for one reply before the link fails over or gives up (`--cloud-timeout`)
+    tls_server_name: str | None = None  # the name the certificate carries, where the URL's host differs (`--tls-server-name`)
+
+
 def _maybe_quantize(parts, side: SideOptions) -> None:
     """--load-in-8bit: LLM.int8() weights for the decoder layers a side holds."""
     if side.load_in_8bit:
@@ -124,14 +135,13 @@ def build_pipeline(
     base_model: str | None, first: set[int], second: set[int], codec_name: str = "none", seed: int = 0,
     resplit_every: int = 1, two_part: bool = False, lora_weights: str | None = None,
     edge_side: SideOptions = SideOptions(), cloud_side: SideOptions = SideOptions(), with_tokenizer: bool = True,
-    cloud_url: str | None = None, tls_ca_path: str | None = None, token_file_path: str | None = None, timeout: float = 120.0,
-    tls_server_name: str | None = None,
+    remote: RemoteCloud | None = None,
 ) -> Pipeline:
     """Edge and (where some step has a < b) Cloud, linked by bytes.
 
-    Without `cloud_url` the cloud is built in this process (LocalLink); with it, only the edge is
+    Without `remote` the cloud is built in this process (LocalLink); with it, only the edge is
     built here and talks to a cloud server over gRPC (see cloud_server.py), which must run the same
-    model, split sets and mode; several comma-separated URLs are clouds to fail over to.
+    model, split sets and mode.
 
     A lossy codec changes the hidden states far beyond the last bits of a product, so its sides store
     their fp32 weights in the layout that is faster over several rows (`from_checkpoint`'s `column_major`);
@@ -148,10 +158,10 @@ def build_pipeline(
     two_part = two_part and needs_cloud  # first = {L}: the edge runs everything and keeps the head
     cloud: Cloud | None = None
     link: Link | None = None
-    if needs_cloud and cloud_url is not None:
+    if needs_cloud and remote is not None:
         from .grpc_link import make_link
 
-        link = make_link(cloud_url, tls_ca_path, token_file_path, timeout, tls_server_name)
+        link = make_link(remote.url, remote.tls_ca_path, remote.token_file_path, remote.timeout, remote.tls_server_name)
     elif needs_cloud:
         cloud = build_cloud(model_dir, config, schedule, two_part, lora_weights, cloud_side, column_major)
         link = LocalLink(cloud)

@@ -28,7 +28,7 @@ from src.checkpoint import embedded_model_dir, load_config  # noqa: E402
 from src.cli import run as cli_run  # noqa: E402
 from src.codec import get_codec  # noqa: E402
 from src.grpc_link import GrpcLink, LinkError, RejectedError  # noqa: E402
-from src.pipeline import build_pipeline  # noqa: E402
+from src.pipeline import RemoteCloud, build_pipeline  # noqa: E402
 from src.schedule import SplitSchedule  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 from tests.test_grpc import Hook, Server, remote_edge, running, wait_sessions  # noqa: E402
@@ -299,7 +299,7 @@ def test_a_hung_cloud_is_failed_over_after_the_timeout(servers, talking_model):
     """A stops answering (SIGSTOP) after 5 tokens: after --cloud-timeout the edge goes on at B; A, resumed, frees the session."""
     first, second = servers["fixed", "A"], servers["fixed", "B"]
     local = build_pipeline(str(talking_model), {1}, {3}, "int8", seed=1, with_tokenizer=False)
-    remote = build_pipeline(str(talking_model), {1}, {3}, "int8", seed=1, with_tokenizer=False, cloud_url=f"{first.url},{second.url}", timeout=2)
+    remote = build_pipeline(str(talking_model), {1}, {3}, "int8", seed=1, with_tokenizer=False, remote=RemoteCloud(f"{first.url},{second.url}", timeout=2))
     link = remote.edge.link
 
     def hang() -> None:
@@ -333,7 +333,7 @@ def test_failover_gives_the_uninterrupted_tokens(servers, talking_model, name, s
     local = {codec: build_pipeline(str(talking_model), set(sets[0]), set(sets[1]), codec, seed=3, with_tokenizer=False)
              for codec in codecs}
     remote = {codec: build_pipeline(str(talking_model), set(sets[0]), set(sets[1]), codec, seed=3, with_tokenizer=False,
-                                    cloud_url=f"{first.url},{second.url}") for codec in codecs}
+                                    remote=RemoteCloud(f"{first.url},{second.url}")) for codec in codecs}
     links = {codec: remote[codec].edge.link for codec in codecs}
     hooks = {codec: KillBefore(links[codec], 12, barrier) for codec in codecs}  # START, steps 0..9, then step 10
     results, errors = {}, []

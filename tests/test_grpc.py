@@ -26,7 +26,7 @@ from src import protocol  # noqa: E402
 from src.checkpoint import load_config  # noqa: E402
 from src.codec import get_codec  # noqa: E402
 from src.grpc_link import GrpcLink, LinkError, RejectedError, make_link  # noqa: E402
-from src.pipeline import build_edge, build_pipeline  # noqa: E402
+from src.pipeline import RemoteCloud, build_edge, build_pipeline  # noqa: E402
 from src.panels import why_no_kernel  # noqa: E402
 from src.schedule import SplitSchedule  # noqa: E402
 from src.utils import TriadicError  # noqa: E402
@@ -209,7 +209,7 @@ def test_remote_pipeline_matches_build_pipeline(servers, tiny_tied, codec):
     folder, _ = tiny_tied
     for name, sets, two_part in (("plain", MOVING, False), ("two", TWO, True)):
         remote = build_pipeline(str(folder), set(sets[0]), set(sets[1]), codec, seed=9, two_part=two_part,
-                                       cloud_url=servers[name].url, with_tokenizer=False)
+                                       remote=RemoteCloud(servers[name].url), with_tokenizer=False)
         local = build_pipeline(str(folder), set(sets[0]), set(sets[1]), codec, seed=9, two_part=two_part, with_tokenizer=False)
         try:
             got = remote.edge.generate(PROMPTS[0], NEW)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from src.pipeline import build_pipeline
+from src.pipeline import RemoteCloud, build_pipeline
 from src.sampling import SamplingConfig, model_generation_defaults
 from tiny import hf_greedy, hf_sample
 
@@ -136,7 +136,7 @@ def test_sessions_over_grpc_keep_one_stream(servers, tiny_tied):
         url = servers[name].url
         with GrpcLink(url, timeout=30) as probe:
             before = probe.stats()["sessions_total"]
-        pipeline = build_pipeline(str(folder), *sets, "none", seed=5, two_part=two_part, cloud_url=url, with_tokenizer=False)
+        pipeline = build_pipeline(str(folder), *sets, "none", seed=5, two_part=two_part, remote=RemoteCloud(url), with_tokenizer=False)
         local = build_pipeline(str(folder), *sets, "none", seed=5, two_part=two_part, with_tokenizer=False)
         with pipeline.edge.session() as chat, local.edge.session() as local_chat:
             remote_turns = converse(chat, model, TURNS, sampling) + converse(chat, model, TURNS, sampling, edit=lambda c: c[:-3])
@@ -154,7 +154,7 @@ def test_sampling_over_grpc_two_part(servers, tiny_tied):
     """The START message carries the options: the remote two-part cloud samples as HF generate does."""
     folder, model = tiny_tied
     config = SamplingConfig(do_sample=True, temperature=1.2, top_k=30, min_p=0.02, seed=11).resolved(model_generation_defaults(folder))
-    pipeline = build_pipeline(str(folder), *TWO, "none", two_part=True, cloud_url=servers["two"].url, with_tokenizer=False)
+    pipeline = build_pipeline(str(folder), *TWO, "none", two_part=True, remote=RemoteCloud(servers["two"].url), with_tokenizer=False)
     try:
         result = pipeline.edge.generate(TURNS[0], 16, sampling=config)
     finally:
