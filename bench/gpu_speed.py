@@ -1,6 +1,6 @@
 """Speed on a GPU with a random-init LLaMA-7B-shaped model in fp16 (optional; not part of the tests).
 
-    python -m bench.gpu_speed [--new-tokens 128] [--repeats 3] [--more-codecs int8-fixed] [--tiny [--layers 32]]
+    python -m bench.gpu_speed [--new-tokens 128] [--repeats 3] [--more-codecs int8-fixed] [--messages] [--tiny [--layers 32]]
       ->  a markdown table, each side's time per token, and a Python profile per configuration (and $OUT/gpu.md if set)
 
 The weights are random (no 7B checkpoint is reachable offline), so the figures are about speed,
