@@ -102,6 +102,15 @@ def run(mode: str, first: set[int] | None, second: set[int] | None, argv: list[s
         return 130
 
 
+# The flags of the link to a remote cloud: --cloud and those that only mean something with it.
+LINK_FLAGS = ("cloud", "tls_ca", "token_file", "tls_server_name")
+
+
+def baseline_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The same flags for the unsplit baseline (as main_1_split.py runs): no sets, no link, no uplink noise."""
+    return argparse.Namespace(**{**vars(args), "first": None, "second": None, "uplink_noise": 0.0, **dict.fromkeys(LINK_FLAGS)})
+
+
 def build_from_args(mode: str, args, first: set[int] | None, second: set[int] | None) -> Pipeline:
     """Check the pipeline flags of `add_pipeline_arguments` and build the pipeline they name."""
     from .checkpoint import load_config, resolve_model_dir
@@ -112,7 +121,7 @@ def build_from_args(mode: str, args, first: set[int] | None, second: set[int] | 
         raise TriadicError(f"--uplink-noise {args.uplink_noise}: must be finite and >= 0")
     check_device(args.edge_device, "--edge-device")
     check_device(args.cloud_device, "--cloud-device")
-    if args.cloud is None and (args.tls_ca or args.token_file or args.tls_server_name):
+    if args.cloud is None and any(getattr(args, name) for name in LINK_FLAGS):
         raise TriadicError("--tls-ca, --tls-server-name and --token-file go with --cloud")
     if args.cloud is not None and mode == "one":
         raise TriadicError("--cloud: main_1_split.py runs unsplit, without a cloud")

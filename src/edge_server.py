@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import add_pipeline_arguments, build_from_args
+from .cli import add_pipeline_arguments, baseline_args, build_from_args
 from .cloud_server import DEFAULT_FIRST, DEFAULT_SECOND
 from .codec import get_codec
 from .utils import OneLineParser, TriadicError, check_seconds, parse_layer_set, read_token
@@ -86,8 +86,7 @@ def build(args):
     split = EdgeEngine(pipeline, name, chat, split=True)
 
     def build_unsplit() -> EdgeEngine:
-        baseline = argparse.Namespace(**{**vars(args), "first": None, "second": None, "cloud": None, "tls_ca": None, "token_file": None, "uplink_noise": 0.0})
-        return EdgeEngine(build_from_args("one", baseline, None, None), name + "-unsplit", chat, split=False)
+        return EdgeEngine(build_from_args("one", baseline_args(args), None, None), name + "-unsplit", chat, split=False)
 
     api_key = read_token(args.api_key_file, "--api-key-file") if args.api_key_file else None
     config = ServerConfig(max_queue=args.max_queue, api_key=api_key, max_body_bytes=args.max_body_kb * 1024, time_limit=args.time_limit,

@@ -66,6 +66,20 @@ def test_a_script_with_its_sets_set_to_none_gets_one_line(capsys):
                    "main_2_split.py: error: no split sets: give --first and --second"]
 
 
+def test_the_edge_servers_unsplit_baseline_drops_every_link_flag(tiny_with_tokenizer):
+    # The baseline runs without a cloud: a TLS cloud's --tls-server-name used to follow it there and be refused
+    # ("--tls-ca, --tls-server-name and --token-file go with --cloud") the first time the baseline was asked for.
+    from src.cli import LINK_FLAGS, baseline_args, build_from_args
+    from src.edge_server import make_parser
+
+    args = make_parser().parse_args(["--base-model", str(tiny_with_tokenizer[0]), "--cloud", "grpc://127.0.0.1:1", "--tls-ca", "ca.pem",
+                                     "--tls-server-name", "cloud.example", "--token-file", "token"])
+    baseline = baseline_args(args)
+    assert [getattr(baseline, name) for name in LINK_FLAGS] == [None] * 4 and args.tls_server_name == "cloud.example"
+    pipeline = build_from_args("one", baseline, None, None)
+    assert pipeline.cloud is None and pipeline.edge.link is None and pipeline.schedule.needs_cloud is False
+
+
 def test_a_real_process_prints_no_traceback():
     process = subprocess.run(
         [sys.executable, "main_3_split.py", "--first", "4,9", "--second", "7", "--json"],
