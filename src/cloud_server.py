@@ -169,6 +169,7 @@ class _Session:
     cloud: Cloud | None = None  # its Cloud: caches and stored states, dropped as soon as the session ends
     computation: futures.Future | None = None
     closed: bool = False
+    handler: asyncio.Task | None = None  # the task serving its stream, cancelled when the server stops
 
 
 @dataclass
@@ -254,6 +255,7 @@ class CloudService:
         refusal = None
         try:
             session = self._open(peer)
+            session.handler = asyncio.current_task()
             session.cloud = self._cloud_class(self.schedule, self.part)
             session.cloud.batcher = self.batcher
             if self.batcher is not None:  # the edge's failover replay learns that replies depend on their batch
@@ -272,8 +274,12 @@ class CloudService:
             refusal = error
             outcome = f"refused ({error.code.name})"
         except asyncio.CancelledError:
-            outcome = "cancelled by the client" if not self._stopping else "cancelled (server stopping)"
-            raise
+            if not self._stopping:
+                outcome = "cancelled by the client"
+                raise
+            # `end_sessions` cancelled it: the client is told why, and gRPC's stop finds no call left to abort.
+            refusal = Refusal(grpc.StatusCode.UNAVAILABLE, "the cloud is shutting down")
+            outcome = "ended: the server is stopping"
         finally:
             if session is not None:
                 self._close(session, outcome)
@@ -424,6 +430,16 @@ class CloudService:
     def stop(self) -> None:
         self._stopping = True
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def end_sessions(self, wait: float) -> None:
+        """Refuse new sessions, cancel the open ones' handlers (each ends its stream with UNAVAILABLE and a reason),
+        and give them `wait` seconds to do so."""
+        self._stopping = True
+        handlers = [s.handler for s in self._sessions.values() if s.handler is not None and s.handler is not asyncio.current_task()]
+        for handler in handlers:
+            handler.cancel()
+        if handlers:
+            await asyncio.wait(handlers, timeout=wait)
 
     @property
     def open_sessions(self) -> int:
@@ -688,7 +704,7 @@ async def serve(args, loaded: Loaded, stop: _StopEvent) -> int:
     )
     await stop.wait()
     logger.info("%s: stopping (%d open sessions cancelled)", stop.reason, service.open_sessions)
-    service._stopping = True
+    await service.end_sessions(wait=1.0)
     await server.stop(grace=1.0)
     service.stop()
     return 0

@@ -455,11 +455,22 @@ def test_server_killed_and_restarted(servers, tiny_tied):
     server.start(port=server.port).wait_ready()
     edge.link = link  # the same edge and link: a new generation opens a new session
     assert edge.generate(prompt, NEW).token_ids == expected
+
+    # Stopped while that link holds a session open: the session ends with a reason, the server exits 0, no traceback.
+    def stop_and_wait() -> None:
+        server.process.terminate()
+        deadline = time.monotonic() + 20
+        while "UNAVAILABLE the cloud is shutting down" not in server.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    edge.link = Hook(link, 3, stop_and_wait)
+    with pytest.raises(LinkError, match="the cloud is shutting down"):
+        edge.generate(prompt, NEW)
     link.close()
-    with GrpcLink(server.url) as probe:
-        wait_sessions(probe, 0)
-    assert server.stop() == 0  # SIGTERM: clean exit
-    assert "SIGTERM: stopping" in server.log.read_text()
+    assert server.process.wait(30) == 0  # the one SIGTERM: a clean exit
+    server.stop()
+    log = server.log.read_text()
+    assert "SIGTERM: stopping (1 open sessions cancelled)" in log and "Traceback" not in log, log
 
 
 def test_bad_command_line(tiny_tied, capsys):
