@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import parse_list
+from bench.common import parse_sets
 from src.checkpoint import load_config, load_tokenizer, resolve_model_dir
 from src.codec import get_codec
 from src.pipeline import build_pipeline
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = resolve_model_dir(args.base_model)
     token_ids = load_text_ids(model_dir, args.text_file)
     context = args.context or load_config(model_dir).max_position_embeddings
-    first, second = parse_list(args.first), parse_list(args.second)
+    first, second = parse_sets(parser, args)
     codecs = args.codec.split(",")
     for codec in codecs:
         get_codec(codec)

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.common import machine, parse_list
+from bench.common import machine, parse_sets
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--first", default="1-4")
     parser.add_argument("--second", default="14-17")
     args = parser.parse_args()
-    first, second = parse_list(args.first), parse_list(args.second)
+    first, second = parse_sets(parser, args)
     lines = [
         f"# Memory per side: {args.base_model}, first {sorted(first)}, second {sorted(second)}, fp32\n",
         f"Machine: {machine()}. Each row is a fresh process (`python -m bench.memory --base-model {args.base_model} "

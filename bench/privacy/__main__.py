@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from bench import privacy
+from bench.common import parse_sets
 from bench.privacy.attacks import LayerClassifier, Matcher, TokenProbe, clean_states, text_ids
 from bench.privacy.experiments import SWEEP_LAYERS, Context, mitigation, outputs, random_splits, sweep
 from bench.privacy.report import write_plots, write_report
@@ -36,13 +37,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="results")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine, 2 threads were up to 40x slower)")
     args = parser.parse_args(argv)
+    first, second = parse_sets(parser, args)
     began = time.perf_counter()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     from transformers import AutoModelForCausalLM
 
-    from bench.common import machine, parse_list
+    from bench.common import machine
     from src.checkpoint import load_config, load_tokenizer, resolve_model_dir
     from src.pipeline import build_pipeline
     from src.utils import log
@@ -51,7 +53,6 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
-    first, second = parse_list(args.first), parse_list(args.second)
 
     def build(first_set, second_set, codec_name):
         return build_pipeline(str(model_dir), set(first_set), set(second_set), codec_name, seed=args.seed, with_tokenizer=False)
