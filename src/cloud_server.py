@@ -435,7 +435,7 @@ class CloudService:
         """Refuse new sessions, cancel the open ones' handlers (each ends its stream with UNAVAILABLE and a reason),
         and give them `wait` seconds to do so."""
         self._stopping = True
-        handlers = [s.handler for s in self._sessions.values() if s.handler is not None and s.handler is not asyncio.current_task()]
+        handlers = [s.handler for s in self._sessions.values() if s.handler is not None]
         for handler in handlers:
             handler.cancel()
         if handlers:
