@@ -131,24 +131,35 @@ def rotate(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     return grid.reshape(count, hidden)
 
 
-def split_outliers(x: torch.Tensor, k: int, codec: str) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """The k largest-magnitude channels of each position and the rest with them zeroed.
+def rotated_with_outliers(x: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The k largest-magnitude channels of each position, and the rest (those zeroed) rotated: as host arrays.
 
-    Returns (indices, fp16 values / 2**shift, shift, rest). The shift is the message's smallest power
-    of two that brings its largest outlier into fp16's range: 0 where it fits already (SmolLM2's
-    reach about 25,000), 1 for Gemma 3's residual stream (about 100,000). fp16 keeps its 11 bits of
-    precision either way. Runs where `x` lives; the range check reads one number back (on a GPU, a sync
-    the final copy pays anyway).
+    Returns (indices int64, values float32, rotated float32), all [count, ...]. The selection and the
+    rotation run where `x` lives and the results reach the host in one copy: on a GPU these are the
+    only kernels of an encoding (some eight, where each costs its launch), and its only wait. What
+    follows (the outliers' range, the step, the rounding) is per-value work that numpy does on the
+    host in less time than the launches would take.
     """
-    top = x.abs().topk(k, dim=-1)  # sorted: column 0 holds each position's largest magnitude
-    index, values = top.indices, x.gather(-1, top.indices)
-    peak = float(top.values[:, 0].max()) if values.numel() else 0.0
+    x = x.detach().to(torch.float32)
+    top = x.abs().topk(k, dim=-1).indices  # NaN sorts first: the range check sees it
+    index, values, rotated = host(top, x.gather(-1, top), rotate(x.scatter(-1, top, 0.0)))
+    return index, values, rotated
+
+
+def outliers_fp16(values: np.ndarray, codec: str) -> tuple[int, np.ndarray]:
+    """The outliers as fp16 values / 2**shift, and the shift.
+
+    The shift is the message's smallest power of two that brings its largest outlier into fp16's
+    range: 0 where it fits already (SmolLM2's reach about 25,000), 1 for Gemma 3's residual stream
+    (about 100,000). fp16 keeps its 11 bits of precision either way.
+    """
+    peak = float(np.abs(values).max()) if values.size else 0.0
     shift = math.ceil(math.log2(peak / FP16_MAX)) if FP16_MAX < peak < math.inf else 0
     if shift > MAX_OUTLIER_SHIFT or not math.isfinite(peak):
         raise TriadicError(f"codec {codec}: an outlier of {peak:.3g} is beyond the codec's range; use --codec none")
     if shift:
-        values = values / 2.0**shift
-    return index, values.to(torch.float16), shift, x.scatter(-1, index, 0.0)
+        values = values / np.float32(2.0**shift)
+    return shift, values.astype(np.float16)
 
 
 def read_shift(payload: memoryview, codec: str) -> int:
@@ -160,13 +171,31 @@ def read_shift(payload: memoryview, codec: str) -> int:
     return payload[0]
 
 
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.int64: np.int64, torch.float16: np.float16, torch.int32: np.int32}
+
+
 def host(*tensors: torch.Tensor) -> list[np.ndarray]:
-    """The final tensors of an encoding as host byte arrays: from a GPU, one copy (and one wait) for all."""
+    """Tensors as host arrays of their dtype and shape: from a GPU, one copy (and one wait) for all.
+
+    On the way over they travel as the bytes of one tensor; put 8-byte dtypes first, so that every
+    array after them starts aligned."""
+    if tensors[0].device.type == "cpu":
+        return [t.numpy() for t in tensors]
+    return joined_to_host(tensors)
+
+
+def joined_to_host(tensors: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+    """`host` from a GPU: the tensors' bytes joined where they live, copied over once, and parted again."""
     flat = [t.reshape(-1).view(torch.uint8) for t in tensors]
-    if flat[0].device.type == "cpu":
-        return [f.numpy() for f in flat]
     joined = torch.cat(flat).cpu().numpy()
-    return np.split(joined, np.cumsum([f.numel() for f in flat])[:-1])
+    pieces = np.split(joined, np.cumsum([f.numel() for f in flat])[:-1])
+    return [piece.view(_NUMPY_DTYPES[t.dtype]).reshape(t.shape) for piece, t in zip(pieces, tensors)]
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 (to nearest, ties to even, as torch does), as their uint16 bits."""
+    bits = x.astype(np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
 
 
 def read_parts(payload: memoryview, parts: list[tuple[type, tuple[int, ...]]]) -> tuple[list[np.ndarray], int]:
@@ -206,16 +235,20 @@ def check_scale(scale: np.ndarray, codec: str) -> np.ndarray:
 
 def finish_decode(device: torch.device | str, q: np.ndarray, scale: np.ndarray, index: np.ndarray, values: np.ndarray,
                   shift: int) -> torch.Tensor:
-    """q * scale rotated back, with the outliers (fp16 values times 2**shift) put in place: validated host arrays
-    sent to `device` in one float32 copy, where the rotation runs. Every input is finite and bounded, so the
-    result is finite."""
+    """q * scale rotated back, with the outliers (fp16 values times 2**shift) put in place.
+
+    The mirror of `rotated_with_outliers`: the per-value work in numpy on the host, then one copy of
+    the validated arrays' bytes (the int64 indices first, so that every part starts aligned) to
+    `device`, where the rotation and the scatter run. Every input is finite and bounded, so the result
+    is finite."""
     count, hidden = q.shape
     k = index.shape[1]
-    outliers = values.astype(np.float32) * np.float32(2.0**shift)
-    flat = torch.from_numpy(np.concatenate([q.ravel(), scale.ravel(), index.ravel(), outliers.ravel()])).to(device)
-    rest = flat[count * (hidden + 1) :]
-    steps = flat[: count * hidden].view(count, hidden) * flat[count * hidden : count * (hidden + 1)].view(count, 1)
-    return rotate(steps, inverse=True).scatter(-1, rest[: count * k].view(count, k).long(), rest[count * k :].view(count, k))
+    parts = (index.astype(np.int64), q * scale, values.astype(np.float32) * np.float32(2.0**shift))
+    flat = torch.from_numpy(np.concatenate([part.reshape(-1).view(np.uint8) for part in parts])).to(device)
+    cut = 8 * count * k
+    rotated = flat[cut : cut + 4 * count * hidden].view(torch.float32).view(count, hidden)
+    outliers = flat[cut + 4 * count * hidden :].view(torch.float32).view(count, k)
+    return rotate(rotated, inverse=True).scatter(-1, flat[:cut].view(torch.int64).view(count, k), outliers)
 
 
 class RotatedInt8Codec(Codec):
@@ -226,7 +259,7 @@ class RotatedInt8Codec(Codec):
     by a fixed random orthogonal matrix, which spreads any remaining heavy tail over all channels so
     that the vector looks Gaussian, and is quantized to int8 with one fp16 absmax scale. Decoding
     rotates back. Bytes per position: hidden + 2 + 4 * outliers (602 at hidden 576), and one byte
-    per message, the outliers' power-of-two shift (`split_outliers`).
+    per message, the outliers' power-of-two shift (`outliers_fp16`).
     """
 
     channel_weighted = True
@@ -242,14 +275,15 @@ class RotatedInt8Codec(Codec):
         return 1 + sum(np.dtype(dtype).itemsize * math.prod(shape) for dtype, shape in self._parts(count, hidden))
 
     def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
-        x = x.detach().to(torch.float32)  # on the device where it lives: only the final bytes go to the host
-        index, values, shift, rest = split_outliers(x, self.outliers, self.name)
-        rotated = rotate(rest)
-        scale = rotated.abs().amax(-1, keepdim=True).clamp_min(1e-30).to(torch.float16).to(torch.float32)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row (or fp16 underflow)
-        quantized = (rotated / scale * 127).round().clamp(-127, 127).to(torch.int8)
-        pieces = host(scale.to(torch.float16), index.to(torch.int16), values, quantized)
-        return bytes([shift]) + b"".join(p.tobytes() for p in pieces), DTYPE_CODES[torch.float32]
+        index, values, rotated = rotated_with_outliers(x, self.outliers)
+        shift, values = outliers_fp16(values, self.name)
+        with np.errstate(over="ignore"):
+            scale = np.abs(rotated).max(-1, keepdims=True).clip(min=np.float32(1e-30)).astype(np.float16)
+        if not np.isfinite(scale).all():  # the receiver would refuse it: say so here
+            raise TriadicError(f"codec {self.name}: a state of {np.abs(rotated).max():.3g} is beyond its fp16 scale; use --codec int8")
+        scale[scale == 0] = 1.0  # an all-zero row (or fp16 underflow)
+        quantized = np.rint(rotated / scale.astype(np.float32) * np.float32(127)).clip(-127, 127).astype(np.int8)
+        return b"".join([bytes([shift]), scale.tobytes(), index.astype(np.uint16).tobytes(), values.tobytes(), quantized.tobytes()]), DTYPE_CODES[torch.float32]
 
     def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int, device: torch.device | str = "cpu") -> torch.Tensor:
         expect_length(payload, self.payload_size(count, hidden, dtype_code), self.name, count)
@@ -287,13 +321,14 @@ def _unpack_low_bits(raw: np.ndarray, n: int, k: int) -> np.ndarray:
 
 
 def rice_encode(q: np.ndarray, k: int) -> bytes:
-    """Signed integers as a Rice code with k <= 8 low bits, in two runs so that both sides stay vectorized.
+    """Signed integers (in any dtype that holds them exactly) as a Rice code with k <= 8 low bits, in two runs so
+    that both sides stay vectorized.
 
     Zigzag first (z = 2q for q >= 0, -2q - 1 below), then the k low bits of every value (little-endian
     bit order, zero-padded to a byte), then z >> k of every value in unary: that many ones and a zero
     (zero-padded to a byte).
     """
-    q = q.astype(np.int64, copy=False)
+    q = q.astype(np.int64, copy=False).reshape(-1)
     z = (q << 1) ^ (q >> 63)  # zigzag
     low = _pack_low_bits(z, k).tobytes() if k else b""
     ends = np.cumsum((z >> k) + 1)  # one past each value's terminating zero
@@ -332,7 +367,7 @@ class RiceCodec(Codec):
     0.6 bit per value on range that only the largest value uses; this spends it on a 1.5x finer step
     for 1% more bytes.
 
-    Payload per message: the outliers' power-of-two shift (one byte, `split_outliers`), steps [count]
+    Payload per message: the outliers' power-of-two shift (one byte, `outliers_fp16`), steps [count]
     bf16, outlier indices [count, outliers] uint16, outlier values [count, outliers] fp16, then the
     Rice code of the count * hidden integers. About
     hidden * 8.03 / 8 + 2 + 4 * outliers bytes per position (604 at hidden 576). The length varies a
@@ -349,15 +384,13 @@ class RiceCodec(Codec):
         return [(np.uint16, (count, 1)), (np.uint16, (count, self.outliers)), (np.float16, (count, self.outliers))]  # bf16 step bits
 
     def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
-        x = x.detach().to(torch.float32)  # on the device where it lives: only the final integers go to the host
-        index, values, shift, rest = split_outliers(x, self.outliers, self.name)
-        rotated = rotate(rest)
+        index, values, rotated = rotated_with_outliers(x, self.outliers)
+        shift, values = outliers_fp16(values, self.name)
         # bf16: the step needs range, not precision (both sides use the rounded value).
-        step = (rotated.pow(2).mean(-1, keepdim=True).sqrt() / self.steps_per_rms).to(torch.bfloat16)
-        step = step.masked_fill(step == 0, 1.0)  # an all-zero row
-        q = (rotated / step.float()).round().to(torch.int32)  # |q| is bounded by hidden * steps_per_rms
-        step, index, values, q = host(step, index.to(torch.int16), values, q)
-        return b"".join([bytes([shift]), step.tobytes(), index.tobytes(), values.tobytes(), rice_encode(q.view(np.int32), self.k)]), DTYPE_CODES[torch.float32]
+        step = bf16_bits(np.sqrt(np.square(rotated).mean(-1, keepdims=True)) / np.float32(self.steps_per_rms))
+        step[step == 0] = 0x3F80  # an all-zero row: a step of 1.0
+        q = np.rint(rotated / bf16_bits_to_float32(step))  # integers, |q| bounded by hidden * steps_per_rms
+        return b"".join([bytes([shift]), step.tobytes(), index.astype(np.uint16).tobytes(), values.tobytes(), rice_encode(q, self.k)]), DTYPE_CODES[torch.float32]
 
     def max_step(self, shift: int) -> float:
         """The largest step an encoder can send: the values left after the outliers are each at most the

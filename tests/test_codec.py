@@ -177,7 +177,7 @@ def test_rotation_is_orthogonal_and_deterministic():
 
 def test_wide_states_rotate_by_a_kronecker_product_as_well_as_by_a_dense_matrix():
     """Above 1024 channels the rotation is A (x) B: orthogonal, and no worse for the int8 code than a dense one."""
-    from src.codec import _kronecker_factors, rotate, split_outliers
+    from src.codec import _kronecker_factors, rotate, rotated_with_outliers
 
     assert _kronecker_factors(576) is None and _kronecker_factors(4096) == (64, 64) and _kronecker_factors(5120) == (64, 80)
     torch.manual_seed(0)
@@ -193,9 +193,46 @@ def test_wide_states_rotate_by_a_kronecker_product_as_well_as_by_a_dense_matrix(
     dense = rotation(2048)
     kronecker, reference = error(y, lambda v: rotate(v, inverse=True)), error(x @ dense, lambda v: v @ dense.T)
     assert kronecker < 1.05 * reference
-    assert split_outliers(x, 6, "int8")[0].shape == (16, 6)
+    assert [part.shape for part in rotated_with_outliers(x, 6)] == [(16, 6), (16, 6), (16, 2048)]
     # Every channel is spread over all others: one unit vector rotates to a dense one.
     assert (rotate(torch.eye(2048)[:1]).abs() > 0).all()
+
+
+def test_host_rounding_matches_torch_to_the_bit():
+    """The encoders round on the host in numpy: to bf16 (the int8 step) and to fp16 (the outliers), as torch would.
+
+    Ties at both widths, subnormals, values that round up into the next binade and the fp16 overflow."""
+    from src.codec import bf16_bits
+
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(4096) * torch.exp(torch.randn(4096) * 8), torch.tensor([1e-40, -3e-39, 65504.0, 65519.0, 65520.0, 0.0, -0.0])])
+    ties = (torch.randint(0, 2**31 - 2**24, (512,), dtype=torch.int64) & ~0xFFFF | 0x8000).to(torch.int32).view(torch.float32)  # half a bf16 ulp
+    x = torch.cat([x, ties[torch.isfinite(ties)]])
+    assert np.array_equal(bf16_bits(x.numpy()), x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+    with np.errstate(over="ignore"):
+        assert np.array_equal(x.numpy().astype(np.float16).view(np.uint16), x.to(torch.float16).view(torch.int16).numpy().view(np.uint16))
+
+
+def test_states_on_a_gpu_reach_the_host_in_one_copy_with_dtypes_and_shapes_intact():
+    """`host`'s GPU branch, run on the CPU: int64 first, then float32 parts of odd lengths."""
+    from src.codec import joined_to_host
+
+    parts = (torch.arange(18).view(3, 6) * 2**40, torch.randn(3, 6), torch.randn(3, 5))
+    arrays = joined_to_host(parts)
+    assert [(a.dtype, a.shape) for a in arrays] == [(np.int64, (3, 6)), (np.float32, (3, 6)), (np.float32, (3, 5))]
+    assert all(np.array_equal(a, t.numpy()) for a, t in zip(arrays, parts))
+
+
+def test_int8_fixed_refuses_at_the_sender_what_its_fp16_scale_cannot_hold():
+    """Twenty channels of 1e6 leave 14 after the outliers: rotated, beyond fp16. The receiver would refuse the
+    message (a non-finite scale); the sender says why instead, and `int8`, whose step is bf16, carries it."""
+    x = torch.randn(2, HIDDEN)
+    x[:, :20] = 1e6
+    with pytest.raises(TriadicError, match="beyond its fp16 scale; use --codec int8"):
+        get_codec("int8-fixed").encode(x)
+    payload, dtype = get_codec("int8").encode(x)
+    back = get_codec("int8").decode(memoryview(payload), 2, HIDDEN, dtype)
+    assert (back - x).norm() < 0.01 * x.norm()  # measured: 0.4%
 
 
 def sealed(kind, codec_id, dtype_code, count, payload: bytes) -> bytes:
