@@ -21,7 +21,7 @@ run: $(STAMP)
 
 # The edge as an OpenAI-compatible server with its page at http://127.0.0.1:8000/
 serve: $(STAMP)
-	$(PY) -m src.edge_server --host 127.0.0.1 --port 8000
+	$(PY) -m src.serve.edge_server --host 127.0.0.1 --port 8000
 
 # Headless Chromium for the page test (tests/test_edge_server.py): Debian's package, no browser download.
 browser:

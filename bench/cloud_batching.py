@@ -71,7 +71,7 @@ def batching_stats(url: str) -> dict:
     """The server's batching counters (Stats): batches run and steps served so far; empty without batching."""
     import grpc
 
-    from src.grpc_link import STATS_METHOD
+    from src.link.grpc_link import STATS_METHOD
 
     with grpc.insecure_channel(url.removeprefix("grpc://")) as channel:
         report = json.loads(channel.unary_unary(STATS_METHOD)(b"", timeout=10))
@@ -81,7 +81,7 @@ def batching_stats(url: str) -> dict:
 def start_server(window: str, dtype: str = "float32") -> tuple[subprocess.Popen, str]:
     batching = ["--no-batching"] if window == "off" else ["--batch-window-ms", window]
     server = subprocess.Popen(
-        [sys.executable, "-m", "src.cloud_server", "--port", "0", "--max-sessions", "16", "--threads", "1",
+        [sys.executable, "-m", "src.serve.cloud_server", "--port", "0", "--max-sessions", "16", "--threads", "1",
          "--cloud-dtype", dtype, *batching],
         cwd=ROOT, stderr=subprocess.PIPE, text=True,
     )
@@ -99,7 +99,7 @@ def record_sessions(count: int, new_tokens: int, dtype: str = "float32") -> list
 
     import torch
 
-    from src.cloud_server import DEFAULT_FIRST, DEFAULT_SECOND
+    from src.serve.cloud_server import DEFAULT_FIRST, DEFAULT_SECOND
     from src.pipeline import SideOptions, build_pipeline
     from src.utils import format_prompt, parse_layer_set
 
@@ -123,7 +123,7 @@ def replay_sessions(server: subprocess.Popen, url: str, sessions: list[list[byte
     """`run_edges` with recorded requests sent by client threads in place of edges: the server's work without the edges'."""
     import time
 
-    from src.grpc_link import GrpcLink
+    from src.link.grpc_link import GrpcLink
 
     links = [GrpcLink(url) for _ in sessions]
     ready = threading.Barrier(len(sessions) + 1, timeout=120)

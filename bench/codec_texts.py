@@ -26,8 +26,8 @@ from pydoc_data.topics import topics
 
 from bench.common import machine
 from src.checkpoint import load_tokenizer, resolve_model_dir
-from src.codec import Codec, RiceCodec, get_codec
-from src.protocol import HEADER_SIZE
+from src.link.codec import Codec, RiceCodec, get_codec
+from src.link.protocol import HEADER_SIZE
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 DATA = Path(__file__).resolve().parent / "data"

@@ -2,7 +2,7 @@
 
     python -m bench.edge_server [--tokens 128] [--runs 3]  ->  results/edge_server.md
 
-Starts `python -m src.edge_server` (embedded model, main_3_split.py's sets, int8, cloud in its
+Starts `python -m src.serve.edge_server` (embedded model, main_3_split.py's sets, int8, cloud in its
 process, one torch thread) on a free loopback port and builds the same pipeline here. Alternates, per
 run: `Edge.generate` here; a non-streaming request; a streaming request (time to the first token's
 chunk, and to [DONE]). Medians of the runs after one warm-up each.
@@ -33,7 +33,7 @@ MESSAGES = [{"role": "user", "content": "Tell me about Japan."}]
 
 def start_server() -> tuple[subprocess.Popen, str]:
     server = subprocess.Popen(
-        [sys.executable, "-m", "src.edge_server", "--port", "0", "--threads", "1", "--no-unsplit"],
+        [sys.executable, "-m", "src.serve.edge_server", "--port", "0", "--threads", "1", "--no-unsplit"],
         cwd=ROOT, stderr=subprocess.PIPE, text=True,
     )
     for line in server.stderr:

@@ -19,7 +19,7 @@ import torch
 
 from bench.common import parse_sets
 from src.checkpoint import load_config, load_tokenizer, resolve_model_dir
-from src.codec import get_codec
+from src.link.codec import get_codec
 from src.pipeline import build_pipeline
 
 

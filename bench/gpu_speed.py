@@ -52,7 +52,7 @@ def python_profile(label: str, run, args) -> str:
 
 def message_times(hidden: int, device: str, dtype: torch.dtype, n: int = 200) -> str:
     """One message's encode and decode on this host, and the parts of int8's: where a codec's per-token time goes."""
-    from src.codec import get_codec, rice_decode, rice_encode, rotate
+    from src.link.codec import get_codec, rice_decode, rice_encode, rotate
 
     def clock(work) -> float:
         for _ in range(10):

@@ -2,7 +2,7 @@
 
     python -m bench.grpc_attack
 
-Starts `python -m src.cloud_server` on a free loopback port (embedded model, default sets,
+Starts `python -m src.serve.cloud_server` on a free loopback port (embedded model, default sets,
 --max-sessions 2, a token, --connection-idle 3, one thread), then sends: messages over the byte
 limit, garbage, a corrupted payload, a step that jumps past the context, a claim of 2^20
 positions, int8 steps of 1e6 and 1e30, huge `none` values; opens 600 silent TCP connections and
@@ -26,10 +26,10 @@ from pathlib import Path
 import grpc
 import torch
 
-from src import protocol
+from src.link import protocol
 from src.checkpoint import load_config, resolve_model_dir
-from src.codec import get_codec
-from src.grpc_link import GrpcLink, LinkError
+from src.link.codec import get_codec
+from src.link.grpc_link import GrpcLink, LinkError
 from src.schedule import SplitSchedule
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ def main() -> None:
     log_path = tmp / "server.log"
     with open(log_path, "w") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "src.cloud_server", "--port", "0", "--threads", "1", "--max-sessions", "2",
+            [sys.executable, "-m", "src.serve.cloud_server", "--port", "0", "--threads", "1", "--max-sessions", "2",
              "--connection-idle", "3", "--token-file", str(tmp / "token")], cwd=ROOT, stderr=log)
     while not (match := re.search(r"listening on 127.0.0.1:(\d+)", log_path.read_text())):
         time.sleep(0.2)

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from src.grpc_link import GrpcLink
+from src.link.grpc_link import GrpcLink
 from src.pipeline import RemoteCloud, build_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,7 +2,7 @@
 
     python -m bench.grpc_soak [--sequential 200] [--concurrent 50]  ->  results/grpc.md
 
-Starts `python -m src.cloud_server` on a free loopback port (embedded model, default sets), then:
+Starts `python -m src.serve.cloud_server` on a free loopback port (embedded model, default sets), then:
 1. the default settings (int8, random sets) over loopback and in-process, alternated, median of 3;
 2. sequential sessions, then concurrent sessions in batches of 4, reading the server's resident
    memory (Stats) after the first 10 sessions and at the end.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench.common import machine
 from src.checkpoint import load_tokenizer, resolve_model_dir
-from src.grpc_link import GrpcLink
+from src.link.grpc_link import GrpcLink
 from src.pipeline import RemoteCloud, build_pipeline
 from src.utils import format_prompt
 
@@ -30,7 +30,7 @@ FIRST, SECOND = set(range(1, 7)), set(range(24, 30))
 
 def start_server() -> tuple[subprocess.Popen, str]:
     server = subprocess.Popen(
-        [sys.executable, "-m", "src.cloud_server", "--port", "0", "--max-sessions", "8", "--threads", "1"],
+        [sys.executable, "-m", "src.serve.cloud_server", "--port", "0", "--max-sessions", "8", "--threads", "1"],
         cwd=ROOT, stderr=subprocess.PIPE, text=True,
     )
     for line in server.stderr:

@@ -18,9 +18,9 @@ import torch
 from bench.common import machine
 from bench.memory import memory_probe
 from src.checkpoint import load_tokenizer, resolve_model_dir
-from src.codec import get_codec
+from src.link.codec import get_codec
 from src.pipeline import build_pipeline
-from src.protocol import HEADER_SIZE
+from src.link.protocol import HEADER_SIZE
 from src.utils import format_prompt
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"

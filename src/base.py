@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .codec import Codec
 from .kv_cache import growing_cache
+from .link.codec import Codec
 from .models import Chunk, SplitLlamaForCausalLM, SplitLlamaModel
 from .schedule import SplitSchedule
 
 if TYPE_CHECKING:
-    from .batching import Batcher
+    from .serve.batching import Batcher
 
 
 class _Run:
@@ -142,7 +142,7 @@ class Party:
         self.device, self.dtype = reference.device, reference.dtype
         self.layer_evals = 0
         self.peak_stored = 0
-        self.batcher: Batcher | None = None  # a cloud serving many sessions runs their layer work together (src/batching.py)
+        self.batcher: Batcher | None = None  # a cloud serving many sessions runs their layer work together (src/serve/batching.py)
         # Whether a lagging layer catches up step by step (as HF generate ran those positions) instead of
         # in one chunk: set per side from its link's codec and its dtype (`use_step_catch_up`).
         self.catch_up_by_step = False

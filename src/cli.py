@@ -30,7 +30,7 @@ def make_parser(prog: str, mode: str) -> argparse.ArgumentParser:
 
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
-    """Model, split, codec and link flags: shared by the three scripts and the edge server (src/edge_server.py)."""
+    """Model, split, codec and link flags: shared by the three scripts and the edge server (src/serve/edge_server.py)."""
     parser.add_argument("--first", help="first split layer indices, e.g. 1,2,3 (overrides the script's set)")
     parser.add_argument("--second", help="second split layer indices, e.g. 28,29 (overrides the script's set)")
     parser.add_argument("--codec", default="int8", help="link codec: int8 (default: outlier-aware, about 8 bits per value), int8-fixed, none (lossless), fp16, bf16, bnb8")
@@ -44,7 +44,7 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--edge-dtype", default=None, help="the edge's compute dtype (overrides --dtype)")
     parser.add_argument("--cloud-dtype", default=None, help="the in-process cloud's compute dtype (overrides --dtype)")
     parser.add_argument("--load-in-8bit", action="store_true", help="8-bit weights through bitsandbytes on both sides")
-    parser.add_argument("--cloud", default=None, help="grpc://host:port of a cloud server (python -m src.cloud_server); "
+    parser.add_argument("--cloud", default=None, help="grpc://host:port of a cloud server (python -m src.serve.cloud_server); "
                         "several, comma-separated, to fail over to the next mid-generation; default: in this process")
     parser.add_argument("--tls-ca", default=None, help="with --cloud: PEM CA certificate of the server (turns TLS on)")
     parser.add_argument("--tls-server-name", default=None, help="with --tls-ca: the name the server's certificate carries, where it is not the host dialled")
@@ -114,7 +114,7 @@ def baseline_args(args: argparse.Namespace) -> argparse.Namespace:
 def build_from_args(mode: str, args, first: set[int] | None, second: set[int] | None) -> Pipeline:
     """Check the pipeline flags of `add_pipeline_arguments` and build the pipeline they name."""
     from .checkpoint import load_config, resolve_model_dir
-    from .codec import get_codec
+    from .link.codec import get_codec
 
     get_codec(args.codec)
     if not 0 <= args.uplink_noise < math.inf:  # also refuses NaN

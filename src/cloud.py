@@ -17,11 +17,11 @@ import dataclasses
 
 import torch
 
-from . import protocol
 from .base import Party
-from .codec import CODECS_BY_ID
+from .link import protocol
+from .link.codec import CODECS_BY_ID
+from .link.protocol import Kind
 from .models import SecondLlamaForCausalLM, ThirdLlamaForCausalLM
-from .protocol import Kind
 from .sampling import Sampler
 from .schedule import SplitSchedule
 from .utils import ProtocolError

@@ -14,46 +14,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
-from . import protocol
 from .base import Party
-from .codec import Codec
+from .link import protocol
+from .link.codec import Codec
+from .link.local import Link
+from .link.protocol import Kind
 from .models import FirstLlamaForCausalLM, ThirdLlamaForCausalLM
-from .protocol import Kind
 from .sampling import Sampler, SamplingConfig
 from .schedule import SplitSchedule
 from .utils import ProtocolError, TriadicError
-
-
-class Link(Protocol):
-    """Carries one request to the cloud and brings its reply back: bytes only."""
-
-    def request(self, data: bytes) -> bytes: ...
-
-
-class LocalLink:
-    """Both sides in one process, still talking in bytes: exactly what two machines would exchange.
-
-    It hosts the cloud as the cloud server does, with a host's two controls over its work: a check
-    before each of the cloud's layers (the server's per-request deadline and cancel) and the end of
-    a session, whose caches are freed at once.
-    """
-
-    def __init__(self, cloud) -> None:
-        self.cloud = cloud
-
-    def request(self, data: bytes) -> bytes:
-        return self.cloud.handle(bytes(data))
-
-    def watch(self, check: Callable[[], None] | None) -> None:
-        """Run `check` before each of the cloud's layers (it raises to stop the request); None: no longer."""
-        self.cloud.on_layer = check
-
-    def end_session(self) -> None:
-        self.cloud.end_session()
 
 
 @dataclass

@@ -45,7 +45,7 @@ class Family:
     # its norms scale up; quantizing evenly across channels buries them (KL 1e-3 instead of 5e-5).
     link_gain_offset: float | None = None
     # Whether its attention gets the keys and values its cache returned, as they are: cross-session
-    # batching (src/batching.py) reads each session's own from its cache. DiffLlama splits the values
+    # batching (src/serve/batching.py) reads each session's own from its cache. DiffLlama splits the values
     # into two halves first, so its sessions are not batched.
     batchable: bool = True
 

@@ -13,9 +13,10 @@ from transformers import PretrainedConfig
 
 from .checkpoint import load_config, load_tokenizer, read_tensors, resolve_model_dir
 from .cloud import Cloud
-from .codec import get_codec
-from .edge import Edge, Link, LocalLink
+from .edge import Edge
 from .families import family_for
+from .link.codec import get_codec
+from .link.local import Link, LocalLink
 from .models import FirstLlamaForCausalLM, SecondLlamaForCausalLM, ThirdLlamaForCausalLM
 from .schedule import SplitSchedule
 from .utils import TriadicError
@@ -46,7 +47,7 @@ class SideOptions:
 
 @dataclass(frozen=True)
 class RemoteCloud:
-    """A cloud server (cloud_server.py) for the edge to talk to over gRPC, instead of a cloud built in this process."""
+    """A cloud server (src/serve/cloud_server.py) for the edge to talk to over gRPC, instead of a cloud built in this process."""
 
     url: str  # grpc://host:port; several, comma-separated, are clouds to fail over to (`--cloud`)
     tls_ca_path: str | None = None  # PEM file of the CA that signed the server's certificate; None: plaintext (`--tls-ca`)
@@ -140,7 +141,7 @@ def build_pipeline(
     """Edge and (where some step has a < b) Cloud, linked by bytes.
 
     Without `remote` the cloud is built in this process (LocalLink); with it, only the edge is
-    built here and talks to a cloud server over gRPC (see cloud_server.py), which must run the same
+    built here and talks to a cloud server over gRPC (see src/serve/cloud_server.py), which must run the same
     model, split sets and mode.
 
     A lossy codec changes the hidden states far beyond the last bits of a product, so its sides store
@@ -159,7 +160,7 @@ def build_pipeline(
     cloud: Cloud | None = None
     link: Link | None = None
     if needs_cloud and remote is not None:
-        from .grpc_link import make_link
+        from .link.grpc_link import make_link
 
         link = make_link(remote.url, remote.tls_ca_path, remote.token_file_path, remote.timeout, remote.tls_server_name)
     elif needs_cloud:

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from families import make_family_checkpoint
-from src.batching import PACKED_ATTENTION, Batcher, enable_packing
+from src.serve.batching import PACKED_ATTENTION, Batcher, enable_packing
 from src.checkpoint import is_column_major, load_config
 from src.cloud import Cloud
-from src.edge import LocalLink
-from src.panels import PanelLinear, use_panels, why_no_kernel
+from src.link.local import LocalLink
+from src.serve.panels import PanelLinear, use_panels, why_no_kernel
 from src.pipeline import build_cloud, build_edge, build_pipeline
 from src.schedule import SplitSchedule
 
@@ -89,7 +89,7 @@ def test_sessions_that_started_are_waited_for_so_a_burst_runs_its_prefills_toget
     """A session's START makes the batcher expect it: the first step of another waits for its prefill."""
     import time
 
-    from src import protocol
+    from src.link import protocol
 
     class SlowFirstStep(LocalLink):
         """Delays the first HIDDEN message: the sessions' STARTs are in before any prefill arrives."""
@@ -175,7 +175,7 @@ def _together(edges, clouds, batcher, new, prompts=PROMPTS):
 def test_one_failing_session_fails_only_itself(tiny_untied, monkeypatch):
     """A session stopped between layers (cancelled) drops out of its batch; a packed call that fails is
     rolled back and its sessions finish one by one; every other session gets its tokens alone."""
-    import src.batching as batching
+    import src.serve.batching as batching
 
     folder, _ = tiny_untied
     alone = [build_pipeline(str(folder), FIRST, SECOND, seed=i, with_tokenizer=False).edge.generate(PROMPTS[i], 10, keep_logits=True)
@@ -245,7 +245,7 @@ def test_a_server_reads_its_weights_once_in_the_layout_its_batching_needs(model_
     column-major, and batches (with one torch thread, its linear layers then rewritten as panels where the kernel
     runs); DiffLlama is read once, in transformers' layout (what HF computes), and does not."""
     import src.models
-    from src.cloud_server import load, make_parser
+    from src.serve.cloud_server import load, make_parser
 
     folder, _ = make_family_checkpoint(tmp_path, model_type)
     reads = []

@@ -70,7 +70,7 @@ def test_the_edge_servers_unsplit_baseline_drops_every_link_flag(tiny_with_token
     # The baseline runs without a cloud: a TLS cloud's --tls-server-name used to follow it there and be refused
     # ("--tls-ca, --tls-server-name and --token-file go with --cloud") the first time the baseline was asked for.
     from src.cli import LINK_FLAGS, baseline_args, build_from_args
-    from src.edge_server import make_parser
+    from src.serve.edge_server import make_parser
 
     args = make_parser().parse_args(["--base-model", str(tiny_with_tokenizer[0]), "--cloud", "grpc://127.0.0.1:1", "--tls-ca", "ca.pem",
                                      "--tls-server-name", "cloud.example", "--token-file", "token"])

@@ -23,11 +23,11 @@ import torch
 
 grpc = pytest.importorskip("grpc")
 
-from src import protocol  # noqa: E402
+from src.link import protocol  # noqa: E402
 from src.checkpoint import embedded_model_dir, load_config  # noqa: E402
 from src.cli import run as cli_run  # noqa: E402
-from src.codec import get_codec  # noqa: E402
-from src.grpc_link import GrpcLink, LinkError, RejectedError  # noqa: E402
+from src.link.codec import get_codec  # noqa: E402
+from src.link.grpc_link import GrpcLink, LinkError, RejectedError  # noqa: E402
 from src.pipeline import RemoteCloud, build_pipeline  # noqa: E402
 from src.schedule import SplitSchedule  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402

@@ -9,10 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from src import protocol
-from src.codec import get_codec, rice_decode, rice_encode, rotation
+from src.link import protocol
+from src.link.codec import get_codec, rice_decode, rice_encode, rotation
 from src.pipeline import build_pipeline
-from src.protocol import HEADER, HEADER_SIZE
+from src.link.protocol import HEADER, HEADER_SIZE
 from src.utils import ProtocolError, TriadicError
 from tiny import hf_greedy
 
@@ -177,7 +177,7 @@ def test_rotation_is_orthogonal_and_deterministic():
 
 def test_wide_states_rotate_by_a_kronecker_product_as_well_as_by_a_dense_matrix():
     """Above 1024 channels the rotation is A (x) B: orthogonal, and no worse for the int8 code than a dense one."""
-    from src.codec import _kronecker_factors, rotate, rotated_with_outliers
+    from src.link.codec import _kronecker_factors, rotate, rotated_with_outliers
 
     assert _kronecker_factors(576) is None and _kronecker_factors(4096) == (64, 64) and _kronecker_factors(5120) == (64, 80)
     torch.manual_seed(0)
@@ -202,7 +202,7 @@ def test_host_rounding_matches_torch_to_the_bit():
     """The encoders round on the host in numpy: to bf16 (the int8 step) and to fp16 (the outliers), as torch would.
 
     Ties at both widths, subnormals, values that round up into the next binade and the fp16 overflow."""
-    from src.codec import bf16_bits
+    from src.link.codec import bf16_bits
 
     torch.manual_seed(0)
     x = torch.cat([torch.randn(4096) * torch.exp(torch.randn(4096) * 8), torch.tensor([1e-40, -3e-39, 65504.0, 65519.0, 65520.0, 0.0, -0.0])])
@@ -215,7 +215,7 @@ def test_host_rounding_matches_torch_to_the_bit():
 
 def test_states_on_a_gpu_reach_the_host_in_one_copy_with_dtypes_and_shapes_intact():
     """`host`'s GPU branch, run on the CPU: int64 first, then float32 parts of odd lengths."""
-    from src.codec import joined_to_host
+    from src.link.codec import joined_to_host
 
     parts = (torch.arange(18).view(3, 6) * 2**40, torch.randn(3, 6), torch.randn(3, 5))
     arrays = joined_to_host(parts)

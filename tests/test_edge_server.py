@@ -1,4 +1,4 @@
-"""The edge server (python -m src.edge_server) as a subprocess on loopback, through the `openai` client and raw HTTP.
+"""The edge server (python -m src.serve.edge_server) as a subprocess on loopback, through the `openai` client and raw HTTP.
 
 Most cases run on a tiny random-init model that speaks through the embedded tokenizer; two use the
 embedded SmolLM2-135M-Instruct with its cloud in another process over gRPC: the text equals
@@ -76,7 +76,7 @@ class Process:
 
 
 def start_edge(log: Path, *flags: str) -> tuple[Process, str]:
-    server = Process(["-m", "src.edge_server", "--port", "0", "--threads", "1", *flags], log)
+    server = Process(["-m", "src.serve.edge_server", "--port", "0", "--threads", "1", *flags], log)
     port = server.wait_for(r"listening on http://127\.0\.0\.1:(\d+)").group(1)
     return server, f"http://127.0.0.1:{port}"
 
@@ -331,7 +331,7 @@ def test_engine_time_limit_and_cancel(tiny_server):
 
 def test_bad_flags_exit_2_with_one_line(capsys):
     """In this process: the flags are checked before anything loads, and argparse's own errors exit the same way."""
-    from src.edge_server import main
+    from src.serve.edge_server import main
 
     for flags in (["--max-queue", "-1"], ["--codec", "zip"], ["--port", "70000"], ["--time-limit", "0"], ["--body-timeout", "0"], ["--body-timeout", "inf"],
                   ["--max-queue", "8", "--max-connections", "9"]):
@@ -352,13 +352,13 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def embedded_server(tmp_path_factory):
-    """main_3_split.py's sets, lossless link, the cloud as `python -m src.cloud_server` over gRPC.
+    """main_3_split.py's sets, lossless link, the cloud as `python -m src.serve.cloud_server` over gRPC.
 
     Both processes load at the same time: the edge dials the cloud only at the first request.
     """
     logs = tmp_path_factory.mktemp("embedded_server")
     port = _free_port()
-    cloud = Process(["-m", "src.cloud_server", "--host", "127.0.0.1", "--port", str(port), "--threads", "1"], logs / "cloud.log")
+    cloud = Process(["-m", "src.serve.cloud_server", "--host", "127.0.0.1", "--port", str(port), "--threads", "1"], logs / "cloud.log")
     try:
         edge, url = start_edge(logs / "edge.log", "--codec", "none", "--dtype", "float32", "--cloud", f"grpc://127.0.0.1:{port}")
         cloud.wait_for(rf"listening on 127\.0\.0\.1:{port}")

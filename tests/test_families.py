@@ -244,7 +244,7 @@ def test_a_damaged_model_folder_gives_one_line_and_exit_2(tiny_with_tokenizer, t
 
 def test_gemma3_lossy_link_weighs_channels_by_the_receiving_norm_gain(tmp_path_factory):
     """int8 quantizes h * |1 + w| (w: the receiving layer's norm weight) and the receiver divides it back out."""
-    from src.codec import get_codec
+    from src.link.codec import get_codec
 
     folder, model, reference, _ = checkpoint("gemma3_text", True, tmp_path_factory)
     pipeline = build_pipeline(str(folder), {1, 2}, {3, 4}, "int8", with_tokenizer=False)

@@ -1,4 +1,4 @@
-"""The cloud as a gRPC server (src/cloud_server.py) and the edge's GrpcLink (src/grpc_link.py), over loopback.
+"""The cloud as a gRPC server (src/serve/cloud_server.py) and the edge's GrpcLink (src/link/grpc_link.py), over loopback.
 
 Servers run as subprocesses on free ports over the tiny checkpoint; every generation's tokens are
 compared with the in-process run (`build_pipeline(...).edge.generate`, LocalLink).
@@ -22,12 +22,12 @@ import torch
 
 grpc = pytest.importorskip("grpc")
 
-from src import protocol  # noqa: E402
+from src.link import protocol  # noqa: E402
 from src.checkpoint import load_config  # noqa: E402
-from src.codec import get_codec  # noqa: E402
-from src.grpc_link import GrpcLink, LinkError, RejectedError, make_link  # noqa: E402
+from src.link.codec import get_codec  # noqa: E402
+from src.link.grpc_link import GrpcLink, LinkError, RejectedError, make_link  # noqa: E402
 from src.pipeline import RemoteCloud, build_edge, build_pipeline  # noqa: E402
-from src.panels import why_no_kernel  # noqa: E402
+from src.serve.panels import why_no_kernel  # noqa: E402
 from src.schedule import SplitSchedule  # noqa: E402
 from src.utils import TriadicError  # noqa: E402
 from tests.conftest import ROOT, stop_process  # noqa: E402
@@ -41,7 +41,7 @@ TOKEN = "s3cret-token-for-tests"
 
 
 class Server:
-    """`python -m src.cloud_server` as a subprocess; its stderr goes to a file (never a full pipe)."""
+    """`python -m src.serve.cloud_server` as a subprocess; its stderr goes to a file (never a full pipe)."""
 
     def __init__(self, folder: Path, log: Path, sets, *extra: str) -> None:
         self.folder, self.log, self.sets, self.extra = folder, log, sets, extra
@@ -53,7 +53,7 @@ class Server:
         self.log.write_text("")
         self._log_file = open(self.log, "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "src.cloud_server", "--host", "127.0.0.1", "--port", str(port or self.port),
+            [sys.executable, "-m", "src.serve.cloud_server", "--host", "127.0.0.1", "--port", str(port or self.port),
              "--base-model", str(self.folder), "--first", first, "--second", second, "--threads", "1", *self.extra],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._log_file,
         )
@@ -474,7 +474,7 @@ def test_server_killed_and_restarted(servers, tiny_tied):
 
 
 def test_bad_command_line(tiny_tied, capsys):
-    from src.cloud_server import main
+    from src.serve.cloud_server import main
 
     folder, _ = tiny_tied
     busy = socket.socket()

@@ -1,4 +1,4 @@
-"""Linear layers over panel-stored weights (src/panels.py): the product nn.Linear gives, a row independent of the others."""
+"""Linear layers over panel-stored weights (src/serve/panels.py): the product nn.Linear gives, a row independent of the others."""
 import time
 import weakref
 from pathlib import Path
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from src import panels
-from src.panels import PanelLinear, to_panels, use_panels, why_no_kernel
+from src.serve import panels
+from src.serve.panels import PanelLinear, to_panels, use_panels, why_no_kernel
 
 needs_kernel = pytest.mark.skipif(why_no_kernel() is not None, reason=f"{why_no_kernel()}")
 

@@ -3,8 +3,8 @@ import torch
 
 from bench.privacy.attacks import LayerClassifier, Matcher, Replay, TokenProbe, clean_states, nearest_neighbour, recovery
 from bench.privacy.capture import exposures, hidden_messages, lowest_exposure, record, schedule_from_start, transcode
-from src import protocol
-from src.protocol import Kind
+from src.link import protocol
+from src.link.protocol import Kind
 from src.pipeline import build_pipeline
 
 HIDDEN = 32  # tiny.py

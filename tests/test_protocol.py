@@ -6,10 +6,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from src import protocol
-from src.codec import CODECS, get_codec
+from src.link import protocol
+from src.link.codec import CODECS, get_codec
 from src.pipeline import build_pipeline
-from src.protocol import HEADER_SIZE, Kind
+from src.link.protocol import HEADER_SIZE, Kind
 from src.utils import ProtocolError, TriadicError
 
 HIDDEN = 32

@@ -92,7 +92,7 @@ def test_an_edited_history_truncates_to_the_common_prefix(tiny_tied, sets):
 
 
 def test_a_cloud_refuses_an_inconsistent_turn(tiny_tied):
-    from src import protocol
+    from src.link import protocol
     from src.utils import ProtocolError
 
     folder, _ = tiny_tied
@@ -129,7 +129,7 @@ def servers(tiny_tied, tmp_path_factory):
 
 def test_sessions_over_grpc_keep_one_stream(servers, tiny_tied):
     """Three turns (and an edit) over gRPC equal HF generate; the whole conversation is one cloud session."""
-    from src.grpc_link import GrpcLink
+    from src.link.grpc_link import GrpcLink
 
     folder, model = tiny_tied
     for name, sets, two_part, sampling in (("three", MOVING, False, None), ("two", TWO, True, sampled(folder, seed=3))):

@@ -153,7 +153,7 @@ def compare(config: CompareConfig, progress: bool = True) -> list[Run]:
     from transformers import AutoModelForCausalLM
 
     from src.checkpoint import load_tokenizer, weights_in_memory
-    from src.codec import get_codec
+    from src.link.codec import get_codec
     from src.pipeline import build_pipeline
 
     tokenizer = load_tokenizer(Path(config.model_dir))
@@ -305,7 +305,7 @@ def config_from_args(args) -> CompareConfig:
     """Everything checked before the model loads; one-line TriadicError on bad input."""
     from src.checkpoint import default_prompt_format, load_config, resolve_model_dir
     from src.cli import sampling_from_args
-    from src.codec import get_codec
+    from src.link.codec import get_codec
 
     if args.max_new_tokens < 1:
         raise TriadicError("--max-new-tokens must be at least 1")

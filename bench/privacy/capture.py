@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from src import protocol
-from src.codec import get_codec
-from src.protocol import Kind
+from src.link import protocol
+from src.link.codec import get_codec
+from src.link.protocol import Kind
 from src.schedule import SplitSchedule
 
 

@@ -11,7 +11,7 @@ import torch
 
 from bench.privacy.attacks import LayerClassifier, Matcher, Replay, TokenProbe, add_uplink_noise, nearest_neighbour, recovery
 from bench.privacy.capture import exposures, hidden_messages, lowest_exposure, record, schedule_from_start, transcode
-from src import protocol
+from src.link import protocol
 
 SWEEP_LAYERS = (0, 1, 2, 3, 4, 5, 6, 8, 15, 22, 29)
 MATCH_LAYERS = (1, 2, 3, 4, 5, 6, 8, 15, 22, 29)  # cost: about K forward passes up to the cut

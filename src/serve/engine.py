@@ -32,8 +32,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .. import protocol
 from ..cli import eos_token_ids
+from ..link import protocol
 from ..pipeline import Pipeline
 from ..sampling import MIN_TEMPERATURE, SEED_LIMIT, SamplingConfig, TextStream, model_generation_defaults
 from ..utils import ALPACA_TEMPLATE, StopSignal, Stopped, TriadicError, apply_chat_template

@@ -1,11 +1,11 @@
 """The cloud as a network service: gRPC, one bidirectional stream per generation session.
 
-    python -m src.cloud_server --host 0.0.0.0 --port 50051 --first 1,2 --second 28,29 \
+    python -m src.serve.cloud_server --host 0.0.0.0 --port 50051 --first 1,2 --second 28,29 \
         [--tls-cert server.crt --tls-key server.key] [--token-file token.txt]
 
 The server loads only the cloud's layers (`build_cloud`). Each stream is one session with its own
 `Cloud(schedule, part)` (own KV caches; the weights are shared): every stream message is the bytes
-of one request of `src/protocol.py`, every response the bytes of its reply. No proto file: the
+of one request of `src/link/protocol.py`, every response the bytes of its reply. No proto file: the
 methods use raw bytes.
 
     /triadic.Cloud/Session  stream-stream  request bytes -> reply bytes
@@ -41,7 +41,7 @@ A refusal ends the stream (gRPC has no status for one message of a stream); the 
 caches are dropped, other sessions go on.
 
 Cross-session batching (default on; `--no-batching`, `--batch-window-ms`): the layer work of
-concurrent sessions runs together on one thread (`src/batching.py`), a step waiting at most the
+concurrent sessions runs together on one thread (`src/serve/batching.py`), a step waiting at most the
 window for the other sessions mid-generation. Packed products differ from a session's own in the
 last bits, so each session stream's initial metadata says `triadic-batching: <window ms>`: an
 edge's failover replay then reports CRC differences as expected rather than as a fault.
@@ -70,12 +70,12 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc import aio
 
-from . import protocol
-from .utils import OneLineParser, StopSignal, Stopped, TriadicError, check_seconds, parse_layer_set, read_file, read_token
+from ..link import protocol
+from ..utils import OneLineParser, StopSignal, Stopped, TriadicError, check_seconds, parse_layer_set, read_file, read_token
 
 if TYPE_CHECKING:  # imported where used: `--help` and bad arguments answer before torch loads
+    from ..cloud import Cloud
     from .batching import Batcher
-    from .cloud import Cloud
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class CloudService:
     """Sessions over one loaded cloud part. Handlers run on one asyncio loop; computations in a thread pool."""
 
     def __init__(self, schedule, part, limits: Limits, token: str | None = None) -> None:
-        from .cloud import Cloud
+        from ..cloud import Cloud
 
         self._cloud_class = Cloud
         self.schedule = schedule
@@ -204,7 +204,7 @@ class CloudService:
         self._slots: asyncio.Semaphore  # made on the serving loop (bind_loop)
         self._loop: asyncio.AbstractEventLoop
         self._stopping = False
-        self.batcher: Batcher | None = None  # cross-session batching of the sessions' layer work (src/batching.py), if on
+        self.batcher: Batcher | None = None  # cross-session batching of the sessions' layer work (src/serve/batching.py), if on
 
     # -- gRPC wiring -------------------------------------------------------------------------
     def handler(self) -> grpc.GenericRpcHandler:
@@ -497,7 +497,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--cloud-device", default="cpu")
     p.add_argument("--cloud-dtype", default="float32", help="float32, bfloat16, float16, or auto (bfloat16 where the device computes it natively)")
     p.add_argument("--load-in-8bit", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice); with 1, a batching fp32 server on an AVX-512 CPU runs its products in src/panels.py's kernel")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice); with 1, a batching fp32 server on an AVX-512 CPU runs its products in src/serve/panels.py's kernel")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--token-file", default=None, help="file holding a bearer token clients must send")
@@ -616,10 +616,10 @@ class Loaded:
 
 def load(args) -> Loaded:
     """Check the flags, load the cloud part. Raises TriadicError on bad input."""
-    from .checkpoint import load_config, resolve_model_dir
-    from .pipeline import SideOptions, build_cloud, cloud_part_class
-    from .precision import check_device, resolve_dtype
-    from .schedule import SplitSchedule
+    from ..checkpoint import load_config, resolve_model_dir
+    from ..pipeline import SideOptions, build_cloud, cloud_part_class
+    from ..precision import check_device, resolve_dtype
+    from ..schedule import SplitSchedule
 
     _check_args(args)
     _check_port_free(args.host, args.port)

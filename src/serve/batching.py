@@ -12,7 +12,7 @@ runs exactly as without batching.
 
 Packing changes the shape of the matrix products, so results may differ from a session's run
 alone in the last bits (as chunking does): tokens are the same, logits within about 1e-5. A
-replay after failover (src/grpc_link.py) therefore need not reproduce the replies bit for bit.
+replay after failover (src/link/grpc_link.py) therefore need not reproduce the replies bit for bit.
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .base import Party
-from .kv_cache import GrowingLayer
-from .models import Chunk
+from ..base import Party
+from ..kv_cache import GrowingLayer
+from ..models import Chunk
 
 logger = logging.getLogger(__name__)
 

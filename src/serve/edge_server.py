@@ -1,6 +1,6 @@
 """The edge as a local OpenAI-compatible server, with a page that shows where each token was computed.
 
-    python -m src.edge_server --host 127.0.0.1 --port 8000 [--cloud grpc://host:50051] \
+    python -m src.serve.edge_server --host 127.0.0.1 --port 8000 [--cloud grpc://host:50051] \
         [--first 1,2,3 --second 28,29 --codec int8 --base-model ... (the scripts' flags)]
 
 Loads the edge (and, without --cloud, the cloud in this process) with main_3_split.py's split sets
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .cli import add_pipeline_arguments, baseline_args, build_from_args
+from ..cli import add_pipeline_arguments, baseline_args, build_from_args
+from ..link.codec import get_codec
+from ..utils import OneLineParser, TriadicError, check_seconds, parse_layer_set, read_token
 from .cloud_server import DEFAULT_FIRST, DEFAULT_SECOND
-from .codec import get_codec
-from .utils import OneLineParser, TriadicError, check_seconds, parse_layer_set, read_token
 
 PROG = "edge_server"
 logger = logging.getLogger(PROG)
@@ -76,8 +76,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def build(args):
     """The app for these flags: the split engine now, the unsplit one on first use."""
-    from .serve.app import Models, ServerConfig, create_app
-    from .serve.engine import ChatTokenizer, EdgeEngine
+    from .app import Models, ServerConfig, create_app
+    from .engine import ChatTokenizer, EdgeEngine
 
     sets = (parse_layer_set(DEFAULT_FIRST, "first"), parse_layer_set(DEFAULT_SECOND, "second"))
     pipeline = build_from_args("three", args, *sets)

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from .utils import ProtocolError, TriadicError
+from ..utils import ProtocolError, TriadicError
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}

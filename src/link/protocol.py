@@ -39,9 +39,9 @@ from enum import IntEnum
 
 import torch
 
+from ..sampling import SamplingConfig
+from ..utils import ProtocolError, TriadicError
 from .codec import CODE_DTYPES, CODECS_BY_ID, Codec
-from .sampling import SamplingConfig
-from .utils import ProtocolError, TriadicError
 
 MAGIC = b"TS"
 VERSION = 2  # 2: int8 codecs carry the outliers' shift byte and rotate wide states by a Kronecker product

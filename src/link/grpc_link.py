@@ -36,11 +36,11 @@ from urllib.parse import urlsplit
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import grpc  # noqa: E402
 
+from ..utils import ProtocolError, TriadicError, check_seconds, log, read_file, read_token
 from .protocol import MAGIC, Kind
-from .utils import ProtocolError, TriadicError, check_seconds, log, read_file, read_token
 
 SESSION_METHOD = "/triadic.Cloud/Session"
-BATCHING_METADATA = "triadic-batching"  # the cloud batches sessions together (src/cloud_server.py)
+BATCHING_METADATA = "triadic-batching"  # the cloud batches sessions together (src/serve/cloud_server.py)
 STATS_METHOD = "/triadic.Cloud/Stats"
 DEFAULT_PORT = 50051
 _END = object()  # the reply queue's marker: the cloud ended the stream
@@ -190,7 +190,7 @@ class _Endpoint:
 
 
 class GrpcLink:
-    """`Link` to a cloud served by `python -m src.cloud_server`, failing over to the next URL where it has several."""
+    """`Link` to a cloud served by `python -m src.serve.cloud_server`, failing over to the next URL where it has several."""
 
     def __init__(
         self,
