@@ -217,13 +217,13 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
 
 
 def check_outliers(index: np.ndarray, values: np.ndarray, hidden: int, codec: str) -> np.ndarray:
-    """Indices as float32 (exact below 2**24, sent with the values in one copy) once known to be valid."""
+    """Indices as int64 (what a scatter takes) once known to be valid, and the values finite."""
     if not np.isfinite(values).all():
         raise ProtocolError(f"codec {codec}: non-finite outlier value")
     index = index.view(np.uint16)
     if (index >= hidden).any():
         raise ProtocolError(f"codec {codec}: outlier index beyond hidden size {hidden}")
-    return index.astype(np.float32)
+    return index.astype(np.int64)
 
 
 def check_scale(scale: np.ndarray, codec: str) -> np.ndarray:
@@ -243,7 +243,7 @@ def finish_decode(device: torch.device | str, q: np.ndarray, scale: np.ndarray, 
     is finite."""
     count, hidden = q.shape
     k = index.shape[1]
-    parts = (index.astype(np.int64), q * scale, values.astype(np.float32) * np.float32(2.0**shift))
+    parts = (index, q * scale, values.astype(np.float32) * np.float32(2.0**shift))
     flat = torch.from_numpy(np.concatenate([part.reshape(-1).view(np.uint8) for part in parts])).to(device)
     cut = 8 * count * k
     rotated = flat[cut : cut + 4 * count * hidden].view(torch.float32).view(count, hidden)
