@@ -193,7 +193,7 @@ def test_wide_states_rotate_by_a_kronecker_product_as_well_as_by_a_dense_matrix(
     dense = rotation(2048)
     kronecker, reference = error(y, lambda v: rotate(v, inverse=True)), error(x @ dense, lambda v: v @ dense.T)
     assert kronecker < 1.05 * reference
-    assert [part.shape for part in rotated_with_outliers(x, 6)] == [(16, 6), (16, 6), (16, 2048)]
+    assert [part.shape for part in rotated_with_outliers(x, 6, "int8")] == [(16, 6), (16, 6), (16, 2048)]
     # Every channel is spread over all others: one unit vector rotates to a dense one.
     assert (rotate(torch.eye(2048)[:1]).abs() > 0).all()
 
@@ -233,6 +233,27 @@ def test_int8_fixed_refuses_at_the_sender_what_its_fp16_scale_cannot_hold():
     payload, dtype = get_codec("int8").encode(x)
     back = get_codec("int8").decode(memoryview(payload), 2, HIDDEN, dtype)
     assert (back - x).norm() < 0.01 * x.norm()  # measured: 0.4%
+
+
+def test_int8_carries_states_whose_squares_overflow_float32():
+    """Values of 3e19 beside outliers of 1e22 (within the shift's range): their squares pass float32's
+    maximum, and a float32 RMS made the step inf, which the receiver refused. The RMS is float64 now."""
+    torch.manual_seed(0)
+    x = torch.randn(2, HIDDEN) * 3e19
+    x[:, :6] = 1e22
+    payload, dtype = get_codec("int8").encode(x)
+    back = get_codec("int8").decode(memoryview(payload), 2, HIDDEN, dtype).double()
+    rest = x.double()[:, 6:]
+    assert (back[:, 6:] - rest).norm() < 0.01 * rest.norm()  # measured: 0.47%
+
+
+@pytest.mark.parametrize("codec_name", ["int8", "int8-fixed"])
+def test_int8_codecs_refuse_states_narrower_than_their_outliers_and_carry_zero_positions(codec_name):
+    codec = get_codec(codec_name)
+    with pytest.raises(TriadicError, match="4 channels, fewer than its 6 outliers; use --codec none"):
+        codec.encode(torch.randn(2, 4))
+    payload, dtype = codec.encode(torch.zeros(0, 64))  # the protocol sends none, but the codec is total
+    assert codec.decode(memoryview(payload), 0, 64, dtype).shape == (0, 64)
 
 
 def sealed(kind, codec_id, dtype_code, count, payload: bytes) -> bytes:

@@ -131,7 +131,7 @@ def rotate(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     return grid.reshape(count, hidden)
 
 
-def rotated_with_outliers(x: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def rotated_with_outliers(x: torch.Tensor, k: int, codec: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The k largest-magnitude channels of each position, and the rest (those zeroed) rotated: as host arrays.
 
     Returns (indices int64, values float32, rotated float32), all [count, ...]. The selection and the
@@ -140,6 +140,8 @@ def rotated_with_outliers(x: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarr
     follows (the outliers' range, the step, the rounding) is per-value work that numpy does on the
     host in less time than the launches would take.
     """
+    if x.shape[-1] < k:
+        raise TriadicError(f"codec {codec}: {x.shape[-1]} channels, fewer than its {k} outliers; use --codec none")
     x = x.detach().to(torch.float32)
     top = x.abs().topk(k, dim=-1).indices  # NaN sorts first: the range check sees it
     index, values, rotated = host(top, x.gather(-1, top), rotate(x.scatter(-1, top, 0.0)))
@@ -243,6 +245,8 @@ def finish_decode(device: torch.device | str, q: np.ndarray, scale: np.ndarray, 
     is finite."""
     count, hidden = q.shape
     k = index.shape[1]
+    if count == 0:
+        return torch.zeros(0, hidden, device=device)
     parts = (index, q * scale, values.astype(np.float32) * np.float32(2.0**shift))
     flat = torch.from_numpy(np.concatenate([part.reshape(-1).view(np.uint8) for part in parts])).to(device)
     cut = 8 * count * k
@@ -275,7 +279,7 @@ class RotatedInt8Codec(Codec):
         return 1 + sum(np.dtype(dtype).itemsize * math.prod(shape) for dtype, shape in self._parts(count, hidden))
 
     def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
-        index, values, rotated = rotated_with_outliers(x, self.outliers)
+        index, values, rotated = rotated_with_outliers(x, self.outliers, self.name)
         shift, values = outliers_fp16(values, self.name)
         with np.errstate(over="ignore"):
             scale = np.abs(rotated).max(-1, keepdims=True).clip(min=np.float32(1e-30)).astype(np.float16)
@@ -339,6 +343,10 @@ def rice_encode(q: np.ndarray, k: int) -> bytes:
 
 def rice_decode(buffer: memoryview, n: int, k: int, codec: str) -> np.ndarray:
     """The n integers of `rice_encode`; ProtocolError unless the buffer holds exactly them."""
+    if n == 0:
+        if len(buffer):
+            raise ProtocolError(f"codec {codec}: {len(buffer)} bytes after the last value")
+        return np.zeros(0, np.int64)
     low_size = (n * k + 7) // 8
     if len(buffer) < low_size + (n + 7) // 8:
         raise ProtocolError(f"codec {codec}: truncated payload, {len(buffer)} bytes for {n} values")
@@ -384,10 +392,13 @@ class RiceCodec(Codec):
         return [(np.uint16, (count, 1)), (np.uint16, (count, self.outliers)), (np.float16, (count, self.outliers))]  # bf16 step bits
 
     def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
-        index, values, rotated = rotated_with_outliers(x, self.outliers)
+        index, values, rotated = rotated_with_outliers(x, self.outliers, self.name)
         shift, values = outliers_fp16(values, self.name)
-        # bf16: the step needs range, not precision (both sides use the rounded value).
-        step = bf16_bits(np.sqrt(np.square(rotated).mean(-1, keepdims=True)) / np.float32(self.steps_per_rms))
+        # bf16: the step needs range, not precision (both sides use the rounded value). The RMS in float64:
+        # no square overflows (in float32 a value past 1.8e19 made the step inf), and the step does not
+        # depend on the order of a float32 sum, which differs between libraries and devices.
+        rms = np.sqrt(np.square(rotated, dtype=np.float64).mean(-1, keepdims=True))
+        step = bf16_bits((rms / self.steps_per_rms).astype(np.float32))
         step[step == 0] = 0x3F80  # an all-zero row: a step of 1.0
         q = np.rint(rotated / bf16_bits_to_float32(step))  # integers, |q| bounded by hidden * steps_per_rms
         return b"".join([bytes([shift]), step.tobytes(), index.astype(np.uint16).tobytes(), values.tobytes(), rice_encode(q, self.k)]), DTYPE_CODES[torch.float32]
