@@ -9,6 +9,7 @@ same run.
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ SETTINGS = [("(1,29)", {1}, {29}), ("{1..6},{24..29}", set(range(1, 7)), set(ran
 
 
 def main() -> None:
+    # No options: --help says what the run does and writes, before it starts; anything else is refused.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     torch.set_num_threads(1)
     model_dir = str(resolve_model_dir(None))
     prompt = list(range(100, 140))

@@ -11,6 +11,7 @@ and serves a legitimate prefill afterwards. Nothing leaves 127.0.0.1.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import queue
 import random
@@ -37,6 +38,8 @@ TOKEN = "attack-token"
 
 
 def main() -> None:
+    # No options: --help says what the run does and writes, before it starts; anything else is refused.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     folder = resolve_model_dir(None)
     config = load_config(folder)
     hidden = config.hidden_size

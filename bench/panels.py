@@ -11,6 +11,7 @@ first row's product computed alone (src/serve/panels.py: each output sums its te
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -46,6 +47,8 @@ def linear_of(weight: torch.Tensor) -> torch.nn.Linear:
 
 
 def main() -> None:
+    # No options: --help says what the run does and writes, before it starts; anything else is refused.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     torch.set_num_threads(1)
     problem = why_no_kernel()
     if problem is not None:

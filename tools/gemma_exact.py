@@ -8,6 +8,7 @@ moving sets scaled to 18 layers, lossless transport.
 """
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -39,6 +40,8 @@ def greedy_continuations(model, prompts: list[list[int]], new_tokens: int) -> li
 
 
 def main() -> None:
+    # No options: --help says what the run does and writes, before it starts; anything else is refused.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(1)
