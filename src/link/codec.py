@@ -136,7 +136,7 @@ def rotated_with_outliers(x: torch.Tensor, k: int, codec: str) -> tuple[np.ndarr
 
     Returns (indices int64, values float32, rotated float32), all [count, ...]. The selection and the
     rotation run where `x` lives and the results reach the host in one copy: on a GPU these are the
-    only kernels of an encoding (some eight, where each costs its launch), and its only wait. What
+    only kernels of an encoding (about ten with the copy, each costing its launch) and its only wait. What
     follows (the outliers' range, the step, the rounding) is per-value work that numpy does on the
     host in less time than the launches would take.
     """
