@@ -161,27 +161,14 @@ def run_layers_together(jobs: Sequence[Job]) -> int:
     Returns the number of layer calls made (for a batch of one, the layers its range spans).
     """
     if len(jobs) == 1:  # alone: exactly its own run, one call (the store is not written layer by layer)
-        job = jobs[0]
-        try:
-            job.party._run_layers(job.lo, job.hi, job.end)
-        except BaseException as error:  # noqa: BLE001 (handed to that session's thread)
-            job.error = error
-        return job.hi - job.lo
+        _run_whole(jobs[0])
+        return jobs[0].hi - jobs[0].lo
     calls = 0
     carried: _Packing | None = None
     packings: dict[tuple, tuple[Chunk, PackedCache]] = {}
     try:
         for index in range(min(job.lo for job in jobs), max(job.hi for job in jobs)):
-            members = []
-            for job in jobs:
-                if job.error is None and job.lo <= index < job.hi and job.party.fill[index] < job.end:
-                    if job.party.on_layer is not None:
-                        try:
-                            job.party.on_layer()
-                        except BaseException as error:  # noqa: BLE001 (handed to that session's thread)
-                            job.error = error
-                            continue
-                    members.append(job)
+            members = _members(jobs, index)
             key = tuple((id(job.party), job.party.fill[index], job.end) for job in members)
             if carried is not None and (carried.key != key or any(index in job.party.send_cuts for job in carried.jobs)):
                 carried.store()  # the next layer reads other rows, or the store must keep h_index (a cut it sends)
@@ -191,14 +178,7 @@ def run_layers_together(jobs: Sequence[Job]) -> int:
             calls += 1
             if len(members) == 1:
                 carried = None
-                job = members[0]
-                on_layer, job.party.on_layer = job.party.on_layer, None  # checked above
-                try:
-                    job.party._run_layers(index, index + 1, job.end)
-                except BaseException as error:  # noqa: BLE001
-                    job.error = error
-                finally:
-                    job.party.on_layer = on_layer
+                _run_one_layer(members[0], index)
                 continue
             model = members[0].party.layer_owner[index]
             if any(job.party.layer_owner[index] is not model for job in members):
@@ -230,14 +210,46 @@ def run_layers_together(jobs: Sequence[Job]) -> int:
             carried.store()
         for job in jobs:
             if job.error is None:
-                try:
-                    job.party._run_layers(job.lo, job.hi, job.end)
-                except BaseException as own:  # noqa: BLE001
-                    job.error = own
+                _run_whole(job)
         return calls
     if carried is not None:
         carried.store()
     return calls
+
+
+def _members(jobs: Sequence[Job], index: int) -> list[Job]:
+    """The jobs that run layer `index` now: in their range, behind their end, and not stopped by their
+    session's check (`party.on_layer`, run here once per layer; a job it stops keeps the error)."""
+    members = []
+    for job in jobs:
+        if job.error is None and job.lo <= index < job.hi and job.party.fill[index] < job.end:
+            if job.party.on_layer is not None:
+                try:
+                    job.party.on_layer()
+                except BaseException as error:  # noqa: BLE001 (handed to that session's thread)
+                    job.error = error
+                    continue
+            members.append(job)
+    return members
+
+
+def _run_one_layer(job: Job, index: int) -> None:
+    """Layer `index` of one session on its own (its check ran in `_members`, so not again)."""
+    on_layer, job.party.on_layer = job.party.on_layer, None
+    try:
+        job.party._run_layers(index, index + 1, job.end)
+    except BaseException as error:  # noqa: BLE001 (handed to that session's thread)
+        job.error = error
+    finally:
+        job.party.on_layer = on_layer
+
+
+def _run_whole(job: Job) -> None:
+    """A job's whole range as the session would run it alone; an error is kept for that session's thread."""
+    try:
+        job.party._run_layers(job.lo, job.hi, job.end)
+    except BaseException as error:  # noqa: BLE001 (handed to that session's thread)
+        job.error = error
 
 
 def _pack(model, members: list[Job], rows: torch.Tensor, index: int) -> tuple[Chunk, PackedCache]:
