@@ -9,6 +9,7 @@ Servers are subprocesses on loopback over tiny random-init checkpoints:
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import shutil
@@ -190,6 +191,73 @@ def test_a_computation_stops_between_layers(tiny_tied):
     with pytest.raises(Stopped, match="cancelled"):
         StopSignal(None, client_left=lambda: True).check()
 
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """The servicer context of one stream whose client sends `requests` and then waits; each write
+    completes only when the test completes `write_done`."""
+
+    def __init__(self, requests: list[bytes]) -> None:
+        self.requests = list(requests)
+        self.write_done: asyncio.Future | None = None
+        self.status: tuple | None = None
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    def time_remaining(self) -> None:
+        return None
+
+    async def read(self) -> bytes:
+        if self.requests:
+            return self.requests.pop(0)
+        return await asyncio.get_running_loop().create_future()  # the client keeps its stream open
+
+    async def write(self, reply: bytes) -> None:
+        self.write_done = asyncio.get_running_loop().create_future()
+        await self.write_done
+
+    async def abort(self, code, details: str) -> None:
+        self.status = (code, details)
+        raise _Aborted
+
+
+@pytest.mark.parametrize("steps", [0, 1])
+def test_a_stop_that_lands_as_a_reply_is_written_still_ends_the_session_with_its_reason(tiny_tied, steps):
+    """The server stops by cancelling each session's handler. A cancel that arrives just as the
+    handler's write completes was swallowed by Python 3.11's `asyncio.wait_for` (it returns the
+    finished write instead): the session lived on until gRPC cut it with "Cancelling all calls",
+    which CI once saw. `steps` is how many loop steps pass between the write completing and the stop."""
+    from src.serve.cloud_server import CloudService, Limits
+
+    folder, _ = tiny_tied
+    sets = ((1,), (3,))
+    config = load_config(folder)
+    part = build_pipeline(str(folder), set(sets[0]), set(sets[1]), "none", with_tokenizer=False).cloud.part
+
+    async def scenario() -> None:
+        service = CloudService(SplitSchedule(sets[0], sets[1], config.num_hidden_layers), part, Limits())
+        service.bind_loop()
+        context = _Context([start_message(folder, sets)])
+        handler = asyncio.get_running_loop().create_task(service.session(None, context))
+        while context.write_done is None:  # the START's reply is being written
+            await asyncio.sleep(0)
+        context.write_done.set_result(None)
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        await service.end_sessions(wait=1.0)  # cancels the handler in this same step
+        assert handler.done(), "the session outlived the stop"
+        with pytest.raises(_Aborted):
+            handler.result()
+        assert context.status == (grpc.StatusCode.UNAVAILABLE, "the cloud is shutting down")
+        assert service.open_sessions == 0
+        service.stop()
+
+    asyncio.run(scenario())
 
 FLOODER = """
 import sys, threading, time, grpc

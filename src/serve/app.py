@@ -226,8 +226,9 @@ async def _read_json(request: Request, limit: int, timeout: float):
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit}", None, "request_too_large")
     try:
-        raw = await asyncio.wait_for(_read_body(request, limit), timeout)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(timeout):
+            raw = await _read_body(request, limit)
+    except TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {timeout:g} s", None, "request_timeout") from None
     except ClientDisconnect:
         logger.info("client went away while sending its request body")
@@ -291,8 +292,9 @@ class Job:
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(queue.get(), timeout=1.0)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(1.0):
+                        item = await queue.get()
+                except TimeoutError:
                     item = None
                 if request is not None and time.monotonic() - checked >= 1.0:  # a stream learns it from its send instead
                     checked = time.monotonic()

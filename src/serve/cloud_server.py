@@ -289,12 +289,16 @@ class CloudService:
 
     # -- one message -------------------------------------------------------------------------
     async def _next_request(self, session: _Session, context: aio.ServicerContext):
-        """The next message, or EOF; Refusal when the session idles out or outlives its lifetime first."""
+        """The next message, or EOF; Refusal when the session idles out or outlives its lifetime first.
+
+        Waits use `asyncio.timeout`, never `asyncio.wait_for`: on Python 3.11, `wait_for` swallows a
+        cancel that lands as its awaitable finishes, and the server's stop cancels the handlers."""
         now = time.monotonic()
         wait = min(self.limits.idle_timeout, session.expires - now)
         try:
-            return await asyncio.wait_for(context.read(), timeout=max(0.0, wait))
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(max(0.0, wait)):
+                return await context.read()
+        except TimeoutError:
             if time.monotonic() >= session.expires:
                 raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, f"the session is past its lifetime of {self.limits.session_lifetime:g} s") from None
             raise Refusal(grpc.StatusCode.CANCELLED, f"idle for {self.limits.idle_timeout:g} s") from None
@@ -303,8 +307,9 @@ class CloudService:
         """Send a reply; a client that does not read it within the idle time (or the session's life) is refused."""
         wait = min(self.limits.idle_timeout, session.expires - time.monotonic())
         try:
-            await asyncio.wait_for(context.write(reply), timeout=max(1.0, wait))
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(max(1.0, wait)):
+                await context.write(reply)
+        except TimeoutError:
             raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, "the client did not read its reply in time") from None
 
     def _check_request(self, request: bytes) -> None:
@@ -338,8 +343,9 @@ class CloudService:
         if client_left is not None:
             deadline = min(deadline, now + client_left)
         try:
-            await asyncio.wait_for(self._slots.acquire(), timeout=max(0.0, deadline - now))
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(max(0.0, deadline - now)):
+                await self._slots.acquire()
+        except TimeoutError:
             raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, "no computation slot came free before the request's deadline") from None
         signal_ = StopSignal(deadline)
         try:
