@@ -281,7 +281,9 @@ threads = [threading.Thread(target=flood, args=(i,)) for i in range(32)]
 
 def test_unauthenticated_floods_starve_nobody(guarded, long_model):
     start = start_message(long_model, GUARDED_SETS)
-    flooders = [subprocess.Popen([sys.executable, "-c", FLOODER, f"127.0.0.1:{guarded.port}", "20", start.hex()], cwd=ROOT)
+    # The flooders run until they are killed below (120 s is a backstop): with 20 s, the test body (6.7 s here,
+    # 12.2 s under load) had to end before they did, or "still flooding" failed.
+    flooders = [subprocess.Popen([sys.executable, "-c", FLOODER, f"127.0.0.1:{guarded.port}", "120", start.hex()], cwd=ROOT)
                 for _ in range(2)]
     local = build_pipeline(str(long_model), {1}, {5}, "none", with_tokenizer=False)
     expected = {seed: local.edge.generate(PROMPT[: 3 + seed % 5], 4).token_ids for seed in range(20)}

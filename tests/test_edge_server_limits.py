@@ -66,7 +66,9 @@ def test_time_limit_stops_a_long_prefill_and_the_state_stays_intact(limited_serv
     status, reply = post(url, long_request("b"), key=None)
     seconds = time.monotonic() - began
     assert status == 200, reply
-    assert seconds < TIME_LIMIT + 3, seconds  # within a layer of the limit, not after the whole prefill
+    # Within a few layers of the limit, not after the whole prefill (~20 s): 7.4 s of the old TIME_LIMIT + 3 were
+    # used on a loaded 2-core machine. stopped_by below says the limit stopped it, whatever the machine's speed.
+    assert seconds < TIME_LIMIT + 6, seconds
     choice = reply["choices"][0]
     assert (choice["message"]["content"], choice["finish_reason"]) == ("", "length")
     assert reply["usage"]["completion_tokens"] == 0 and reply["usage"]["prompt_tokens"] > 4000
@@ -83,13 +85,17 @@ def test_a_client_gone_mid_prefill_frees_the_model(limited_server, stream):
     """The next request waits for the departure to be seen and one layer, not for the prefill or the time limit."""
     url, server, fresh = limited_server
     body = json.dumps(long_request("c" if stream else "d", stream=stream)).encode()
+    seen = len(server.log.read_text())
     sock = raw_request(url, body, len(body))
     time.sleep(0.5)
     sock.close()
     began = time.monotonic()
     status, reply = post(url, SHORT, key=None)
     seconds = time.monotonic() - began
-    assert status == 200 and seconds < TIME_LIMIT - 1.5, seconds
+    # The departure, not the time limit, stopped the prefill: the engine logs a prefill the limit stopped. A bound
+    # of TIME_LIMIT - 1.5 on `seconds` said the same by wall clock, and had 0.7 s left on a loaded 2-core machine.
+    assert status == 200 and seconds < 3 * TIME_LIMIT, seconds  # no hang
+    assert "time limit reached" not in server.log.read_text()[seen:]
     assert reply["choices"][0]["message"]["content"] == fresh["choices"][0]["message"]["content"]
     assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # the interrupted session was dropped
     assert "4 generated" not in server.log.read_text()
