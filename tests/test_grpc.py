@@ -462,6 +462,7 @@ def test_server_killed_and_restarted(servers, tiny_tied):
         deadline = time.monotonic() + 20
         while "UNAVAILABLE the cloud is shutting down" not in server.log.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert "UNAVAILABLE the cloud is shutting down" in server.log.read_text(), server.log.read_text()  # the stop reached the session
 
     edge.link = Hook(link, 3, stop_and_wait)
     with pytest.raises(LinkError, match="the cloud is shutting down"):
