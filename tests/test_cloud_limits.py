@@ -259,6 +259,47 @@ def test_a_stop_that_lands_as_a_reply_is_written_still_ends_the_session_with_its
 
     asyncio.run(scenario())
 
+
+def test_a_session_whose_computation_ends_after_the_stop_closes_without_an_error(tiny_tied):
+    """A session still computing when the server stops is closed once its computation ends. That can
+    be after `asyncio.run` has shut the loop's default executor; closing must not use it then (an
+    attack of SIGTERMs at random moments found 'Exception in callback CloudService._close ...
+    RuntimeError: Executor shutdown has been called' in 7 of 96 server logs)."""
+    from concurrent import futures
+
+    from src.serve.cloud_server import CloudService, Limits
+
+    folder, _ = tiny_tied
+    sets = ((1,), (3,))
+    config = load_config(folder)
+    part = build_pipeline(str(folder), set(sets[0]), set(sets[1]), "none", with_tokenizer=False).cloud.part
+
+    async def scenario() -> list[dict]:
+        loop = asyncio.get_running_loop()
+        errors: list[dict] = []
+        loop.set_exception_handler(lambda _, context: errors.append(context))
+        service = CloudService(SplitSchedule(sets[0], sets[1], config.num_hidden_layers), part, Limits())
+        service.bind_loop()
+        context = _Context([start_message(folder, sets)])
+        handler = loop.create_task(service.session(None, context))
+        while context.write_done is None:
+            await asyncio.sleep(0)
+        context.write_done.set_result(None)
+        (session,) = service._sessions.values()
+        session.computation = futures.Future()  # a computation still running in the pool
+        await service.end_sessions(wait=1.0)
+        assert handler.done() and context.status == (grpc.StatusCode.UNAVAILABLE, "the cloud is shutting down")
+        assert service.open_sessions == 1  # counted until its computation ends
+        await loop.shutdown_default_executor()  # what asyncio.run does once the server has stopped
+        session.computation.set_result(b"")
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert service.open_sessions == 0 and session.cloud is None
+        service.stop()
+        return errors
+
+    assert asyncio.run(scenario()) == []
+
 FLOODER = """
 import sys, threading, time, grpc
 url, until, start = sys.argv[1], time.monotonic() + float(sys.argv[2]), bytes.fromhex(sys.argv[3])

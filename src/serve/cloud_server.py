@@ -431,7 +431,8 @@ class CloudService:
             # hand the freed memory back to the system instead of keeping it in malloc's arenas.
             session.cloud.reset()
             session.cloud = None
-            self._loop.run_in_executor(None, LIBC.trim)
+            if not self._stopping:  # a stopping server exits (and asyncio.run may have shut the executor trim would use)
+                self._loop.run_in_executor(None, LIBC.trim)
 
     def stop(self) -> None:
         self._stopping = True
