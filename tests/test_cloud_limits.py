@@ -14,6 +14,7 @@ import json
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -299,6 +300,73 @@ def test_a_session_whose_computation_ends_after_the_stop_closes_without_an_error
         return errors
 
     assert asyncio.run(scenario()) == []
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_a_stop_that_lands_while_the_stream_metadata_is_sent_still_ends_the_session_with_its_reason(tiny_tied, batching):
+    """Real gRPC, in process: the server's stop is set on the loop step after a session's first send
+    began (its initial metadata: with batching its own send, without it the first reply's). Ending
+    the stream then, halfway through that send, failed in gRPC (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS,
+    a traceback) and the client heard "Cancelling all calls" a second later; the stop now lets the
+    send finish first. Found by an attack of SIGTERMs at random moments."""
+    from src.serve import cloud_server
+
+    folder, _ = tiny_tied
+    sets = ((1,), (3,))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = cloud_server.make_parser().parse_args(
+        ["--host", "127.0.0.1", "--port", str(port), "--base-model", str(folder), "--first", "1", "--second", "3", "--threads", "1",
+         *([] if batching else ["--no-batching"])])
+    loaded = cloud_server.load(args)
+    stop = cloud_server._StopEvent()
+    session = loaded.service.session
+
+    class Context:
+        """The servicer context, but the server is told to stop as its first send goes out."""
+
+        def __init__(self, context) -> None:
+            self.context, self.armed = context, True
+
+        def _stop_next_step(self) -> None:
+            if self.armed:
+                self.armed = False
+                asyncio.get_running_loop().call_soon(stop.set)
+
+        async def send_initial_metadata(self, metadata) -> None:
+            self._stop_next_step()
+            await self.context.send_initial_metadata(metadata)
+
+        async def write(self, message) -> None:
+            self._stop_next_step()
+            await self.context.write(message)
+
+        def __getattr__(self, name: str):
+            return getattr(self.context, name)
+
+    async def stopped_as_it_sends(requests, context) -> None:  # gRPC wants a coroutine function here
+        await session(requests, Context(context))
+
+    loaded.service.session = stopped_as_it_sends
+    heard: list[str] = []
+
+    def client() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(30)
+            try:
+                list(channel.stream_stream("/triadic.Cloud/Session")(iter([start_message(folder, sets)]), timeout=30))
+                heard.append("no error")
+            except grpc.RpcError as error:
+                heard.append(f"{error.code().name}: {error.details()}")
+
+    async def scenario() -> int:
+        serving = asyncio.get_running_loop().create_task(cloud_server.serve(args, loaded, stop))
+        await asyncio.get_running_loop().run_in_executor(None, client)
+        return await serving
+
+    assert asyncio.run(scenario()) == 0
+    assert heard == ["UNAVAILABLE: the cloud is shutting down"]
 
 FLOODER = """
 import sys, threading, time, grpc

@@ -63,6 +63,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Awaitable
 from concurrent import futures
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
@@ -170,6 +171,7 @@ class _Session:
     computation: futures.Future | None = None
     closed: bool = False
     handler: asyncio.Task | None = None  # the task serving its stream, cancelled when the server stops
+    sending: asyncio.Future | None = None  # its last send to the client (metadata or a reply), run to its end
 
 
 @dataclass
@@ -259,7 +261,8 @@ class CloudService:
             session.cloud = self._cloud_class(self.schedule, self.part)
             session.cloud.batcher = self.batcher
             if self.batcher is not None:  # the edge's failover replay learns that replies depend on their batch
-                await context.send_initial_metadata(((BATCHING_METADATA, f"{1e3 * self.batcher.window:g}"),))
+                metadata = ((BATCHING_METADATA, f"{1e3 * self.batcher.window:g}"),)
+                await self._send(session, context.send_initial_metadata(metadata), "its stream's metadata")
             while True:
                 request = await self._next_request(session, context)
                 if request is aio.EOF:
@@ -278,6 +281,9 @@ class CloudService:
                 outcome = "cancelled by the client"
                 raise
             # `end_sessions` cancelled it: the client is told why, and gRPC's stop finds no call left to abort.
+            # A send still under way finishes first: gRPC cannot end a stream halfway through a send.
+            if session is not None and session.sending is not None and not session.sending.done():
+                await asyncio.wait([session.sending], timeout=1.0)
             refusal = Refusal(grpc.StatusCode.UNAVAILABLE, "the cloud is shutting down")
             outcome = "ended: the server is stopping"
         finally:
@@ -304,13 +310,21 @@ class CloudService:
             raise Refusal(grpc.StatusCode.CANCELLED, f"idle for {self.limits.idle_timeout:g} s") from None
 
     async def _write(self, session: _Session, context: aio.ServicerContext, reply: bytes) -> None:
-        """Send a reply; a client that does not read it within the idle time (or the session's life) is refused."""
+        await self._send(session, context.write(reply), "its reply")
+
+    async def _send(self, session: _Session, send: Awaitable[None], what: str) -> None:
+        """Run a send to the client to its end, even when the server's stop cancels the handler meanwhile
+        (`session.sending`: the stop waits for it before ending the stream; ending it halfway fails in gRPC,
+        and the client would hear "Cancelling all calls" instead of why). A client that does not take it
+        within the idle time (or the session's life) is refused."""
+        sending = session.sending = asyncio.ensure_future(send)
+        sending.add_done_callback(lambda done: done.cancelled() or done.exception())  # its error is the handler's to raise
         wait = min(self.limits.idle_timeout, session.expires - time.monotonic())
         try:
             async with asyncio.timeout(max(1.0, wait)):
-                await context.write(reply)
+                await asyncio.shield(sending)
         except TimeoutError:
-            raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, "the client did not read its reply in time") from None
+            raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, f"the client did not read {what} in time") from None
 
     def _check_request(self, request: bytes) -> None:
         """The limits, from the length and the header alone: a refused message costs no computation."""
@@ -440,13 +454,17 @@ class CloudService:
 
     async def end_sessions(self, wait: float) -> None:
         """Refuse new sessions, cancel the open ones' handlers (each ends its stream with UNAVAILABLE and a reason),
-        and give them `wait` seconds to do so."""
+        and give them, and the computations they leave running, `wait` seconds in all to end (so each session's
+        end is logged while the loop still runs)."""
         self._stopping = True
+        deadline = time.monotonic() + wait
         handlers = [s.handler for s in self._sessions.values() if s.handler is not None]
         for handler in handlers:
             handler.cancel()
         if handlers:
             await asyncio.wait(handlers, timeout=wait)
+        while self._sessions and time.monotonic() < deadline:  # computations stop at their next layer; then each session closes and says how
+            await asyncio.sleep(0.01)
 
     @property
     def open_sessions(self) -> int:
