@@ -317,8 +317,8 @@ def test_a_stop_that_lands_while_the_stream_metadata_is_sent_still_ends_the_sess
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     args = cloud_server.make_parser().parse_args(
-        ["--host", "127.0.0.1", "--port", str(port), "--base-model", str(folder), "--first", "1", "--second", "3", "--threads", "1",
-         *([] if batching else ["--no-batching"])])
+        ["--host", "127.0.0.1", "--port", str(port), "--base-model", str(folder), "--first", "1", "--second", "3",
+         *([] if batching else ["--no-batching"])])  # no --threads: this process's torch threads stay as they are
     loaded = cloud_server.load(args)
     stop = cloud_server._StopEvent()
     session = loaded.service.session
