@@ -14,7 +14,6 @@ import json
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,7 +31,7 @@ from src.link.codec import get_codec  # noqa: E402
 from src.link.grpc_link import GrpcLink, LinkError, RejectedError  # noqa: E402
 from src.pipeline import RemoteCloud, build_pipeline  # noqa: E402
 from src.schedule import SplitSchedule  # noqa: E402
-from tests.conftest import ROOT  # noqa: E402
+from tests.conftest import ROOT, free_port  # noqa: E402
 from tests.test_grpc import Hook, Server, remote_edge, running, wait_sessions  # noqa: E402
 from tests.tiny import make_tiny_checkpoint  # noqa: E402
 
@@ -193,7 +192,6 @@ def test_a_computation_stops_between_layers(tiny_tied):
         StopSignal(None, client_left=lambda: True).check()
 
 
-
 class _Aborted(Exception):
     pass
 
@@ -227,27 +225,40 @@ class _Context:
         raise _Aborted
 
 
+STOP_SETS = ((1,), (3,))
+
+
+def _cloud_part(folder):
+    """The cloud part of STOP_SETS over `folder`'s model, as a server holds it."""
+    return build_pipeline(str(folder), set(STOP_SETS[0]), set(STOP_SETS[1]), "none", with_tokenizer=False).cloud.part
+
+
+async def _a_session_whose_start_was_answered(folder, part):
+    """A CloudService with one session whose START's reply has just been written: its write completed in
+    this loop step, so the handler has not resumed yet. Returns the service, the session's context and its handler."""
+    from src.serve.cloud_server import CloudService, Limits
+
+    service = CloudService(SplitSchedule(*STOP_SETS, load_config(folder).num_hidden_layers), part, Limits())
+    service.bind_loop()
+    context = _Context([start_message(folder, STOP_SETS)])
+    handler = asyncio.get_running_loop().create_task(service.session(None, context))
+    while context.write_done is None:  # the START's reply is being written
+        await asyncio.sleep(0)
+    context.write_done.set_result(None)
+    return service, context, handler
+
+
 @pytest.mark.parametrize("steps", [0, 1])
 def test_a_stop_that_lands_as_a_reply_is_written_still_ends_the_session_with_its_reason(tiny_tied, steps):
     """The server stops by cancelling each session's handler. A cancel that arrives just as the
     handler's write completes was swallowed by Python 3.11's `asyncio.wait_for` (it returns the
     finished write instead): the session lived on until gRPC cut it with "Cancelling all calls",
     which CI once saw. `steps` is how many loop steps pass between the write completing and the stop."""
-    from src.serve.cloud_server import CloudService, Limits
-
     folder, _ = tiny_tied
-    sets = ((1,), (3,))
-    config = load_config(folder)
-    part = build_pipeline(str(folder), set(sets[0]), set(sets[1]), "none", with_tokenizer=False).cloud.part
+    part = _cloud_part(folder)
 
     async def scenario() -> None:
-        service = CloudService(SplitSchedule(sets[0], sets[1], config.num_hidden_layers), part, Limits())
-        service.bind_loop()
-        context = _Context([start_message(folder, sets)])
-        handler = asyncio.get_running_loop().create_task(service.session(None, context))
-        while context.write_done is None:  # the START's reply is being written
-            await asyncio.sleep(0)
-        context.write_done.set_result(None)
+        service, context, handler = await _a_session_whose_start_was_answered(folder, part)
         for _ in range(steps):
             await asyncio.sleep(0)
         await service.end_sessions(wait=1.0)  # cancels the handler in this same step
@@ -268,24 +279,14 @@ def test_a_session_whose_computation_ends_after_the_stop_closes_without_an_error
     RuntimeError: Executor shutdown has been called' in 7 of 96 server logs)."""
     from concurrent import futures
 
-    from src.serve.cloud_server import CloudService, Limits
-
     folder, _ = tiny_tied
-    sets = ((1,), (3,))
-    config = load_config(folder)
-    part = build_pipeline(str(folder), set(sets[0]), set(sets[1]), "none", with_tokenizer=False).cloud.part
+    part = _cloud_part(folder)
 
     async def scenario() -> list[dict]:
         loop = asyncio.get_running_loop()
         errors: list[dict] = []
         loop.set_exception_handler(lambda _, context: errors.append(context))
-        service = CloudService(SplitSchedule(sets[0], sets[1], config.num_hidden_layers), part, Limits())
-        service.bind_loop()
-        context = _Context([start_message(folder, sets)])
-        handler = loop.create_task(service.session(None, context))
-        while context.write_done is None:
-            await asyncio.sleep(0)
-        context.write_done.set_result(None)
+        service, context, handler = await _a_session_whose_start_was_answered(folder, part)
         (session,) = service._sessions.values()
         session.computation = futures.Future()  # a computation still running in the pool
         await service.end_sessions(wait=1.0)
@@ -312,10 +313,7 @@ def test_a_stop_that_lands_while_the_stream_metadata_is_sent_still_ends_the_sess
     from src.serve import cloud_server
 
     folder, _ = tiny_tied
-    sets = ((1,), (3,))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     args = cloud_server.make_parser().parse_args(
         ["--host", "127.0.0.1", "--port", str(port), "--base-model", str(folder), "--first", "1", "--second", "3",
          *([] if batching else ["--no-batching"])])  # no --threads: this process's torch threads stay as they are
@@ -355,7 +353,7 @@ def test_a_stop_that_lands_while_the_stream_metadata_is_sent_still_ends_the_sess
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             grpc.channel_ready_future(channel).result(30)
             try:
-                list(channel.stream_stream("/triadic.Cloud/Session")(iter([start_message(folder, sets)]), timeout=30))
+                list(channel.stream_stream("/triadic.Cloud/Session")(iter([start_message(folder, STOP_SETS)]), timeout=30))
                 heard.append("no error")
             except grpc.RpcError as error:
                 heard.append(f"{error.code().name}: {error.details()}")
@@ -367,6 +365,7 @@ def test_a_stop_that_lands_while_the_stream_metadata_is_sent_still_ends_the_sess
 
     assert asyncio.run(scenario()) == 0
     assert heard == ["UNAVAILABLE: the cloud is shutting down"]
+
 
 FLOODER = """
 import sys, threading, time, grpc

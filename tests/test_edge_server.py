@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ openai = pytest.importorskip("openai")
 
 from src.schedule import SplitSchedule  # noqa: E402
 from tests.cdp import CdpError, Chromium, find_chromium  # noqa: E402
-from tests.conftest import ROOT, stop_process  # noqa: E402
+from tests.conftest import ROOT, free_port, stop_process  # noqa: E402
 from tests.tiny import make_tiny_checkpoint  # noqa: E402
 
 KEY = "edge-test-key"
@@ -344,12 +343,6 @@ def test_bad_flags_exit_2_with_one_line(capsys):
 
 
 # ---- the embedded model, its cloud in another process ------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def embedded_server(tmp_path_factory):
     """main_3_split.py's sets, lossless link, the cloud as `python -m src.serve.cloud_server` over gRPC.
@@ -357,7 +350,7 @@ def embedded_server(tmp_path_factory):
     Both processes load at the same time: the edge dials the cloud only at the first request.
     """
     logs = tmp_path_factory.mktemp("embedded_server")
-    port = _free_port()
+    port = free_port()
     cloud = Process(["-m", "src.serve.cloud_server", "--host", "127.0.0.1", "--port", str(port), "--threads", "1"], logs / "cloud.log")
     try:
         edge, url = start_edge(logs / "edge.log", "--codec", "none", "--dtype", "float32", "--cloud", f"grpc://127.0.0.1:{port}")
