@@ -175,6 +175,37 @@ def test_rotation_is_orthogonal_and_deterministic():
     assert torch.equal(q, rotation(576))
 
 
+def test_a_burst_of_first_sessions_makes_the_rotation_once(monkeypatch):
+    """Eight threads asking at once for a rotation not made yet: one QR, and all get the same matrix."""
+    import threading
+    import time
+
+    from src.link import codec
+
+    made = []
+
+    def slow_rotation(block: int, salt: int = 0) -> torch.Tensor:
+        made.append(block)
+        time.sleep(0.05)  # the QR's time, so that the threads overlap as a burst of sessions does
+        return torch.eye(block)
+
+    monkeypatch.setattr(codec, "rotation", slow_rotation)
+    monkeypatch.setattr(codec, "_rotations", {})
+    start, got = threading.Barrier(8), []
+
+    def ask() -> None:
+        start.wait()
+        got.append(codec._rotation_on(40, "cpu"))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert made == [40]
+    assert len(got) == 8 and all(matrix is got[0] for matrix in got)
+
+
 def test_wide_states_rotate_by_a_kronecker_product_as_well_as_by_a_dense_matrix():
     """Above 1024 channels the rotation is A (x) B: orthogonal, and no worse for the int8 code than a dense one."""
     from src.link.codec import _kronecker_factors, rotate, rotated_with_outliers
