@@ -124,6 +124,9 @@ def client(tiny_server):
 def test_models_and_health(tiny_server, client):
     url, folder = tiny_server
     assert [m.id for m in client.models.list().data] == ["tiny", "tiny-unsplit"]
+    assert client.models.retrieve("tiny-unsplit").id == "tiny-unsplit"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
     with urllib.request.urlopen(url + "/health", timeout=10) as response:
         health = json.load(response)
     assert health["status"] == "ok" and health["split"]["first"] == [0, 1] and health["split"]["num_layers"] == 4
@@ -214,7 +217,11 @@ def test_bad_requests_get_400_with_openai_error_shape(tiny_server, client):
         ({**good, "temperature": "hot"}, "temperature"),
         ({**good, "stream": "yes"}, "stream"),
         ({**good, "stop": [1, 2]}, "stop"),
-        ({**good, "model": "gpt-4o"}, "model"),
+        ({**good, "n": True}, "n"),
+        ({**good, "messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),  # a lone surrogate
+        ({**good, "top_k": 1.5}, "top_k"),
+        ({**good, "min_p": 2}, "min_p"),
+        ({**good, "repetition_penalty": 0}, "repetition_penalty"),
     ]
     for body, param in cases:
         status, reply = post(url, body)
@@ -229,12 +236,118 @@ def test_bad_requests_get_400_with_openai_error_shape(tiny_server, client):
     status, reply = post(url, {**good, "max_completion_tokens": None, "max_tokens": 3, "temperature": 0})
     assert status == 200 and reply["usage"]["completion_tokens"] == 3, reply
     assert "context" in post(url, {**good, "max_tokens": 500})[1]["error"]["message"]
-    assert post(url, {**good, "model": "gpt-4o"})[1]["error"]["code"] == "model_not_found"
+    status, reply = post(url, {**good, "model": "gpt-4o"})
+    assert_openai_error(status, reply, 404, "model")  # as OpenAI answers a model that does not exist
+    assert reply["error"]["code"] == "model_not_found"
     status, reply = post(url, good, key=None)
     assert_openai_error(status, reply, 401)
-    with pytest.raises(openai.BadRequestError) as caught:
+    with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model="nope", messages=good["messages"])
-    assert caught.value.status_code == 400 and caught.value.body["code"] == "model_not_found"
+    assert caught.value.status_code == 404 and caught.value.body["code"] == "model_not_found"
+
+
+def test_fields_that_would_change_the_answer_are_refused_by_name(tiny_server):
+    """A client asking for JSON, a tool call or log probabilities must not get plain text with a 200."""
+    url, _ = tiny_server
+    good = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    refused = {
+        "logprobs": True, "top_logprobs": 3, "tools": [tool], "tool_choice": "required", "functions": [tool["function"]],
+        "function_call": "auto", "response_format": {"type": "json_object"}, "logit_bias": {"28": -100},
+        "presence_penalty": 0.5, "frequency_penalty": -1, "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"},
+    }
+    for name, value in refused.items():
+        status, reply = post(url, {**good, name: value})
+        assert_openai_error(status, reply, 400, name)
+        assert reply["error"]["code"] == "unsupported_parameter", reply
+    for name, value in {"frequency_penalty": 5, "presence_penalty": "0"}.items():  # out of OpenAI's range, or not a number
+        status, reply = post(url, {**good, name: value})
+        assert_openai_error(status, reply, 400, name)
+    plain = post(url, good)
+    assert plain[0] == 200, plain
+    harmless = {"logprobs": False, "presence_penalty": 0, "frequency_penalty": 0.0, "response_format": {"type": "text"}, "tools": [],
+                "tool_choice": "none", "logit_bias": {}, "user": "u-1", "metadata": {"k": "v"}, "store": False, "n": 1}
+    status, reply = post(url, {**good, **harmless})
+    assert status == 200 and reply["choices"][0]["message"]["content"] == plain[1]["choices"][0]["message"]["content"], reply
+
+
+def test_the_sampling_extensions_reach_transformers_processors(tiny_server):
+    """top_k, min_p and repetition_penalty (vLLM's extra fields) change what is sampled, each as transformers' option does."""
+    from types import SimpleNamespace
+
+    from src.serve.engine import EdgeEngine, Options
+
+    url, _ = tiny_server
+    good = {"model": "tiny", "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 24}
+    greedy = post(url, {**good, "temperature": 0})[1]
+
+    def ids(reply: dict) -> list[int]:
+        return [t["id"] for t in reply["split_trace"]["tokens"]]
+
+    for only_the_top in ({"top_k": 1}, {"min_p": 1.0}):  # keeps the most likely token alone: sampling is greedy
+        sampled = post(url, {**good, "temperature": 1.5, "seed": 7, **only_the_top})[1]
+        assert sampled["split_trace"]["decoding"].startswith("sampling") and ids(sampled) == ids(greedy), only_the_top
+    free = post(url, {**good, "temperature": 1.5, "seed": 7, "top_k": 0})[1]  # 0 (or vLLM's -1): the whole vocabulary
+    assert ids(free) == ids(post(url, {**good, "temperature": 1.5, "seed": 7, "top_k": -1})[1]) != ids(greedy)
+    # Below 1 the penalty favours the tokens already in the sequence (transformers' CTRL rule): greedy decoding repeats them.
+    favoured = post(url, {**good, "temperature": 0, "repetition_penalty": 0.01})[1]
+    assert ids(favoured) != ids(greedy) and len(set(ids(favoured))) < len(ids(favoured))
+    stub = SimpleNamespace(generation_defaults=None)
+    config = EdgeEngine.sampling(stub, Options(max_tokens=1, temperature=0, repetition_penalty=1.3))  # type: ignore[arg-type]
+    assert not config.do_sample and config.repetition_penalty == 1.3
+    config = EdgeEngine.sampling(stub, Options(max_tokens=1, temperature=0.5, seed=1, top_k=0, min_p=0.1))  # type: ignore[arg-type]
+    assert (config.do_sample, config.top_k, config.min_p, config.seed) == (True, 0, 0.1, 1)
+
+
+def test_a_stream_with_usage_says_usage_null_until_its_last_chunk(tiny_server):
+    """OpenAI's chunks carry "usage": null until the usage chunk; raw-JSON clients read chunk["usage"]."""
+    url, _ = tiny_server
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0, "stream": True}
+    for include_usage in (True, False):
+        request = urllib.request.Request(
+            url + "/v1/chat/completions", headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+            data=json.dumps({**body, "stream_options": {"include_usage": include_usage}}).encode())
+        with urllib.request.urlopen(request, timeout=60) as response:
+            events = [line[6:] for line in response.read().decode().splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(event) for event in events[:-1]]
+        if include_usage:
+            assert all("usage" in c and c["usage"] is None for c in chunks[:-1]) and chunks[-1]["usage"]["completion_tokens"] == 3
+            assert chunks[-1]["choices"] == []
+        else:
+            assert all("usage" not in c for c in chunks)
+
+
+def test_a_request_whose_client_left_while_it_waited_gives_up_its_place(tiny_server):
+    """A non-streaming request that waits for the model, and whose client leaves, leaves the queue then, not when its turn comes."""
+    import socket
+
+    url, folder = tiny_server
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on and on."}], "max_tokens": 470, "stream": True, "temperature": 0}
+    request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+
+    def health() -> dict:
+        with urllib.request.urlopen(url + "/health", timeout=10) as response:
+            return json.load(response)
+
+    with urllib.request.urlopen(request, timeout=60) as holder:  # holds the model while it streams
+        assert holder.readline().startswith(b"data: ")
+        waiting = json.dumps({**body, "stream": False, "max_tokens": 5}).encode()
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(waiting)}\r\n\r\n".encode() + waiting)
+            deadline = time.monotonic() + 10
+            while health()["waiting"] != 1:
+                assert time.monotonic() < deadline, health()
+                time.sleep(0.02)
+        deadline = time.monotonic() + 5
+        while "went away while its request waited for the model" not in (log := (folder / "server.log").read_text()):
+            assert time.monotonic() < deadline, log[-2000:]  # checked every second while it waits
+            time.sleep(0.05)
+        assert health()["waiting"] == 0
+    assert post(url, {**body, "stream": False, "max_tokens": 2})[0] == 200
 
 
 def test_429_past_the_queue(tiny_server):

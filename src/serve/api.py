@@ -1,10 +1,13 @@
 """The OpenAI chat-completions request, checked field by field, and the error shape every refusal uses.
 
 A request that fails a check gets HTTP 400 and `{"error": {"message", "type", "param", "code"}}`, as
-OpenAI answers: `param` names the offending field, the message says what is wrong with it. Fields
-this server does not act on (`frequency_penalty`, `user`, `logprobs` false, ...) are ignored, as
-llama.cpp's server and vLLM ignore them; `n` other than 1 and streaming options it cannot honour
-are refused.
+OpenAI answers: `param` names the offending field, the message says what is wrong with it. A field
+that would change the answer and that this server does not carry out (log probabilities, tools,
+structured output, logit bias, presence and frequency penalties, `n` other than 1) is refused by
+name rather than ignored: a client asking for JSON or a forced tool call must not get plain text
+with a 200. Fields that change nothing here (`user`, `metadata`, `store`, `logprobs` false, a
+penalty of 0, `response_format` text, `tool_choice` "none") are accepted. As vLLM's server does, the
+request may also carry `top_k`, `min_p` and `repetition_penalty`, transformers' own options.
 """
 from __future__ import annotations
 
@@ -44,6 +47,9 @@ class ChatRequest:
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the usage and no choices
     max_tokens_param: str = "max_tokens"  # the field max_tokens came from, for a refusal's `param`
+    top_k: int | None = None  # extension (as vLLM's): keep the k most likely tokens; 0 (or -1, vLLM's "off") keeps all
+    min_p: float | None = None  # extension: drop tokens below min_p x the top probability
+    repetition_penalty: float | None = None  # extension: transformers' (CTRL's) penalty on tokens already in the sequence
 
 
 def _bad(message: str, param: str | None, code: str | None = None) -> ApiError:
@@ -67,15 +73,53 @@ def _shown(value) -> str:
 def _content(value, where: str) -> str:
     """A message's content: a string, or OpenAI's list of text parts."""
     if isinstance(value, str):
-        return value
+        return _unicode(value, where)
     if isinstance(value, list):
         texts = []
         for i, part in enumerate(value):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise _bad(f"{where}[{i}]: only parts of type 'text' with a string 'text' are supported", where)
-            texts.append(part["text"])
+            texts.append(_unicode(part["text"], where))
         return "".join(texts)
     raise _bad(f"{where} must be a string or a list of text parts, not {type(value).__name__}", where)
+
+
+def _unicode(text: str, where: str) -> str:
+    """Text the tokenizer can take: JSON's escapes can spell a lone surrogate ("\\ud800"), which is no character."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise _bad(f"{where} is not valid Unicode: a lone surrogate at character {error.start}", where) from None
+    return text
+
+
+# Fields that would change the answer, and what of each this server accepts (the value that changes nothing).
+_NOT_CARRIED_OUT = {
+    "logprobs": ("log probabilities are not returned by this server", lambda v: v is None or v is False),
+    "top_logprobs": ("log probabilities are not returned by this server", lambda v: v is None),
+    "tools": ("this server does not call tools", lambda v: v is None or v == []),
+    "functions": ("this server does not call functions", lambda v: v is None or v == []),
+    "tool_choice": ("this server does not call tools", lambda v: v is None or v == "none"),
+    "function_call": ("this server does not call functions", lambda v: v is None or v == "none"),
+    "response_format": ("this server answers in plain text only", lambda v: v is None or v == {"type": "text"}),
+    "logit_bias": ("logit bias is not supported", lambda v: v is None or v == {}),
+    "modalities": ("this server answers in text only", lambda v: v is None or v == ["text"]),
+    "audio": ("this server answers in text only", lambda v: v is None),
+    "prediction": ("predicted outputs are not supported", lambda v: v is None),
+}
+
+
+def _refuse_what_is_not_carried_out(body: dict) -> None:
+    for name, (why, harmless) in _NOT_CARRIED_OUT.items():
+        if name in body and not harmless(body[name]):
+            raise _bad(f"'{name}': {why} (got {_shown(body[name])})", name, "unsupported_parameter")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = body.get(name)
+        if value is not None and (not _is_number(value) or not -2 <= value <= 2):
+            raise _bad(f"'{name}' must be a number in [-2, 2], not {_shown(value)}", name)
+        if value:
+            raise _bad(f"'{name}' other than 0 is not supported; 'repetition_penalty' (transformers', as in vLLM) "
+                       f"penalizes tokens already in the sequence", name, "unsupported_parameter")
 
 
 def parse_chat_request(body, roles: tuple[str, ...]) -> ChatRequest:
@@ -144,11 +188,22 @@ def parse_chat_request(body, roles: tuple[str, ...]) -> ChatRequest:
     if options is not None and not stream:
         raise _bad("'stream_options' is only allowed with 'stream': true", "stream_options")
     n = body.get("n", 1)
-    if n is not None and n != 1:
+    if n is not None and (not _is_int(n) or n != 1):
         raise _bad(f"'n' must be 1: this server returns one choice, not {_shown(n)}", "n")
+    _refuse_what_is_not_carried_out(body)
+
+    top_k = body.get("top_k")
+    if top_k is not None and (not _is_int(top_k) or top_k < -1 or top_k >= 1 << 32):
+        raise _bad(f"'top_k' must be an integer >= -1 (0 or -1: off), not {_shown(top_k)}", "top_k")
+    min_p = body.get("min_p")
+    if min_p is not None and (not _is_number(min_p) or not 0 <= min_p <= 1):
+        raise _bad(f"'min_p' must be a number in [0, 1], not {_shown(min_p)}", "min_p")
+    penalty = body.get("repetition_penalty")
+    if penalty is not None and (not _is_number(penalty) or not 0 < penalty <= 100):
+        raise _bad(f"'repetition_penalty' must be a number in (0, 100] (1: off), not {_shown(penalty)}", "repetition_penalty")
 
     return ChatRequest(
         model=model, messages=tuple(messages), max_tokens=max_tokens, temperature=temperature, top_p=top_p,
         seed=seed, stop=stops, stream=stream, include_usage=bool(options and options.get("include_usage")),
-        max_tokens_param=param,
+        max_tokens_param=param, top_k=None if top_k is None else max(top_k, 0), min_p=min_p, repetition_penalty=penalty,
     )

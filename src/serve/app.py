@@ -120,7 +120,7 @@ class Models:
     def check(self, model: str | None) -> str:
         name = model or self.split.name
         if name not in self.ids:
-            raise ApiError(400, f"model {model!r} is not served here; choose from {', '.join(self.ids)}", "model", "model_not_found")
+            raise ApiError(404, f"model {model!r} is not served here; choose from {', '.join(self.ids)}", "model", "model_not_found")
         return name
 
     def get(self, name: str) -> EdgeEngine:
@@ -170,6 +170,11 @@ def create_app(models: Models, config: ServerConfig) -> FastAPI:
     async def list_models() -> dict:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "triadic-split"} for name in models.ids]}
 
+    @app.get("/v1/models/{model_id}", dependencies=[Depends(authorize)])
+    async def retrieve_model(model_id: str) -> dict:
+        models.check(model_id)
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "triadic-split"}
+
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
@@ -195,10 +200,11 @@ def create_app(models: Models, config: ServerConfig) -> FastAPI:
                 400, f"{len(prompt.token_ids)} prompt tokens + max_tokens {max_tokens} exceed this model's context of {context}",
                 chat.max_tokens_param, "context_length_exceeded",
             )
-        options = Options(max_tokens, chat.stop, chat.temperature, chat.top_p, chat.seed, config.time_limit)
+        options = Options(max_tokens, chat.stop, chat.temperature, chat.top_p, chat.seed, config.time_limit,
+                          chat.top_k, chat.min_p, chat.repetition_penalty)
         ticket = admission.admit()
         job = Job(models, name, prompt, options, ticket)
-        reply = Reply(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), name)
+        reply = Reply(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), name, chat.include_usage)
         if chat.stream:
             return StreamingResponse(
                 _sse(job, reply, chat), media_type="text/event-stream",
@@ -260,12 +266,36 @@ class Job:
     def __init__(self, models: Models, name: str, prompt, options: Options, ticket: Ticket) -> None:
         self.models, self.name, self.prompt, self.options, self.ticket = models, name, prompt, options, ticket
 
+    async def _wait_for_the_model(self, request: Request | None) -> bool:
+        """Take the model once it is free; False where the client left first.
+
+        A stream's client that leaves cancels its response, and with it this wait. A client waiting for a
+        whole answer is checked every second instead: one that left gives up its place in the queue then,
+        not when its turn comes (retrying clients would otherwise fill the queue with requests nobody reads)."""
+        if request is None:
+            await self.ticket.acquire()
+            return True
+        waiting = asyncio.ensure_future(self.ticket.acquire())
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=1.0)
+                if done:
+                    waiting.result()
+                    return True
+                if await request.is_disconnected():
+                    logger.info("client went away while its request waited for the model")
+                    return False
+        finally:
+            if not waiting.done():
+                waiting.cancel()  # asyncio.Lock hands a grant it can no longer deliver to the next waiter
+
     async def events(self, request: Request | None = None) -> AsyncIterator[Started | TokenEvent | Completion]:
         """Yields Started, every TokenEvent, then the Completion. Raises what decoding raised."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
-        await self.ticket.acquire()
+        if not await self._wait_for_the_model(request):
+            return
 
         def put(item) -> None:
             try:
@@ -336,6 +366,7 @@ class Reply:
     id: str
     created: int
     model: str
+    include_usage: bool = False  # a stream that ends with a usage chunk: every chunk before it says "usage": null, as OpenAI's
 
     def envelope(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": None}
@@ -364,6 +395,8 @@ class Reply:
 
     def chunk(self, delta: dict, finish_reason: str | None = None, trace: dict | None = None) -> dict:
         out = {**self.envelope("chat.completion.chunk"), "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+        if self.include_usage:
+            out["usage"] = None
         if trace is not None:
             out["split_trace"] = trace
         return out

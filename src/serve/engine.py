@@ -10,8 +10,8 @@ Everything the HTTP layer (src/serve/app.py) and the page know about the split c
   the previous request's keeps both sides' caches and prefills only its new positions (llama.cpp's
   prefix reuse; `cached_tokens` in the usage and the trace); an edited history is cut back to the
   longest common prefix on both sides;
-- `temperature`, `top_p` and `seed` become a `SamplingConfig` (temperature 0: greedy), applied with
-  transformers' own logits processors;
+- `temperature`, `top_p`, `seed` and the extensions `top_k`, `min_p`, `repetition_penalty` become a
+  `SamplingConfig` (temperature 0: greedy), applied with transformers' own logits processors;
 - stop strings are matched on the detokenized text by `TextStream` and end the generation from the
   `on_token` hook;
 - the time limit and the client's departure are checked after every token (`on_token`) and, during
@@ -53,6 +53,9 @@ class Options:
     top_p: float | None = None  # nucleus mass
     seed: int | None = None  # the sampler's seed (not the split schedule's); None: a fresh one per request
     time_limit: float | None = None  # seconds of decoding at most; then finish_reason "length"
+    top_k: int | None = None  # None: the model's generation_config, else transformers' 50 (as generate); 0: off
+    min_p: float | None = None  # None: the model's default (off)
+    repetition_penalty: float | None = None  # None: the model's default (off); applies when greedy too
 
 
 @dataclass(frozen=True)
@@ -227,9 +230,10 @@ class EdgeEngine:
         A temperature below `MIN_TEMPERATURE` is greedy too, as in vLLM: transformers would divide the
         logits by it into inf, and OpenAI's API accepts any value in [0, 2]."""
         if options.temperature is not None and options.temperature < MIN_TEMPERATURE:
-            return SamplingConfig().resolved(self.generation_defaults)
+            return SamplingConfig(repetition_penalty=options.repetition_penalty).resolved(self.generation_defaults)
         seed = options.seed if options.seed is not None else secrets.randbits(63)
-        config = SamplingConfig(True, options.temperature, None, options.top_p, None, None, seed % SEED_LIMIT)
+        config = SamplingConfig(True, options.temperature, options.top_k, options.top_p, options.min_p, options.repetition_penalty,
+                                seed % SEED_LIMIT)
         return config.resolved(self.generation_defaults)
 
     def run(self, prompt: Prompt, options: Options, emit: Callable[[Started | TokenEvent], None], cancelled: Callable[[], bool]) -> Completion:
