@@ -76,6 +76,20 @@ def log(*parts: object) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
+def adopt_torch_threads() -> None:
+    """Give the calling thread the process's torch thread count (what `torch.set_num_threads` set in the main thread).
+
+    torch applies that count to OpenMP and MKL per thread, and to a new thread only at the thread's first
+    parallel loop. An MKL product before that (a codec's rotation, a linear layer) runs on every core and
+    leaves an OpenMP worker spinning after it: measured, a thread's 512 x 512 products at 2x the CPU of
+    its wall time on 2 cores with `--threads 1`, and 10 ms per token more in a cloud session thread that
+    began with a rotation. Every thread a server starts to compute in calls this first.
+    """
+    import torch
+
+    torch.set_num_threads(torch.get_num_threads())  # the getter returns the process's count, whichever thread asks
+
+
 def parse_layer_set(text: str, name: str) -> set[int]:
     """Parse '1,2,3' into {1, 2, 3}; an empty or non-integer list is a user error."""
     items = [item.strip() for item in text.split(",") if item.strip()]

@@ -1,5 +1,8 @@
 """Cross-session batching: concurrent sessions' layer work runs together and each gets its tokens alone."""
 import dataclasses
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -13,6 +16,7 @@ from src.link.local import LocalLink
 from src.serve.panels import PanelLinear, use_panels, why_no_kernel
 from src.pipeline import build_cloud, build_edge, build_pipeline
 from src.schedule import SplitSchedule
+from tests.conftest import ROOT
 
 FIRST, SECOND = {0, 1, 2}, {2, 3}
 PROMPTS = [[1, 5, 9, 33, 17, 80, 3, 41], [7, 7, 12], [90, 4, 61, 22, 8, 15, 30, 2, 66, 71, 5], [3]]
@@ -267,3 +271,49 @@ def test_a_server_reads_its_weights_once_in_the_layout_its_batching_needs(model_
             reads.clear()
     finally:
         torch.set_num_threads(threads)
+
+
+THREADS_SCRIPT = """
+import os, sys, threading, torch
+from src.serve.batching import Batcher
+from src.utils import adopt_torch_threads
+torch.set_num_threads(1)
+weights = torch.randn(512, 512)
+
+def product_adds_threads() -> bool:
+    before = len(os.listdir('/proc/self/task'))
+    for _ in range(3):
+        weights @ weights
+    return len(os.listdir('/proc/self/task')) > before
+
+def in_thread(adopt: bool) -> bool:
+    result = []
+    def work():
+        if adopt:
+            adopt_torch_threads()
+        result.append(product_adds_threads())
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    return result[0]
+
+class Party:  # what the batcher calls for a batch of one
+    def _run_layers(self, lo, hi, end):
+        self.added = product_adds_threads()
+
+party = Party()
+Batcher(0.0).run(party, 0, 1, 1)
+print(in_thread(False), in_thread(True), party.added)
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="OpenMP adds no worker on one core")
+def test_threads_a_server_computes_in_keep_its_torch_thread_count():
+    """`--threads 1` holds in every thread that computes: MKL in a fresh thread would otherwise run on every core.
+
+    A fresh process: in one that already ran parallel work, OpenMP's workers may exist before the product."""
+    result = subprocess.run([sys.executable, "-c", THREADS_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    control, adopted, batcher = result.stdout.split()
+    assert control == "True"  # the fault this guards against: a fresh thread's product started an OpenMP worker
+    assert adopted == "False" and batcher == "False"

@@ -33,7 +33,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..utils import TriadicError
+from ..utils import TriadicError, adopt_torch_threads
 from .api import ApiError, ChatRequest, error_body, parse_chat_request
 from .engine import ROLES, Cancelled, Completion, EdgeEngine, Options, Started, TokenEvent
 
@@ -304,6 +304,7 @@ class Job:
                 cancel.set()
 
         def work() -> None:
+            adopt_torch_threads()
             try:
                 put(self.models.get(self.name).run(self.prompt, self.options, put, cancel.is_set))
             except Cancelled:

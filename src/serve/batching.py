@@ -32,6 +32,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..base import Party
 from ..kv_cache import GrowingLayer
 from ..models import Chunk
+from ..utils import adopt_torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -343,6 +344,7 @@ class Batcher:
         return len(self._seen)
 
     def _loop(self) -> None:
+        adopt_torch_threads()
         while True:
             with self._cond:
                 while not self._pending:

@@ -72,7 +72,7 @@ import grpc
 from grpc import aio
 
 from ..link import protocol
-from ..utils import OneLineParser, StopSignal, Stopped, TriadicError, check_seconds, parse_layer_set, read_file, read_token
+from ..utils import OneLineParser, StopSignal, Stopped, TriadicError, check_seconds, parse_layer_set, read_file, read_token, adopt_torch_threads
 
 if TYPE_CHECKING:  # imported where used: `--help` and bad arguments answer before torch loads
     from ..cloud import Cloud
@@ -202,7 +202,8 @@ class CloudService:
         self._numbers = itertools.count(1)
         self.counters = Counters()
         self._counter_lock = threading.Lock()  # computations are counted from their threads
-        self._executor = futures.ThreadPoolExecutor(max_workers=limits.max_computations, thread_name_prefix="compute")
+        self._executor = futures.ThreadPoolExecutor(max_workers=limits.max_computations, thread_name_prefix="compute",
+                                                    initializer=adopt_torch_threads)
         self._slots: asyncio.Semaphore  # made on the serving loop (bind_loop)
         self._loop: asyncio.AbstractEventLoop
         self._stopping = False
