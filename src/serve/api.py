@@ -96,7 +96,7 @@ def _unicode(text: str, where: str) -> str:
 # Fields that would change the answer, and what of each this server accepts (the value that changes nothing).
 _NOT_CARRIED_OUT = {
     "logprobs": ("log probabilities are not returned by this server", lambda v: v is None or v is False),
-    "top_logprobs": ("log probabilities are not returned by this server", lambda v: v is None),
+    "top_logprobs": ("log probabilities are not returned by this server", lambda v: v is None or v == 0),
     "tools": ("this server does not call tools", lambda v: v is None or v == []),
     "functions": ("this server does not call functions", lambda v: v is None or v == []),
     "tool_choice": ("this server does not call tools", lambda v: v is None or v == "none"),
