@@ -125,8 +125,9 @@ def test_models_and_health(tiny_server, client):
     url, folder = tiny_server
     assert [m.id for m in client.models.list().data] == ["tiny", "tiny-unsplit"]
     assert client.models.retrieve("tiny-unsplit").id == "tiny-unsplit"
-    with pytest.raises(openai.NotFoundError):
-        client.models.retrieve("gpt-4o")
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("org/gpt-4o")  # a name with a slash reaches the model check, not a missing route
+    assert caught.value.body["code"] == "model_not_found"
     with urllib.request.urlopen(url + "/health", timeout=10) as response:
         health = json.load(response)
     assert health["status"] == "ok" and health["split"]["first"] == [0, 1] and health["split"]["num_layers"] == 4

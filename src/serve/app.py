@@ -170,7 +170,7 @@ def create_app(models: Models, config: ServerConfig) -> FastAPI:
     async def list_models() -> dict:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "triadic-split"} for name in models.ids]}
 
-    @app.get("/v1/models/{model_id}", dependencies=[Depends(authorize)])
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])  # a served name may hold a slash
     async def retrieve_model(model_id: str) -> dict:
         models.check(model_id)
         return {"id": model_id, "object": "model", "created": created, "owned_by": "triadic-split"}

@@ -72,7 +72,9 @@ import grpc
 from grpc import aio
 
 from ..link import protocol
-from ..utils import OneLineParser, StopSignal, Stopped, TriadicError, check_seconds, parse_layer_set, read_file, read_token, adopt_torch_threads
+from ..utils import (
+    OneLineParser, StopSignal, Stopped, TriadicError, adopt_torch_threads, check_seconds, parse_layer_set, read_file, read_token,
+)
 
 if TYPE_CHECKING:  # imported where used: `--help` and bad arguments answer before torch loads
     from ..cloud import Cloud
