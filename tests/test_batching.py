@@ -286,24 +286,23 @@ def product_adds_threads() -> bool:
         weights @ weights
     return len(os.listdir('/proc/self/task')) > before
 
-def in_thread(adopt: bool) -> bool:
-    result = []
-    def work():
-        if adopt:
-            adopt_torch_threads()
-        result.append(product_adds_threads())
-    thread = threading.Thread(target=work)
-    thread.start()
-    thread.join()
-    return result[0]
-
 class Party:  # what the batcher calls for a batch of one
     def _run_layers(self, lo, hi, end):
         self.added = product_adds_threads()
 
+def work():
+    if sys.argv[1] == 'adopted':
+        adopt_torch_threads()
+    party.added = product_adds_threads()
+
 party = Party()
-Batcher(0.0).run(party, 0, 1, 1)
-print(in_thread(False), in_thread(True), party.added)
+if sys.argv[1] == 'batcher':
+    Batcher(0.0).run(party, 0, 1, 1)
+else:
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+print(party.added)
 """
 
 
@@ -311,9 +310,16 @@ print(in_thread(False), in_thread(True), party.added)
 def test_threads_a_server_computes_in_keep_its_torch_thread_count():
     """`--threads 1` holds in every thread that computes: MKL in a fresh thread would otherwise run on every core.
 
-    A fresh process: in one that already ran parallel work, OpenMP's workers may exist before the product."""
-    result = subprocess.run([sys.executable, "-c", THREADS_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    control, adopted, batcher = result.stdout.split()
-    assert control == "True"  # the fault this guards against: a fresh thread's product started an OpenMP worker
-    assert adopted == "False" and batcher == "False"
+    Each case in a fresh process (OpenMP's workers, once started, stay for the process), without the
+    environment's own thread limits (with OMP_NUM_THREADS=1 no thread would add workers anyway)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+    def adds_threads(case: str) -> bool:
+        result = subprocess.run([sys.executable, "-c", THREADS_SCRIPT, case], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout.split()[-1] == "True"
+
+    if not adds_threads("control"):
+        pytest.skip("here a fresh thread's product starts no OpenMP worker: nothing to guard against")
+    assert not adds_threads("adopted")
+    assert not adds_threads("batcher")

@@ -345,10 +345,42 @@ def test_a_request_whose_client_left_while_it_waited_gives_up_its_place(tiny_ser
                 time.sleep(0.02)
         deadline = time.monotonic() + 5
         while "went away while its request waited for the model" not in (log := (folder / "server.log").read_text()):
-            assert time.monotonic() < deadline, log[-2000:]  # checked every second while it waits
+            assert time.monotonic() < deadline, (health(), log[-2000:])  # checked every second while it waits
             time.sleep(0.05)
         assert health()["waiting"] == 0
     assert post(url, {**body, "stream": False, "max_tokens": 2})[0] == 200
+
+
+def test_waiting_for_the_model_ends_when_the_client_leaves_and_hands_the_model_on():
+    """`Job._wait_for_the_model` without a server: a departed client's ticket leaves the queue; the next one gets the model."""
+    import asyncio
+
+    from src.serve.app import Admission, Job
+
+    class Request:
+        def __init__(self, gone: bool) -> None:
+            self.gone = gone
+
+        async def is_disconnected(self) -> bool:
+            return self.gone
+
+    async def scenario() -> None:
+        admission = Admission(max_queue=2)
+        holder = admission.admit()
+        await holder.acquire()
+        leaving, staying = admission.admit(), admission.admit()
+        assert not await Job(None, "m", None, None, leaving)._wait_for_the_model(Request(gone=True))  # type: ignore[arg-type]
+        leaving.release()
+        assert admission.admitted == 2 and leaving.state == "done"
+        waiting = asyncio.ensure_future(Job(None, "m", None, None, staying)._wait_for_the_model(Request(gone=False)))  # type: ignore[arg-type]
+        await asyncio.sleep(1.5)  # one check of the client: still there, still waiting
+        assert not waiting.done()
+        holder.release()
+        assert await asyncio.wait_for(waiting, 5) and staying.state == "holding" and admission.running == 1
+        staying.release()
+        assert admission.admitted == 0 and admission.running == 0
+
+    asyncio.run(scenario())
 
 
 def test_429_past_the_queue(tiny_server):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..utils import TriadicError, check_text
+
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_STOP_CHARS = 256  # per stop string: the detokenizer holds back up to this much text
 
@@ -73,24 +75,23 @@ def _shown(value) -> str:
 def _content(value, where: str) -> str:
     """A message's content: a string, or OpenAI's list of text parts."""
     if isinstance(value, str):
-        return _unicode(value, where)
+        return _text(value, where, where)
     if isinstance(value, list):
         texts = []
         for i, part in enumerate(value):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise _bad(f"{where}[{i}]: only parts of type 'text' with a string 'text' are supported", where)
-            texts.append(_unicode(part["text"], where))
+            texts.append(_text(part["text"], f"{where}[{i}].text", where))
         return "".join(texts)
     raise _bad(f"{where} must be a string or a list of text parts, not {type(value).__name__}", where)
 
 
-def _unicode(text: str, where: str) -> str:
-    """Text the tokenizer can take: JSON's escapes can spell a lone surrogate ("\\ud800"), which is no character."""
+def _text(text: str, what: str, param: str) -> str:
+    """Valid Unicode: JSON's escapes can spell a lone surrogate ("\\ud800"), which is no character (`check_text`)."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise _bad(f"{where} is not valid Unicode: a lone surrogate at character {error.start}", where) from None
-    return text
+        return check_text(text, what)
+    except TriadicError as error:
+        raise _bad(str(error), param) from None
 
 
 # Fields that would change the answer, and what of each this server accepts (the value that changes nothing).
@@ -176,6 +177,8 @@ def parse_chat_request(body, roles: tuple[str, ...]) -> ChatRequest:
         raise _bad(f"'stop' takes at most {MAX_STOP} strings, got {len(stops)}", "stop")
     if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
         raise _bad(f"each stop string must have 1 to {MAX_STOP_CHARS} characters", "stop")
+    for i, text in enumerate(stops):
+        _text(text, f"stop[{i}]", "stop")
 
     stream = body.get("stream", False)
     if stream is None:

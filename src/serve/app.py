@@ -172,7 +172,8 @@ def create_app(models: Models, config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])  # a served name may hold a slash
     async def retrieve_model(model_id: str) -> dict:
-        models.check(model_id)
+        if model_id not in models.ids:  # an empty id too: here it names no model, it does not mean the default
+            raise ApiError(404, f"model {model_id!r} is not served here; choose from {', '.join(models.ids)}", "model", "model_not_found")
         return {"id": model_id, "object": "model", "created": created, "owned_by": "triadic-split"}
 
     @app.get("/", include_in_schema=False)
@@ -269,9 +270,11 @@ class Job:
     async def _wait_for_the_model(self, request: Request | None) -> bool:
         """Take the model once it is free; False where the client left first.
 
-        A stream's client that leaves cancels its response, and with it this wait. A client waiting for a
-        whole answer is checked every second instead: one that left gives up its place in the queue then,
-        not when its turn comes (retrying clients would otherwise fill the queue with requests nobody reads)."""
+        A stream's client that leaves cancels its response, and with it this wait (Starlette listens for the
+        disconnect while it streams, under the ASGI 2.3 spec uvicorn speaks; a second reader here would race
+        it). A client waiting for a whole answer is checked every second instead: one that left gives up its
+        place in the queue then, not when its turn comes (retrying clients would otherwise fill the queue with
+        requests nobody reads)."""
         if request is None:
             await self.ticket.acquire()
             return True

@@ -54,8 +54,8 @@ class Options:
     seed: int | None = None  # the sampler's seed (not the split schedule's); None: a fresh one per request
     time_limit: float | None = None  # seconds of decoding at most; then finish_reason "length"
     top_k: int | None = None  # None: the model's generation_config, else transformers' 50 (as generate); 0: off
-    min_p: float | None = None  # None: the model's default (off)
-    repetition_penalty: float | None = None  # None: the model's default (off); applies when greedy too
+    min_p: float | None = None  # None: the model's generation_config, else off
+    repetition_penalty: float | None = None  # None: the model's generation_config, else off; applies when greedy too
 
 
 @dataclass(frozen=True)
