@@ -128,6 +128,9 @@ def test_models_and_health(tiny_server, client):
     with pytest.raises(openai.NotFoundError) as caught:
         client.models.retrieve("org/gpt-4o")  # a name with a slash reaches the model check, not a missing route
     assert caught.value.body["code"] == "model_not_found"
+    with pytest.raises(urllib.error.HTTPError) as missing:  # no id names no model (it does not mean the default one)
+        urllib.request.urlopen(urllib.request.Request(url + "/v1/models/", headers={"Authorization": f"Bearer {KEY}"}), timeout=10)
+    assert missing.value.code == 404 and json.load(missing.value)["error"]["code"] == "model_not_found"
     with urllib.request.urlopen(url + "/health", timeout=10) as response:
         health = json.load(response)
     assert health["status"] == "ok" and health["split"]["first"] == [0, 1] and health["split"]["num_layers"] == 4
