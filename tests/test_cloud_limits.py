@@ -127,7 +127,11 @@ def test_cancel_storm_runs_one_computation_at_a_time(guarded, long_model):
                 try:
                     next(call)
                 except grpc.RpcError as error:
-                    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+                    # The server's refusal of a second session; or gRPC's own refusal of the stream, which a loaded
+                    # host sees now and then ("Stream removed (RST_STREAM ...)": 1 run in 12 under two busy loops,
+                    # and a full suite run beside other tests). Either way the session was not served.
+                    reset = error.code() == grpc.StatusCode.UNAVAILABLE and "RST_STREAM" in (error.details() or "")
+                    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED or reset, (error.code(), error.details())
                     refused[0] += 1
                     time.sleep(0.005)
                     continue
