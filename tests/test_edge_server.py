@@ -576,3 +576,29 @@ def test_page_streams_an_answer_with_one_mark_per_token(embedded_server, tmp_pat
     assert split["bands"] == 3 * 40  # edge / cloud / edge at every token (a <= 6 < 24 <= b)
     assert unsplit["bands"] == 40  # the edge alone: one band per token
     assert split["text"] == unsplit["text"] and verdict.startswith("Same 40 tokens"), verdict  # --codec none is exact
+
+
+def test_without_prefix_reuse_a_request_gets_the_same_answer_whatever_came_before(tiny_server):
+    """--no-prefix-reuse: every request a new session, so its cuts (the schedule's steps from 0), its lossy
+    messages and its tokens repeat exactly after another request; with reuse the steps run on across requests."""
+    from src.pipeline import build_pipeline
+    from src.serve.engine import ChatTokenizer, EdgeEngine, Options
+
+    def engine(reuse_prefix: bool) -> EdgeEngine:  # each its own pipeline: an engine wraps its edge's link
+        pipeline = build_pipeline(str(tiny_server[1]), *TINY_SETS, codec_name="int8", seed=3)
+        return EdgeEngine(pipeline, "tiny", ChatTokenizer(pipeline.tokenizer), reuse_prefix=reuse_prefix)
+
+    def trace(engine: EdgeEngine, text: str) -> tuple[int, list[tuple]]:
+        done = engine.run(engine.prepare([{"role": "user", "content": text}]), Options(max_tokens=8, temperature=0), lambda event: None, lambda: False)
+        return done.cached_tokens, [(e.token_id, e.a, e.b, e.bytes_up, e.bytes_down) for e in done.events]
+
+    fresh = engine(reuse_prefix=False)
+    first = trace(fresh, "Name a color.")
+    assert trace(fresh, "Name a color. And a fruit?")[0] == 0  # nothing kept from the request before
+    assert trace(fresh, "Name a color.") == first and first[0] == 0 and fresh.describe()["prefix_reuse"] is False
+
+    kept = engine(reuse_prefix=True)
+    assert trace(kept, "Name a color.") == first  # a new engine's first request is a fresh session too
+    trace(kept, "Name a color. And a fruit?")
+    cached, again = trace(kept, "Name a color.")
+    assert cached > 0 and [step[1:3] for step in again] != [step[1:3] for step in first[1]]  # the steps ran on: other cuts

@@ -41,6 +41,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="open connections and requests at most; a request past it gets 503 and the connection is closed")
     parser.add_argument("--api-key-file", default=None, help="file holding the bearer token clients must send to /v1/*")
     parser.add_argument("--no-unsplit", action="store_true", help="do not offer the unsplit baseline (<name>-unsplit), which loads every layer on the edge")
+    parser.add_argument("--no-prefix-reuse", action="store_true",
+                        help="start every request afresh: its whole prompt is prefilled, its answer does not depend on earlier requests, "
+                             "and no caller learns from cached_tokens what another's prompt began with")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     add_pipeline_arguments(parser)
     return parser
@@ -83,10 +86,11 @@ def build(args):
     pipeline = build_from_args("three", args, *sets)
     name = args.served_model_name or Path(pipeline.model_dir).name
     chat = ChatTokenizer(pipeline.tokenizer)
-    split = EdgeEngine(pipeline, name, chat, split=True)
+    reuse = not args.no_prefix_reuse
+    split = EdgeEngine(pipeline, name, chat, split=True, reuse_prefix=reuse)
 
     def build_unsplit() -> EdgeEngine:
-        return EdgeEngine(build_from_args("one", baseline_args(args), None, None), name + "-unsplit", chat, split=False)
+        return EdgeEngine(build_from_args("one", baseline_args(args), None, None), name + "-unsplit", chat, split=False, reuse_prefix=reuse)
 
     api_key = read_token(args.api_key_file, "--api-key-file") if args.api_key_file else None
     config = ServerConfig(max_queue=args.max_queue, api_key=api_key, max_body_bytes=args.max_body_kb * 1024, time_limit=args.time_limit,

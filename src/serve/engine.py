@@ -192,8 +192,11 @@ class Cancelled(Exception):
 class EdgeEngine:
     """One pipeline (split, or the unsplit baseline) behind the server; one request at a time (the caller's lock)."""
 
-    def __init__(self, pipeline: Pipeline, name: str, chat: ChatTokenizer, split: bool = True) -> None:
+    def __init__(self, pipeline: Pipeline, name: str, chat: ChatTokenizer, split: bool = True, reuse_prefix: bool = True) -> None:
         self.pipeline = pipeline
+        # Keep the session between requests (prefill only what a request adds); False: every request starts
+        # a new one, so that its answer is the same whatever came before, and `cached_tokens` is always 0.
+        self.reuse_prefix = reuse_prefix
         self.name = name
         self.chat = chat
         self.split = split
@@ -214,7 +217,7 @@ class EdgeEngine:
             "first": list(self.schedule.first), "second": list(self.schedule.second),
             "codec": self.edge.codec.name if self.split else "none",
             "resplit_every": self.schedule.resplit_every,
-            "prefix_reuse": True,
+            "prefix_reuse": self.reuse_prefix,
         }
 
     def prepare(self, messages: Sequence[dict]) -> Prompt:
@@ -240,6 +243,8 @@ class EdgeEngine:
         """Decode; `emit` sees `Started`, then every token as it comes. Raises Cancelled when `cancelled()` turns true."""
         ids = list(prompt.token_ids)
         sampling = self.sampling(options)
+        if not self.reuse_prefix:
+            self.session.close()  # a new session on both sides: the schedule's steps start at 0 again
         cached = self.edge.reusable_prefix(ids)
         decoding = f"sampling (seed {sampling.seed})" if sampling.do_sample else "greedy"
         head = {**self.describe(), "prompt_tokens": len(ids), "cached_tokens": cached, "prefilled": len(ids) - cached, "decoding": decoding}
