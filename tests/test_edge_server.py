@@ -273,6 +273,8 @@ def test_fields_that_would_change_the_answer_are_refused_by_name(tiny_server):
                 "tool_choice": "none", "logit_bias": {}, "user": "u-1", "metadata": {"k": "v"}, "store": False, "n": 1}
     status, reply = post(url, {**good, **harmless})
     assert status == 200 and reply["choices"][0]["message"]["content"] == plain[1]["choices"][0]["message"]["content"], reply
+    status, reply = post(url, {**good, "tools": [tool], "tool_choice": "none"})  # tools the model must not call: a plain answer
+    assert status == 200 and reply["choices"][0]["message"]["content"] == plain[1]["choices"][0]["message"]["content"], reply
 
 
 def test_the_sampling_extensions_reach_transformers_processors(tiny_server):

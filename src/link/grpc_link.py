@@ -387,8 +387,10 @@ class GrpcLink:
                 hint = " (the server's certificate does not name this host; --tls-server-name names the one it does)"
             elif "certificate_verify_failed" in lowered:
                 hint = " (the server's certificate is not signed by --tls-ca)"
-            elif "handshake" in lowered or "socket closed" in lowered:
+            elif "handshake" in lowered:
                 hint = " (TLS on one side only? --tls-ca turns it on at the edge, --tls-cert at the server)"
+            elif "socket closed" in lowered:
+                hint = " (the cloud went away; or TLS is on at one side only: --tls-ca turns it on at the edge, --tls-cert at the server)"
             elif "refused" in lowered:
                 hint = " (is the cloud server running there?)"
             else:

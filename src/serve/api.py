@@ -112,6 +112,8 @@ _NOT_CARRIED_OUT = {
 
 def _refuse_what_is_not_carried_out(body: dict) -> None:
     for name, (why, harmless) in _NOT_CARRIED_OUT.items():
+        if name in ("tools", "functions") and body.get("tool_choice" if name == "tools" else "function_call") == "none":
+            continue  # tools the model is told not to call: a plain answer is what was asked for
         if name in body and not harmless(body[name]):
             raise _bad(f"'{name}': {why} (got {_shown(body[name])})", name, "unsupported_parameter")
     for name in ("presence_penalty", "frequency_penalty"):
