@@ -559,3 +559,42 @@ def test_command_line_fails_over_and_reports_it(servers, talking_model, capsys):
     local = json.loads(capsys.readouterr().out)
     assert remote["token_ids"] == local["token_ids"] and remote["failovers"] == 1 and remote["replayed_bytes"] == 0
     assert local["failovers"] == 0
+
+
+def test_one_cloud_that_restarts_or_drops_the_session_serves_it_again(talking_model, tmp_path):
+    """With one URL the link opens a lost session again at the same cloud and replays it: after a SIGKILL and a
+    restart on the same port mid-generation, and after the cloud idled the session out between two turns.
+    The tokens are those of an uninterrupted run; the first failure's cause is kept where the cloud stays down."""
+    server = Server(talking_model, tmp_path / "one.log", MOVING, "--no-batching", "--idle-timeout", "1").start().wait_ready()
+    local = build_pipeline(str(talking_model), set(MOVING[0]), set(MOVING[1]), "int8", seed=3, with_tokenizer=False)
+    remote = build_pipeline(str(talking_model), set(MOVING[0]), set(MOVING[1]), "int8", seed=3, with_tokenizer=False,
+                            remote=RemoteCloud(server.url, timeout=30))
+    link = remote.edge.link
+
+    def restart() -> None:
+        server.process.kill()
+        server.process.wait()
+        server.start(port=server.port).wait_ready()
+
+    try:
+        remote.edge.link = Hook(link, 8, restart)  # START, steps 0..5, then the restart before step 6
+        assert remote.edge.generate(PROMPT, 24).token_ids == local.edge.generate(PROMPT, 24).token_ids
+        assert (link.failovers, link.replay_mismatches) == (1, 0)
+
+        remote.edge.link = link
+        with local.edge.session() as here, remote.edge.session() as there:
+            first = there.generate(PROMPT, 6)
+            assert first.token_ids == here.generate(PROMPT, 6).token_ids
+            time.sleep(2.5)  # past the cloud's --idle-timeout of 1 s: it drops the session between the turns
+            turn = PROMPT + first.token_ids + [7, 8, 9]
+            assert there.generate(turn, 8).token_ids == here.generate(turn, 8).token_ids
+        assert link.failovers == 1 and "CANCELLED idle for 1 s" in server.log.read_text()
+
+        server.process.kill()
+        server.process.wait()
+        with pytest.raises(LinkError, match="ended the session|unreachable|cancelled") as caught:
+            remote.edge.generate(PROMPT, 4)
+        assert "opening it again" in str(caught.value)
+    finally:
+        link.close()
+        server.stop()

@@ -156,6 +156,9 @@ class ReplayLog:
 # or broke. Not INVALID_ARGUMENT or a message over a limit (another cloud would refuse them too), nor
 # auth and method errors.
 FAILOVER_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "INTERNAL", "RESOURCE_EXHAUSTED", "ABORTED", None})
+# Of those, the ones after which the same cloud may serve the session again at once: it restarted, or it
+# dropped the session (idle timeout, a stop) and is up. Not a hung cloud, one past its lifetime or a full one.
+REOPEN_CODES = frozenset({"UNAVAILABLE", "CANCELLED", "UNKNOWN", "INTERNAL", "ABORTED", None})
 
 
 class _Endpoint:
@@ -257,11 +260,11 @@ class GrpcLink:
             try:
                 reply = self._send(data, new_stream=_is_start(data) or self._stream is None)
             except LinkError as error:
-                if len(self._endpoints) == 1 or isinstance(error, RejectedError) or error.code not in FAILOVER_CODES:
+                if isinstance(error, RejectedError) or error.code not in FAILOVER_CODES:
                     raise
                 if error.code == "RESOURCE_EXHAUSTED" and not _is_start(data):
                     raise  # a limit on this message, not a full cloud: another cloud would refuse it too
-                reply = self._fail_over(data, error)
+                reply = self._fail_over(data, error) if len(self._endpoints) > 1 else self._reopen(data, error)
             self.replay.append(data, reply)
             self.replay.batched |= self.cloud_batches
             self.requests += 1
@@ -299,28 +302,47 @@ class GrpcLink:
             self._current = (self._current + 1) % len(self._endpoints)
             log(f"note: {error}; failing over to {self.target}, replaying {len(self.replay)} messages ({self.replay.bytes} bytes)")
             try:
-                mismatches = 0
-                for i, message in enumerate(self.replay.messages):
-                    reply = self._send(message, new_stream=i == 0)
-                    mismatches += zlib.crc32(reply) != self.replay.reply_crcs[i]
-                reply = self._send(data, new_stream=not self.replay.messages)
+                return self._replay_then_send(data, failed)
             except RejectedError:
                 raise
             except LinkError as next_error:
                 if next_error.code not in FAILOVER_CODES:
                     raise
                 error = next_error
-                continue
-            if mismatches:
-                self.replay_mismatches += mismatches
-                why = ("expected: it batched this session with others, which changes the last bits"
-                       if self.replay.batched else "another build or device?")
-                log(f"note: {mismatches} of {len(self.replay)} replayed replies from {self.target} differ from {failed}'s "
-                    f"({why}): the tokens may differ from an uninterrupted run")
-            self.failovers += 1
-            self.replayed_bytes += self.replay.bytes
-            return reply
         raise error
+
+    def _reopen(self, data: bytes, error: LinkError) -> bytes:
+        """With one cloud: open the session there again, once, replay it and send `data`; else raise `error`.
+
+        A cloud that restarted, or that dropped the session while it stayed up (its idle timeout, between
+        two requests of a conversation), then serves it again as a second cloud would. Where it is still
+        down the cause stays the first failure's, which says what happened."""
+        if error.code not in REOPEN_CODES:
+            raise error
+        log(f"note: {error}; opening the session at {self.target} again, replaying {len(self.replay)} messages ({self.replay.bytes} bytes)")
+        try:
+            return self._replay_then_send(data, self.target)
+        except RejectedError:
+            raise
+        except LinkError as retry_error:
+            raise LinkError(f"{error} (opening it again: {retry_error})", error.code) from None
+
+    def _replay_then_send(self, data: bytes, failed: str) -> bytes:
+        """On a new stream to the current cloud: this session's messages again, then `data`; its reply."""
+        mismatches = 0
+        for i, message in enumerate(self.replay.messages):
+            reply = self._send(message, new_stream=i == 0)
+            mismatches += zlib.crc32(reply) != self.replay.reply_crcs[i]
+        reply = self._send(data, new_stream=not self.replay.messages)
+        if mismatches:
+            self.replay_mismatches += mismatches
+            why = ("expected: it batched this session with others, which changes the last bits"
+                   if self.replay.batched else "another build or device?")
+            log(f"note: {mismatches} of {len(self.replay)} replayed replies from {self.target} differ from {failed}'s "
+                f"({why}): the tokens may differ from an uninterrupted run")
+        self.failovers += 1
+        self.replayed_bytes += self.replay.bytes
+        return reply
 
     # -- session and channel -----------------------------------------------------------------------
     def cancel(self) -> None:
