@@ -604,3 +604,17 @@ def test_without_prefix_reuse_a_request_gets_the_same_answer_whatever_came_befor
     trace(kept, "Name a color. And a fruit?")
     cached, again = trace(kept, "Name a color.")
     assert cached > 0 and [step[1:3] for step in again] != [step[1:3] for step in first[1]]  # the steps ran on: other cuts
+
+
+def test_a_request_too_long_for_the_clouds_limits_is_400_not_502():
+    """The cloud refuses a prefill past its --max-message-positions: the client hears its request is too long."""
+    from src.link.grpc_link import LinkError
+    from src.serve.app import _as_api_error
+
+    too_long = LinkError("cloud at 127.0.0.1:1 refused the message as too large: message carries 4155 positions, more than "
+                         "the limit of 4096", "RESOURCE_EXHAUSTED")
+    refusal = _as_api_error(too_long)
+    assert (refusal.status, refusal.code, refusal.param) == (400, "context_length_exceeded", "messages") and "4096" in refusal.message
+    full = _as_api_error(LinkError("cloud at 127.0.0.1:1 is out of capacity: 8 sessions at once", "RESOURCE_EXHAUSTED"))
+    gone = _as_api_error(LinkError("cloud unreachable at 127.0.0.1:1: connection refused", "UNAVAILABLE"))
+    assert (full.status, full.code) == (gone.status, gone.code) == (502, "split_failed")

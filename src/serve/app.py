@@ -358,6 +358,10 @@ def _as_api_error(error: BaseException) -> ApiError:
     """What a failure during decoding tells the client: the cloud link's one line, or that the server failed."""
     if isinstance(error, TriadicError):  # the link or the cloud (LinkError, ProtocolError) or the edge's own checks
         logger.warning("generation failed: %s", error)
+        if getattr(error, "code", None) == "RESOURCE_EXHAUSTED" and "too large" in str(error):
+            # The cloud's own limit on one message (`--max-message-positions`, its bytes) or a session's positions:
+            # the request is too long for this split, whichever cloud serves it (the unsplit model has no such limit).
+            return ApiError(400, f"the request is too long for the split's cloud: {error}", "messages", "context_length_exceeded")
         return ApiError(502, f"the split generation failed: {error}", None, "split_failed", "server_error")
     logger.error("generation failed", exc_info=error)
     return ApiError(500, f"internal error: {type(error).__name__}", None, None, "server_error")
