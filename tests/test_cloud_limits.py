@@ -590,11 +590,17 @@ def test_one_cloud_that_restarts_or_drops_the_session_serves_it_again(talking_mo
             assert there.generate(turn, 8).token_ids == here.generate(turn, 8).token_ids
         assert link.failovers == 1 and "CANCELLED idle for 1 s" in server.log.read_text()
 
-        server.process.kill()
-        server.process.wait()
+        def kill() -> None:
+            server.process.kill()
+            server.process.wait()
+
+        remote.edge.link = Hook(link, 3, kill)  # START, step 0, then the kill: the cloud stays down
         with pytest.raises(LinkError, match="ended the session|unreachable|cancelled") as caught:
             remote.edge.generate(PROMPT, 4)
         assert "opening it again" in str(caught.value)
+        with pytest.raises(LinkError) as caught:  # a new session that cannot open is not tried twice
+            link.request(start_message(talking_model, MOVING))
+        assert "opening it again" not in str(caught.value)
     finally:
         link.close()
         server.stop()
