@@ -9,7 +9,8 @@ Everything the HTTP layer (src/serve/app.py) and the page know about the split c
 - one edge session (`edge.session()`) serves every request, so a conversation whose messages extend
   the previous request's keeps both sides' caches and prefills only its new positions (llama.cpp's
   prefix reuse; `cached_tokens` in the usage and the trace); an edited history is cut back to the
-  longest common prefix on both sides;
+  longest common prefix on both sides. With `reuse_prefix` off (`--no-prefix-reuse`) every request
+  starts a new session instead, so that its answer does not depend on the requests before it;
 - `temperature`, `top_p`, `seed` and the extensions `top_k`, `min_p`, `repetition_penalty` become a
   `SamplingConfig` (temperature 0: greedy), applied with transformers' own logits processors;
 - stop strings are matched on the detokenized text by `TextStream` and end the generation from the
