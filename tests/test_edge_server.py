@@ -329,7 +329,7 @@ def test_a_request_whose_client_left_while_it_waited_gives_up_its_place(tiny_ser
     import socket
 
     url, folder = tiny_server
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on and on."}], "max_tokens": 470, "stream": True, "temperature": 0}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on and on."}], "max_tokens": 469, "stream": True, "temperature": 0}
     request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
 
@@ -348,8 +348,10 @@ def test_a_request_whose_client_left_while_it_waited_gives_up_its_place(tiny_ser
             while health()["waiting"] != 1:
                 assert time.monotonic() < deadline, health()
                 time.sleep(0.02)
-        deadline = time.monotonic() + 5
+        deadline, done_before = time.monotonic() + 5, (folder / "server.log").read_text().count(" 469 generated")
         while "went away while its request waited for the model" not in (log := (folder / "server.log").read_text()):
+            if log.count(" 469 generated") > done_before:  # the holder (1.7 s here) ended before the waiter's check
+                pytest.skip("the holding request finished first; test_waiting_for_the_model_... covers this without timing")
             assert time.monotonic() < deadline, (health(), log[-2000:])  # checked every second while it waits
             time.sleep(0.05)
         assert health()["waiting"] == 0
