@@ -12,6 +12,7 @@ request may also carry `top_k`, `min_p` and `repetition_penalty`, transformers' 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..utils import TriadicError, check_text
@@ -66,6 +67,14 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _number(body: dict, name: str, allowed: Callable[[float], bool], values: str) -> float | None:
+    """An optional finite number field, refused by name outside its `values` (as written in the message)."""
+    value = body.get(name)
+    if value is not None and (not _is_number(value) or not allowed(value)):
+        raise _bad(f"'{name}' must be a number in {values}, not {_shown(value)}", name)
+    return value
+
+
 def _shown(value) -> str:
     """A client's value for an error message, cut short: a refusal must not echo a megabyte back."""
     text = repr(value)
@@ -94,33 +103,29 @@ def _text(text: str, what: str, param: str) -> str:
         raise _bad(str(error), param) from None
 
 
-# Fields that would change the answer, and what of each this server accepts (the value that changes nothing).
+# Fields that would change the answer, and what of each this server accepts (the value, in its request, that changes nothing).
 _NOT_CARRIED_OUT = {
-    "logprobs": ("log probabilities are not returned by this server", lambda v: v is None or v is False),
-    "top_logprobs": ("log probabilities are not returned by this server", lambda v: v is None or v == 0),
-    "tools": ("this server does not call tools", lambda v: v is None or v == []),
-    "functions": ("this server does not call functions", lambda v: v is None or v == []),
-    "tool_choice": ("this server does not call tools", lambda v: v is None or v == "none"),
-    "function_call": ("this server does not call functions", lambda v: v is None or v == "none"),
-    "response_format": ("this server answers in plain text only", lambda v: v is None or v == {"type": "text"}),
-    "logit_bias": ("logit bias is not supported", lambda v: v is None or v == {}),
-    "modalities": ("this server answers in text only", lambda v: v is None or v == ["text"]),
-    "audio": ("this server answers in text only", lambda v: v is None),
-    "prediction": ("predicted outputs are not supported", lambda v: v is None),
+    "logprobs": ("log probabilities are not returned by this server", lambda v, body: v is None or v is False),
+    "top_logprobs": ("log probabilities are not returned by this server", lambda v, body: v is None or v == 0),
+    # Tools the model is told not to call ("none") leave a plain answer, which is what was asked for.
+    "tools": ("this server does not call tools", lambda v, body: v in (None, []) or body.get("tool_choice") == "none"),
+    "functions": ("this server does not call functions", lambda v, body: v in (None, []) or body.get("function_call") == "none"),
+    "tool_choice": ("this server does not call tools", lambda v, body: v is None or v == "none"),
+    "function_call": ("this server does not call functions", lambda v, body: v is None or v == "none"),
+    "response_format": ("this server answers in plain text only", lambda v, body: v is None or v == {"type": "text"}),
+    "logit_bias": ("logit bias is not supported", lambda v, body: v is None or v == {}),
+    "modalities": ("this server answers in text only", lambda v, body: v is None or v == ["text"]),
+    "audio": ("this server answers in text only", lambda v, body: v is None),
+    "prediction": ("predicted outputs are not supported", lambda v, body: v is None),
 }
 
 
 def _refuse_what_is_not_carried_out(body: dict) -> None:
     for name, (why, harmless) in _NOT_CARRIED_OUT.items():
-        if name in ("tools", "functions") and body.get("tool_choice" if name == "tools" else "function_call") == "none":
-            continue  # tools the model is told not to call: a plain answer is what was asked for
-        if name in body and not harmless(body[name]):
+        if name in body and not harmless(body[name], body):
             raise _bad(f"'{name}': {why} (got {_shown(body[name])})", name, "unsupported_parameter")
     for name in ("presence_penalty", "frequency_penalty"):
-        value = body.get(name)
-        if value is not None and (not _is_number(value) or not -2 <= value <= 2):
-            raise _bad(f"'{name}' must be a number in [-2, 2], not {_shown(value)}", name)
-        if value:
+        if _number(body, name, lambda v: -2 <= v <= 2, "[-2, 2]"):
             raise _bad(f"'{name}' other than 0 is not supported; 'repetition_penalty' (transformers', as in vLLM) "
                        f"penalizes tokens already in the sequence", name, "unsupported_parameter")
 
@@ -156,12 +161,8 @@ def parse_chat_request(body, roles: tuple[str, ...]) -> ChatRequest:
     if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
         raise _bad(f"'{param}' must be an integer >= 1, not {_shown(max_tokens)}", param)
 
-    temperature = body.get("temperature")
-    if temperature is not None and (not _is_number(temperature) or not 0 <= temperature <= 2):
-        raise _bad(f"'temperature' must be a number in [0, 2], not {_shown(temperature)}", "temperature")
-    top_p = body.get("top_p")
-    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
-        raise _bad(f"'top_p' must be a number in (0, 1], not {_shown(top_p)}", "top_p")
+    temperature = _number(body, "temperature", lambda v: 0 <= v <= 2, "[0, 2]")
+    top_p = _number(body, "top_p", lambda v: 0 < v <= 1, "(0, 1]")
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
         raise _bad(f"'seed' must be an integer, not {_shown(seed)}", "seed")
@@ -200,12 +201,8 @@ def parse_chat_request(body, roles: tuple[str, ...]) -> ChatRequest:
     top_k = body.get("top_k")
     if top_k is not None and (not _is_int(top_k) or top_k < -1 or top_k >= 1 << 32):
         raise _bad(f"'top_k' must be an integer >= -1 (0 or -1: off), not {_shown(top_k)}", "top_k")
-    min_p = body.get("min_p")
-    if min_p is not None and (not _is_number(min_p) or not 0 <= min_p <= 1):
-        raise _bad(f"'min_p' must be a number in [0, 1], not {_shown(min_p)}", "min_p")
-    penalty = body.get("repetition_penalty")
-    if penalty is not None and (not _is_number(penalty) or not 0 < penalty <= 100):
-        raise _bad(f"'repetition_penalty' must be a number in (0, 100] (1: off), not {_shown(penalty)}", "repetition_penalty")
+    min_p = _number(body, "min_p", lambda v: 0 <= v <= 1, "[0, 1]")
+    penalty = _number(body, "repetition_penalty", lambda v: 0 < v <= 100, "(0, 100] (1: off)")
 
     return ChatRequest(
         model=model, messages=tuple(messages), max_tokens=max_tokens, temperature=temperature, top_p=top_p,

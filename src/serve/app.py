@@ -118,9 +118,13 @@ class Models:
         return [self.split.name] + ([self.split.name + UNSPLIT_SUFFIX] if self._build_unsplit else [])
 
     def check(self, model: str | None) -> str:
-        name = model or self.split.name
+        """The id a request names (none: the split model); 404 where it names none served here."""
+        return self.served(model or self.split.name)
+
+    def served(self, name: str) -> str:
+        """`name` if it is served here, else the 404 OpenAI gives a model that does not exist (an empty id too)."""
         if name not in self.ids:
-            raise ApiError(404, f"model {model!r} is not served here; choose from {', '.join(self.ids)}", "model", "model_not_found")
+            raise ApiError(404, f"model {name!r} is not served here; choose from {', '.join(self.ids)}", "model", "model_not_found")
         return name
 
     def get(self, name: str) -> EdgeEngine:
@@ -141,6 +145,9 @@ def create_app(models: Models, config: ServerConfig) -> FastAPI:
     expected_auth = f"Bearer {config.api_key}".encode() if config.api_key else None
     engine = models.split
     created = int(time.time())
+
+    def model_object(name: str) -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "triadic-split"}
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
@@ -168,13 +175,11 @@ def create_app(models: Models, config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def list_models() -> dict:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "triadic-split"} for name in models.ids]}
+        return {"object": "list", "data": [model_object(name) for name in models.ids]}
 
     @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])  # a served name may hold a slash
     async def retrieve_model(model_id: str) -> dict:
-        if model_id not in models.ids:  # an empty id too: here it names no model, it does not mean the default
-            raise ApiError(404, f"model {model_id!r} is not served here; choose from {', '.join(models.ids)}", "model", "model_not_found")
-        return {"id": model_id, "object": "model", "created": created, "owned_by": "triadic-split"}
+        return model_object(models.served(model_id))
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
