@@ -245,13 +245,58 @@ def test_host_rounding_matches_torch_to_the_bit():
 
 
 def test_states_on_a_gpu_reach_the_host_in_one_copy_with_dtypes_and_shapes_intact():
-    """`host`'s GPU branch, run on the CPU: int64 first, then float32 parts of odd lengths."""
-    from src.link.codec import joined_to_host
+    """The GPU branch's layout, run on the CPU: the joined bytes part into the arrays the CPU branch gives."""
+    from src.link.codec import _joined_outliers_and_rest, _outliers_and_rest, parted
 
-    parts = (torch.arange(18).view(3, 6) * 2**40, torch.randn(3, 6), torch.randn(3, 5))
-    arrays = joined_to_host(parts)
-    assert [(a.dtype, a.shape) for a in arrays] == [(np.int64, (3, 6)), (np.float32, (3, 6)), (np.float32, (3, 5))]
-    assert all(np.array_equal(a, t.numpy()) for a, t in zip(arrays, parts))
+    x = torch.randn(3, 100) * 5
+    x[1, 7] = 2.0**45  # an index and a value whose bytes would show a misaligned part
+    arrays = parted(_joined_outliers_and_rest(x, 6).numpy(), 3, 6)
+    assert [(a.dtype, a.shape) for a in arrays] == [(np.int64, (3, 6)), (np.float32, (3, 6)), (np.float32, (3, 100))]
+    assert all(np.array_equal(a, t.numpy()) for a, t in zip(arrays, _outliers_and_rest(x, 6)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: CUDA graphs (run on a lent device)")
+def test_cuda_graph_replays_code_messages_as_eager_kernels_do_from_two_threads_at_once():
+    """Messages of 1 to GRAPHED_POSITIONS positions replay a graph per shape and thread; longer ones run eagerly.
+    Bytes and states must equal the eager path's (the same kernels), with two threads coding at once."""
+    import threading
+
+    from src.link import codec as codec_module
+
+    codec, hidden = get_codec("int8"), 4096
+    torch.manual_seed(0)
+    states = [torch.randn(count, hidden, device="cuda", dtype=torch.float16) * 4 for count in (1, 2, 3, 8, 9)]
+
+    def eager(x: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+        limit = codec_module.GRAPHED_POSITIONS
+        codec_module.GRAPHED_POSITIONS = 0
+        try:
+            payload, code = codec.encode(x)
+            return payload, codec.decode(memoryview(payload), x.shape[0], hidden, code, "cuda")
+        finally:
+            codec_module.GRAPHED_POSITIONS = limit
+
+    expected = [eager(x) for x in states]
+    failures: list[str] = []
+    captured: list[int] = []
+
+    def code_all(rounds: int) -> None:
+        for _ in range(rounds):
+            for x, (payload, back) in zip(states, expected):
+                mine, code = codec.encode(x)
+                again = codec.decode(memoryview(mine), x.shape[0], hidden, code, "cuda")
+                if mine != payload or not torch.equal(again, back):
+                    failures.append(f"{x.shape[0]} positions differ")
+        captured.append(len(codec_module._graphs.by_key))
+
+    threads = [threading.Thread(target=code_all, args=(20,)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert captured == [8, 8]  # 1, 2, 3 and 8 positions, encode and decode; 9 ran eagerly
+    assert len(codec_module._graphs.by_key) == 0  # this thread captured none: graphs belong to the threads that coded
 
 
 def test_int8_fixed_refuses_at_the_sender_what_its_fp16_scale_cannot_hold():
