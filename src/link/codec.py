@@ -224,21 +224,26 @@ def replayed(work: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, devi
         return static_out.clone() if fresh else static_out
 
 
-def _capture(work: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]:
-    """A CUDA graph of work(static_in), after two eager runs on a side stream (cuBLAS chooses its kernels there).
+_capture_lock = threading.Lock()  # CUDA graphs' own rule: one capture at a time in a process
 
-    `thread_local` capture: the other side may be launching its own work from its own thread meanwhile."""
-    static_in = example.clone()
-    side = torch.cuda.Stream(example.device)
-    side.wait_stream(torch.cuda.current_stream(example.device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            work(static_in)
-    torch.cuda.current_stream(example.device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        static_out = work(static_in)
-    return static_in, graph, static_out
+
+def _capture(work: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]:
+    """A CUDA graph of work(static_in), after two eager runs (cuBLAS chooses its kernels there).
+
+    On a stream of its own (torch's default capture stream is one for the whole process), one
+    capture at a time, and `thread_local`: the other side may be launching its own work meanwhile."""
+    with _capture_lock:
+        static_in = example.clone()
+        side = torch.cuda.Stream(example.device)
+        side.wait_stream(torch.cuda.current_stream(example.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                work(static_in)
+        torch.cuda.current_stream(example.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+            static_out = work(static_in)
+        return static_in, graph, static_out
 
 
 def outliers_fp16(values: np.ndarray, codec: str) -> tuple[int, np.ndarray]:
