@@ -9,6 +9,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import math
 import logging
 import os
 import shutil
@@ -237,10 +238,14 @@ def read_tensors(model_dir: Path, names: dict[str, str], dtype: torch.dtype, dev
                  column_major: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """Read only the requested tensors: `names` maps the part's parameter name to the checkpoint's name.
 
-    The targets in `column_major` (2-D CPU weights) come back stored transposed, `W.T` contiguous (the
-    same values and shape; see `SplitLlamaForCausalLM.from_checkpoint`). They are read with plain file
-    reads, not through the file's mapping: a page read through the mapping stays resident for as long
-    as the file is mapped, so re-laying a mapped weight out would hold it twice.
+    On the CPU, floating-point tensors are read with plain file reads into storage of their own, not
+    through the file's mapping. Two reasons: a tensor in the mapping starts wherever the file puts it
+    (8-byte aligned in these files), and MKL's products over such a weight can round differently from
+    the same product over a 64-byte-aligned copy (HF's own model), which took logits 1e-5 away from
+    HF `generate` on an AMD EPYC; and a page read through the mapping stays resident for as long as the
+    file is mapped, so copying a mapped weight would hold it twice. The targets in `column_major`
+    (2-D CPU weights) come back stored transposed, `W.T` contiguous (the same values and shape; see
+    `SplitLlamaForCausalLM.from_checkpoint`).
     """
     held = _IN_MEMORY.get(Path(model_dir).resolve())
     if held is not None:
@@ -256,9 +261,10 @@ def read_tensors(model_dir: Path, names: dict[str, str], dtype: torch.dtype, dev
     tensors = {}
     for file, pairs in by_file.items():
         with _opened(file) as f:  # safetensors checks the header first, and the plain reads below trust it
-            tensors.update(_read_column_major(file, [pair for pair in pairs if pair[0] in column_major], dtype))
+            if torch.device(device).type == "cpu":
+                tensors.update(_read_into_own_storage(file, pairs, dtype, column_major))
             for target, source in pairs:
-                if target not in tensors:  # the rest, and column-major ones of a type _read_column_major leaves out
+                if target not in tensors:  # on another device, and tensors of a type _read_into_own_storage leaves out
                     tensors[target] = laid_out(f.get_tensor(source).to(device=device, dtype=dtype), target in column_major)
     return tensors
 
@@ -266,16 +272,15 @@ def read_tensors(model_dir: Path, names: dict[str, str], dtype: torch.dtype, dev
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _read_column_major(file: Path, pairs: list[tuple[str, str]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """(target, source) 2-D float tensors of one safetensors file, read into `W.T`-contiguous storage without mapping
-    the file; others are left out.
+def _read_into_own_storage(file: Path, pairs: list[tuple[str, str]], dtype: torch.dtype,
+                           column_major: frozenset[str]) -> dict[str, torch.Tensor]:
+    """(target, source) floating-point tensors of one safetensors file, read into fresh (64-byte-aligned) storage
+    without mapping the file, 2-D targets in `column_major` stored `W.T`-contiguous; others are left out.
 
-    Each weight is read a block of rows at a time through one small buffer, straight into its final
+    Each tensor is read a block of rows at a time through one small buffer, straight into its final
     storage: a whole-tensor temporary per weight fragmented the heap (Gemma's cloud held 1.28x its parameters).
     """
     tensors: dict[str, torch.Tensor] = {}
-    if not pairs:
-        return tensors
     with open(file, "rb") as f:
         header_size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_size))
@@ -283,21 +288,27 @@ def _read_column_major(file: Path, pairs: list[tuple[str, str]], dtype: torch.dt
         for target, source in pairs:
             entry = header[source]
             stored = SAFETENSORS_DTYPES.get(entry["dtype"])
-            if stored is None or len(entry["shape"]) != 2:
-                continue  # read through the mapping and laid out in memory (read_tensors)
-            rows, columns = entry["shape"]
-            row_bytes = columns * stored.itemsize
+            if stored is None:
+                continue  # read through the mapping (read_tensors)
+            shape = entry["shape"]
+            rows, columns = (shape[0], math.prod(shape[1:])) if shape else (1, 1)
+            row_bytes = max(columns * stored.itemsize, 1)
             if len(buffer) < row_bytes:
                 buffer = bytearray(row_bytes)
             block = len(buffer) // row_bytes
-            weight = torch.empty(columns, rows, dtype=dtype).t()  # [rows, columns], column-major
+            if target in column_major and len(shape) == 2:
+                tensor = torch.empty(columns, rows, dtype=dtype).t()  # [rows, columns], column-major
+                grid = tensor
+            else:
+                tensor = torch.empty(shape, dtype=dtype)
+                grid = tensor.view(rows, columns)
             f.seek(8 + header_size + entry["data_offsets"][0])
-            for first in range(0, rows, block):
+            for first in range(0, rows if columns else 0, block):
                 count = min(block, rows - first)
                 if f.readinto(memoryview(buffer)[: count * row_bytes]) != count * row_bytes:
                     raise TriadicError(f"{file}: truncated at {source}")
-                weight[first : first + count] = torch.frombuffer(buffer, dtype=stored, count=count * columns).view(count, columns)
-            tensors[target] = weight
+                grid[first : first + count] = torch.frombuffer(buffer, dtype=stored, count=count * columns).view(count, columns)
+            tensors[target] = tensor
     return tensors
 
 
