@@ -89,9 +89,11 @@ class SplitLlamaModel(nn.Module):
         """The chunk of `hidden_states` at `start` for this layer's attention type; `rotary` if already made."""
         length = hidden_states.shape[1]
         position_ids, position_embeddings = rotary or self.rotary(hidden_states, start, start + length, layer_idx)
-        if length == 1 and cache is not None:
-            # One query on top of its layer's cache sees every position the cache holds (a sliding layer's
-            # cache keeps only its window), so no mask: what transformers' sdpa and flash paths decide too.
+        if length == 1 and cache is not None and self.layer_types[layer_idx] == "full_attention":
+            # One query on top of a full-attention layer's cache sees every position the cache holds, so no
+            # mask: what transformers decides too. A sliding layer's single query gets transformers' own
+            # mask below: once its cache holds a full window that mask is all True, but transformers passes
+            # it, and a mask changes sdpa's kernel (grouped heads packed, not enable_gqa), so the sums.
             return Chunk(start, length, position_ids, position_embeddings, None)
         # Sized from this layer's own cache (layer_idx): caches of different layers hold different lengths,
         # and sliding layers keep only their window. Several queries on top of a non-empty cache always get
