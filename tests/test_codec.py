@@ -250,14 +250,15 @@ def test_states_on_a_gpu_reach_the_host_in_one_copy_with_dtypes_and_shapes_intac
 
     x = torch.randn(3, 100) * 5
     x[1, 7] = 2.0**45  # an index and a value whose bytes would show a misaligned part
-    arrays = parted(_joined_outliers_and_rest(x, 6).numpy(), 3, 6)
+    arrays = parted(_joined_outliers_and_rest(x, 6).numpy(), 3, 6, 100)
+    assert [a.shape for a in parted(_joined_outliers_and_rest(x[:0], 6).numpy(), 0, 6, 100)] == [(0, 6), (0, 6), (0, 100)]
     assert [(a.dtype, a.shape) for a in arrays] == [(np.int64, (3, 6)), (np.float32, (3, 6)), (np.float32, (3, 100))]
     assert all(np.array_equal(a, t.numpy()) for a, t in zip(arrays, _outliers_and_rest(x, 6)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: CUDA graphs (run on a lent device)")
 def test_cuda_graph_replays_code_messages_as_eager_kernels_do_from_two_threads_at_once():
-    """Messages of 1 to GRAPHED_POSITIONS positions replay a graph per shape and thread; longer ones run eagerly.
+    """Messages of 1 to GRAPHED_POSITIONS positions replay a graph per shape and thread; longer (and empty) ones run eagerly.
     Bytes and states must equal the eager path's (the same kernels), with two threads coding at once."""
     import threading
 
@@ -265,7 +266,7 @@ def test_cuda_graph_replays_code_messages_as_eager_kernels_do_from_two_threads_a
 
     codec, hidden = get_codec("int8"), 4096
     torch.manual_seed(0)
-    states = [torch.randn(count, hidden, device="cuda", dtype=torch.float16) * 4 for count in (1, 2, 3, 8, 9)]
+    states = [torch.randn(count, hidden, device="cuda", dtype=torch.float16) * 4 for count in (0, 1, 2, 3, 8, 9)]
 
     def eager(x: torch.Tensor) -> tuple[bytes, torch.Tensor]:
         limit = codec_module.GRAPHED_POSITIONS

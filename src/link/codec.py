@@ -160,7 +160,8 @@ def rotated_with_outliers(x: torch.Tensor, k: int, codec: str) -> tuple[np.ndarr
     if x.device.type == "cpu":
         index, values, rotated = (t.numpy() for t in _outliers_and_rest(x, k))
         return index, values, rotated
-    return parted(replayed(functools.partial(_joined_outliers_and_rest, k=k), x, x.device, count, ("encode", k)).cpu().numpy(), count, k)
+    joined = replayed(functools.partial(_joined_outliers_and_rest, k=k), x, x.device, count, ("encode", k)).cpu().numpy()
+    return parted(joined, count, k, hidden)
 
 
 def _outliers_and_rest(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -175,11 +176,11 @@ def _joined_outliers_and_rest(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([t.reshape(-1).view(torch.uint8) for t in _outliers_and_rest(x, k)])
 
 
-def parted(joined: np.ndarray, count: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def parted(joined: np.ndarray, count: int, k: int, hidden: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`_joined_outliers_and_rest`'s bytes, on the host, as (indices int64, values float32, rotated float32)."""
     cut = (8 * count * k, 12 * count * k)
     return (joined[: cut[0]].view(np.int64).reshape(count, k), joined[cut[0] : cut[1]].view(np.float32).reshape(count, k),
-            joined[cut[1] :].view(np.float32).reshape(count, -1))
+            joined[cut[1] :].view(np.float32).reshape(count, hidden))
 
 
 GRAPHED_POSITIONS = 8  # a message of up to this many positions runs its GPU work as one CUDA graph replay
@@ -204,8 +205,8 @@ def replayed(work: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, devi
     Why: at batch 1 the host is the bottleneck, and a message's device work is some ten small kernels,
     each bound by its launch (10 to 30 us of host time on an H100's host). Measured there at hidden
     4096: an encoding's device part and copy 435 us eager, 84 us replayed; a decoding's 253 and 41 us.
-    The graph is captured on first use for the shape, dtype and `key` (which must name `work` and its
-    constants), in this thread. `x` may be on the host: the copy into the graph's input is then the
+    The graph is captured on first use for x's shape and dtype and `key`, in this thread: `key` must name
+    `work` and every constant it holds (two works over inputs of one shape must not share a graph). `x` may be on the host: the copy into the graph's input is then the
     upload. The result is the graph's own output buffer, which the next replay in this thread
     overwrites: read it at once, or ask for a `fresh` copy. Elsewhere (the CPU, a prefill's long
     message): plain `work(x.to(device))`.
@@ -326,7 +327,7 @@ def finish_decode(device: torch.device | str, q: np.ndarray, scale: np.ndarray, 
         return torch.zeros(0, hidden, device=device)
     parts = (index, q * scale, values.astype(np.float32) * np.float32(2.0**shift))
     flat = torch.from_numpy(np.concatenate([part.reshape(-1).view(np.uint8) for part in parts]))
-    return replayed(functools.partial(_restored, count=count, hidden=hidden, k=k), flat, device, count, ("decode", k), fresh=True)
+    return replayed(functools.partial(_restored, count=count, hidden=hidden, k=k), flat, device, count, ("decode", count, hidden, k), fresh=True)
 
 
 def _restored(flat: torch.Tensor, count: int, hidden: int, k: int) -> torch.Tensor:
