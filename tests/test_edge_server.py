@@ -390,6 +390,27 @@ def test_waiting_for_the_model_ends_when_the_client_leaves_and_hands_the_model_o
     asyncio.run(scenario())
 
 
+def test_generations_run_one_after_another_on_one_long_lived_thread():
+    """Not a thread per request: what torch keeps per thread (its thread count; on a GPU the codec's CUDA
+    graphs, captured per thread) is then made once, not at every request. A work that raises does not end it."""
+    from src.serve.app import DecodeThread
+
+    decoder, seen, done = DecodeThread(), [], threading.Event()
+
+    def work(index: int) -> None:
+        seen.append((index, threading.get_ident(), threading.current_thread().name))
+        if index == 2:
+            done.set()
+
+    decoder.run(lambda: work(0))
+    decoder.run(lambda: 1 / 0)  # logged; the thread goes on
+    decoder.run(lambda: work(1))
+    decoder.run(lambda: work(2))
+    assert done.wait(10)
+    assert [index for index, _, _ in seen] == [0, 1, 2]
+    assert len({ident for _, ident, _ in seen}) == 1 and seen[0][1] != threading.get_ident() and seen[0][2] == "edge-decode"
+
+
 def test_429_past_the_queue(tiny_server):
     """One decoding and one waiting (--max-queue 1): of six requests sent at once, the rest are refused at once."""
     url, _ = tiny_server

@@ -18,6 +18,7 @@ import asyncio
 import hmac
 import json
 import logging
+import queue
 import sys
 import threading
 import time
@@ -105,13 +106,45 @@ class Admission:
         return 1 if self.lock.locked() else 0
 
 
+class DecodeThread:
+    """The one thread that runs the admitted request's generation (Admission lets one run at a time).
+
+    Long-lived rather than one per request, so that what torch keeps per thread is made once: its
+    thread settings (`adopt_torch_threads`) and, on a GPU, the codec's CUDA graphs (`codec.replayed`),
+    which a thread per request captured again at every request."""
+
+    def __init__(self) -> None:
+        self._work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def run(self, work: Callable[[], None]) -> None:
+        """Run `work` on the thread, after those before it. It should answer its request whatever happens:
+        what escapes it is logged, and the thread goes on to the next."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="edge-decode", daemon=True)
+                self._thread.start()
+        self._work.put(work)
+
+    def _serve(self) -> None:
+        adopt_torch_threads()
+        while True:
+            work = self._work.get()
+            try:
+                work()
+            except Exception:  # a bug in `work`: the server keeps its decoding thread
+                logger.exception("a generation's work raised")
+
+
 class Models:
-    """The served model ids: the split pipeline, and the unsplit baseline built on first use."""
+    """The served model ids: the split pipeline, and the unsplit baseline built on first use; the thread that runs them."""
 
     def __init__(self, split: EdgeEngine, build_unsplit: Callable[[], EdgeEngine] | None) -> None:
         self.split = split
         self._build_unsplit = build_unsplit
         self._unsplit: EdgeEngine | None = None
+        self.decoder = DecodeThread()
 
     @property
     def ids(self) -> list[str]:
@@ -312,7 +345,6 @@ class Job:
                 cancel.set()
 
         def work() -> None:
-            adopt_torch_threads()
             try:
                 put(self.models.get(self.name).run(self.prompt, self.options, put, cancel.is_set))
             except Cancelled:
@@ -327,7 +359,7 @@ class Job:
 
         self.ticket.state = "running"
         began = checked = time.monotonic()
-        threading.Thread(target=work, name="edge-decode", daemon=True).start()
+        self.models.decoder.run(work)
         try:
             while True:
                 try:
