@@ -115,7 +115,7 @@ def main() -> None:
     from src.schedule import SplitSchedule
     from src.serve.batching import enable_packing
     from src.serve.cloud_server import DEFAULT_FIRST, DEFAULT_SECOND
-    from src.serve.panels import use_panels
+    from src.panels import use_panels
     from src.utils import parse_layer_set
 
     torch.set_num_threads(1)  # the bench's server runs one torch thread

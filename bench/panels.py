@@ -7,7 +7,7 @@ as many layers as the cloud runs between the default moving cuts (28), every lay
 so that the weights come from memory as in a decode step, the median of 5 passes per row count, in us per
 layer. Rows 1-3 are a session's own steps (catch-up chunks), 4-32 batches of several sessions, 64 and more
 a burst of prefills. The last column says whether a row's panel product is the same bit for bit as the
-first row's product computed alone (src/serve/panels.py: each output sums its terms in order).
+first row's product computed alone (src/panels.py: each output sums its terms in order).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from bench.common import machine
 from src.checkpoint import load_config, resolve_model_dir
-from src.serve.panels import PanelLinear, why_no_kernel
+from src.panels import PanelLinear, why_no_kernel
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "panels.md"
 ROWS = (1, 2, 3, 4, 8, 16, 32, 64, 256, 1024)

@@ -13,7 +13,7 @@ from src.serve.batching import PACKED_ATTENTION, Batcher, enable_packing
 from src.checkpoint import is_column_major, load_config
 from src.cloud import Cloud
 from src.link.local import LocalLink
-from src.serve.panels import PanelLinear, use_panels, why_no_kernel
+from src.panels import PanelLinear, use_panels, why_no_kernel
 from src.pipeline import build_cloud, build_edge, build_pipeline
 from src.schedule import SplitSchedule
 from tests.conftest import ROOT

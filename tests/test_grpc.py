@@ -27,7 +27,7 @@ from src.checkpoint import load_config  # noqa: E402
 from src.link.codec import get_codec  # noqa: E402
 from src.link.grpc_link import GrpcLink, LinkError, RejectedError, make_link  # noqa: E402
 from src.pipeline import RemoteCloud, build_edge, build_pipeline  # noqa: E402
-from src.serve.panels import why_no_kernel  # noqa: E402
+from src.panels import why_no_kernel  # noqa: E402
 from src.schedule import SplitSchedule  # noqa: E402
 from src.utils import TriadicError  # noqa: E402
 from tests.conftest import ROOT, stop_process  # noqa: E402

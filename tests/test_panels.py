@@ -1,4 +1,4 @@
-"""Linear layers over panel-stored weights (src/serve/panels.py): the product nn.Linear gives, a row independent of the others."""
+"""Linear layers over panel-stored weights (src/panels.py): the product nn.Linear gives, a row independent of the others."""
 import time
 import weakref
 from pathlib import Path
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from src.serve import panels
-from src.serve.panels import PanelLinear, to_panels, use_panels, why_no_kernel
+from src import panels
+from src.panels import PanelLinear, to_panels, use_panels, why_no_kernel
 
 needs_kernel = pytest.mark.skipif(why_no_kernel() is not None, reason=f"{why_no_kernel()}")
 
@@ -179,3 +179,20 @@ def test_a_compiler_that_hangs_is_killed_with_what_it_started(tmp_path, monkeypa
     child = int(marker.read_text())
     time.sleep(0.2)
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+
+
+@needs_kernel
+def test_a_lossy_pipeline_on_one_thread_computes_its_layers_on_panels_and_a_lossless_one_never(tiny_untied):
+    """Moving cuts run chunks of 2-3 positions, which MKL's product serves at up to 1.4x a row's cost and the
+    panels at about one row's (src/pipeline.py: use_panels_where_they_run). Lossless sides keep transformers'
+    layout: they must compute what HF computes, bit for bit. The tests run one torch thread (conftest)."""
+    from src.pipeline import build_pipeline
+
+    folder, _ = tiny_untied
+    assert torch.get_num_threads() == 1
+    for codec, paneled in (("int8", True), ("none", False)):
+        pipeline = build_pipeline(str(folder), {1, 2}, {2, 3}, codec, with_tokenizer=False)
+        parts = pipeline.edge.parts + pipeline.cloud.parts
+        layers = [m for part in parts for name, m in part.named_modules() if ".layers." in name and isinstance(m, (nn.Linear, PanelLinear))]
+        assert layers and all(isinstance(m, PanelLinear) is paneled for m in layers), codec
+        assert len(pipeline.edge.generate([1, 5, 9, 33], 6).token_ids) == 6

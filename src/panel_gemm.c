@@ -1,4 +1,4 @@
-/* y = x @ W.T for a few rows at a time, with W's columns stored as panels (src/serve/panels.py says why).
+/* y = x @ W.T for a few rows at a time, with W's columns stored as panels (src/panels.py says why).
 
    x: rows x k_len, row-major. panels: W.T cut into column panels of PANEL columns, each stored whole,
    [k_len, PANEL] row-major, one after another; the last one zero-padded. y: rows x n, row-major.

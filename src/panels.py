@@ -4,7 +4,7 @@ A batching cloud's products run over the rows of several sessions at once, mostl
 thread MKL's fp32 product over 8 such rows costs about twice its product over one row, although both
 read the same weights from memory once: its small-row path repacks the weight on every call. Here the
 weights are stored packed once, `W.T` cut into panels of 48 columns, each panel contiguous, and a small C
-kernel (src/serve/panel_gemm.c) streams every panel past up to 8 rows held in registers. Over SmolLM2's 28
+kernel (src/panel_gemm.c) streams every panel past up to 8 rows held in registers. Over SmolLM2's 28
 middle layers in turn (7 products each, weights from memory, one thread), per layer, against MKL over
 column-major weights: one row 1,061 against 1,023 us, 8 rows 1,262 against 1,961, 16 rows 1,627 against
 2,207, 256 rows 12,053 against 12,735, 1,024 rows 48,955 against 47,516 (`python -m bench.panels`,
@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import cache_dir
-from ..models import CONSTRUCTION
+from .checkpoint import cache_dir
+from .models import CONSTRUCTION
 
 logger = logging.getLogger(__name__)
 
