@@ -89,9 +89,9 @@ class Clock:
 
 def share_weights(parts, reference: dict[str, torch.Tensor]) -> None:
     """Point every parameter of the split parts at the HF model's tensor of the same name (same values), except
-    the weights a lossy run's parts store transposed in memory (read from the same file: same values too)."""
+    the weights a lossy run's parts store transposed in memory or as panels (read from the same file: same values too)."""
     for part in parts:
-        state = {name: reference[name] for name, param in part.named_parameters() if not is_column_major(param)}
+        state = {name: reference[name] for name, param in part.named_parameters() if name in reference and not is_column_major(param)}
         part.load_state_dict(state, strict=False, assign=True)
 
 
