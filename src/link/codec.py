@@ -205,11 +205,11 @@ def replayed(work: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, devi
     Why: at batch 1 the host is the bottleneck, and a message's device work is some ten small kernels,
     each bound by its launch (10 to 30 us of host time on an H100's host). Measured there at hidden
     4096: an encoding's device part and copy 435 us eager, 84 us replayed; a decoding's 253 and 41 us.
-    The graph is captured on first use for x's shape and dtype and `key`, in this thread: `key` must name
-    `work` and every constant it holds (two works over inputs of one shape must not share a graph). `x` may be on the host: the copy into the graph's input is then the
-    upload. The result is the graph's own output buffer, which the next replay in this thread
-    overwrites: read it at once, or ask for a `fresh` copy. Elsewhere (the CPU, a prefill's long
-    message): plain `work(x.to(device))`.
+    The graph is captured on first use for x's shape and dtype and `key`, in this thread: `key` must
+    name `work` and every constant it holds (two works over inputs of one shape must not share a
+    graph). `x` may be on the host: the copy into the graph's input is then the upload. The result is
+    the graph's own output buffer, which the next replay in this thread overwrites: read it at once,
+    or ask for a `fresh` copy. Elsewhere (the CPU, a prefill's long message): plain `work(x.to(device))`.
     """
     device = torch.device(device)
     if device.type != "cuda" or not 0 < positions <= GRAPHED_POSITIONS:
