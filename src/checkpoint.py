@@ -9,8 +9,8 @@ import hashlib
 import importlib
 import importlib.util
 import json
-import math
 import logging
+import math
 import os
 import shutil
 import tempfile
