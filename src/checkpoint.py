@@ -235,7 +235,7 @@ def weights_in_memory(model_dir: Path, tensors: dict[str, torch.Tensor]) -> Iter
 
 
 def read_tensors(model_dir: Path, names: dict[str, str], dtype: torch.dtype, device: str,
-                 column_major: frozenset[str] = frozenset(), indexed: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+                 column_major: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """Read only the requested tensors: `names` maps the part's parameter name to the checkpoint's name.
 
     On the CPU, floating-point tensors are read with plain file reads into storage of their own, not
@@ -246,11 +246,6 @@ def read_tensors(model_dir: Path, names: dict[str, str], dtype: torch.dtype, dev
     file is mapped, so copying a mapped weight would hold it twice. The targets in `column_major`
     (2-D CPU weights) come back stored transposed, `W.T` contiguous (the same values and shape; see
     `SplitLlamaForCausalLM.from_checkpoint`).
-
-    The targets in `indexed` are only ever read by row (an untied input embedding: no product, so no
-    rounding that depends on alignment). Where the file stores one in `dtype`, it stays in the file's
-    mapping and a row is read from disk when a token first uses it: a Llama-3-8B edge's bf16 embedding
-    would otherwise be 1 GB resident, of which a conversation touches a few hundred rows.
     """
     held = _IN_MEMORY.get(Path(model_dir).resolve())
     if held is not None:
@@ -267,9 +262,9 @@ def read_tensors(model_dir: Path, names: dict[str, str], dtype: torch.dtype, dev
     for file, pairs in by_file.items():
         with _opened(file) as f:  # safetensors checks the header first, and the plain reads below trust it
             if torch.device(device).type == "cpu":
-                tensors.update(_read_into_own_storage(file, pairs, dtype, column_major, indexed))
+                tensors.update(_read_into_own_storage(file, pairs, dtype, column_major))
             for target, source in pairs:
-                if target not in tensors:  # on another device, and the tensors _read_into_own_storage leaves out
+                if target not in tensors:  # on another device, and tensors of a type _read_into_own_storage leaves out
                     tensors[target] = laid_out(f.get_tensor(source).to(device=device, dtype=dtype), target in column_major)
     return tensors
 
@@ -277,11 +272,10 @@ def read_tensors(model_dir: Path, names: dict[str, str], dtype: torch.dtype, dev
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _read_into_own_storage(file: Path, pairs: list[tuple[str, str]], dtype: torch.dtype, column_major: frozenset[str],
-                           indexed: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+def _read_into_own_storage(file: Path, pairs: list[tuple[str, str]], dtype: torch.dtype,
+                           column_major: frozenset[str]) -> dict[str, torch.Tensor]:
     """(target, source) floating-point tensors of one safetensors file, read into fresh (64-byte-aligned) storage
-    without mapping the file, 2-D targets in `column_major` stored `W.T`-contiguous; left out: other types, and
-    targets in `indexed` that the file stores in `dtype` (they stay in the mapping, `read_tensors`).
+    without mapping the file, 2-D targets in `column_major` stored `W.T`-contiguous; others are left out.
 
     Each tensor is read a block of rows at a time through one small buffer, straight into its final
     storage: a whole-tensor temporary per weight fragmented the heap (Gemma's cloud held 1.28x its parameters).
@@ -294,7 +288,7 @@ def _read_into_own_storage(file: Path, pairs: list[tuple[str, str]], dtype: torc
         for target, source in pairs:
             entry = header[source]
             stored = SAFETENSORS_DTYPES.get(entry["dtype"])
-            if stored is None or (target in indexed and stored == dtype):
+            if stored is None:
                 continue  # read through the mapping (read_tensors)
             shape = entry["shape"]
             rows, columns = (shape[0], math.prod(shape[1:])) if shape else (1, 1)

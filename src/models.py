@@ -235,9 +235,7 @@ class SplitLlamaForCausalLM(nn.Module):
         if column_major and dtype == torch.float32 and torch.device(device).type == "cpu":
             transposed = frozenset(f"{name}.weight" for name, module in part.named_modules()
                                    if isinstance(module, nn.Linear) and name.startswith("model.layers.")) & wanted.keys()
-        # The input embedding is only indexed by token, unless it is also the head's weight (tied).
-        indexed = frozenset() if config.tie_word_embeddings else frozenset({"model.embed_tokens.weight"}) & wanted.keys()
-        tensors = read_tensors(model_dir, wanted, dtype, device, transposed, indexed)
+        tensors = read_tensors(model_dir, wanted, dtype, device, transposed)
         if lora_weights:
             for name, delta in load_lora_deltas(lora_weights, part.model.owned_layers).items():
                 if name in tensors:
