@@ -173,6 +173,29 @@ def test_weights_read_on_the_cpu_hold_the_checkpoints_values_in_aligned_storage_
         assert tensors[name].numel() == 0 or tensors[name].data_ptr() % 64 == 0, name
 
 
+def test_a_built_side_holds_its_own_weights_so_its_model_file_may_change_under_it(tiny_untied, tmp_path):
+    """No weight stays in the file's mapping, not even an untied embedding (only ever indexed): a long-lived edge
+    whose model file is rewritten in place or truncated (a `save_pretrained` into the same folder) went on with
+    garbage rows or died of SIGBUS when a mapped embedding was tried. It keeps computing what it computed."""
+    import shutil
+
+    from src.pipeline import build_pipeline
+
+    folder, _ = tiny_untied
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    pipeline = build_pipeline(str(copy), {1}, {3}, "none", with_tokenizer=False)
+    before = pipeline.edge.generate(PROMPT, 4, keep_logits=True)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(bytes(weights.stat().st_size))  # rewritten in place: zeros
+    rewritten = pipeline.edge.generate(PROMPT, 4, keep_logits=True)
+    weights.write_bytes(b"")  # truncated
+    truncated = pipeline.edge.generate(PROMPT, 4, keep_logits=True)
+    for after in (rewritten, truncated):
+        assert after.token_ids == before.token_ids
+        assert all(torch.equal(x, y) for x, y in zip(after.logits, before.logits))
+
+
 def test_a_cloud_with_the_head_must_run_to_the_last_layer(tiny_tied):
     """The two-part cloud returns tokens, so it runs to layer L; its error names L."""
     from src.cloud import Cloud
