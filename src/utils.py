@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import threading
 import time
@@ -91,16 +92,19 @@ def adopt_torch_threads() -> None:
 
 
 def parse_layer_set(text: str, name: str) -> set[int]:
-    """Parse '1,2,3' into {1, 2, 3}; an empty or non-integer list is a user error."""
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
+    """Parse '1,2,3' into {1, 2, 3}; an empty list, an empty item ('1,,2') or a non-integer is a user error.
+
+    Items are ASCII digits with an optional sign: `int` alone also reads '1_0' as 10 and '٣' as 3."""
+    items = [item.strip() for item in text.split(",")]
+    if items == [""]:
         raise TriadicError(f"{name}: empty set of split layers")
     values = set()
     for item in items:
-        try:
-            values.add(int(item))
-        except ValueError:
-            raise TriadicError(f"{name}: {item!r} is not an integer layer index") from None
+        if not item:
+            raise TriadicError(f"{name}: {text!r} has an empty item")
+        if not re.fullmatch(r"[+-]?[0-9]+", item):
+            raise TriadicError(f"{name}: {item!r} is not an integer layer index")
+        values.add(int(item))
     return values
 
 

@@ -19,6 +19,10 @@ THREE = ({1}, {29})
         (["--first", "1,8", "--second", "5,29"], "max(first) = 8 > min(second) = 5"),
         (["--first", ""], "empty set"),
         (["--first", "1,x"], "'x' is not an integer"),
+        (["--first", "1,,2"], "'1,,2' has an empty item"),
+        (["--second", "28,"], "'28,' has an empty item"),
+        (["--first", "\u0663"], "'\u0663' is not an integer"),  # an Arabic-Indic 3, which int() reads
+        (["--first", "1_0"], "'1_0' is not an integer"),
         (["--codec", "zip"], "unknown codec 'zip'"),
         (["--base-model", "/no/such/model"], "no such model folder"),
         (["--prompt", "word " * 9000], "exceeds the model's context of 8192"),
@@ -42,6 +46,7 @@ THREE = ({1}, {29})
         (["--min-p", "2"], "--min-p 2.0: must be in [0, 1]"),
         (["--repetition-penalty", "0"], "--repetition-penalty 0.0: must be > 0"),
         (["--stop", ""], "--stop: a stop string must not be empty"),
+        (["--lora-weights", "/tmp"], "--lora-weights /tmp: cannot load a PEFT LoRA adapter"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(argv, expected, capsys):
@@ -49,6 +54,7 @@ def test_bad_input_gives_one_line_and_exit_2(argv, expected, capsys):
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert expected in lines[-1] and lines[-1].startswith("main_3_split.py: error:")
+    assert all(line.startswith("[triadic split") for line in lines[:-1])  # at most the run's header line before it
     assert "Traceback" not in captured.err and captured.out == ""
 
 
@@ -87,6 +93,14 @@ def test_a_real_process_prints_no_traceback():
     )
     assert process.returncode == 2
     assert process.stderr.strip().splitlines() == ["main_3_split.py: error: max(first) = 9 > min(second) = 7: the pair (9, 7) would put the second cut before the first"]
+
+
+def test_a_real_process_that_loads_peft_prints_its_one_line_alone(tmp_path):
+    """peft imports bitsandbytes, which warned at import about an optional 4-bit kernel on CPUs with AVX-512 bf16."""
+    process = subprocess.run([sys.executable, "main_3_split.py", "--lora-weights", str(tmp_path), "--json"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 2
+    assert process.stderr.strip().splitlines() == [f"main_3_split.py: error: --lora-weights {tmp_path}: cannot load a PEFT LoRA adapter (ValueError)"]
     assert process.stdout == ""
 
 
