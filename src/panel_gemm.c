@@ -6,7 +6,11 @@
    Each weight is read from memory once per 256 rows (up to 8 rows at a time are held in registers
    while a panel streams past; more reuse the panel from the caches), and the next rows of the panel
    are prefetched while the current ones are multiplied. Every output sums over k
-   in order with one fused multiply-add per term, so a row's result does not depend on the other rows. */
+   in order with one fused multiply-add per term, so a row's result does not depend on the other rows.
+
+   With `threads` > 1 the panels are shared out among that many OpenMP threads (built with -fopenmp; the
+   runtime is the libgomp torch has loaded): each panel is computed whole by one thread with the same
+   instructions, so the result does not depend on the thread count either. */
 #include <immintrin.h>
 #include <stddef.h>
 
@@ -48,10 +52,12 @@ static inline __attribute__((always_inline)) void panel_rows(const float *x, con
             _mm512_mask_storeu_ps(y + r * n + 16 * v, part_mask(width, v), acc[r][v]);
 }
 
-void panel_gemm(const float *x, long rows, long k_len, const float *panels, long n, float *y) {
+void panel_gemm(const float *x, long rows, long k_len, const float *panels, long n, float *y, int threads) {
+    long count = (n + PANEL - 1) / PANEL;
     for (long first = 0; first < rows; first += CHUNK) {
         long last = first + CHUNK < rows ? first + CHUNK : rows;
-        for (long p = 0; p * PANEL < n; p++) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+        for (long p = 0; p < count; p++) {
             const float *panel = panels + p * k_len * PANEL;
             long width = n - p * PANEL < PANEL ? n - p * PANEL : PANEL;
             for (long r = first; r < last; r += ROWS)

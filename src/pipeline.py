@@ -149,7 +149,7 @@ def build_pipeline(
 
     A lossy codec changes the hidden states far beyond the last bits of a product, so its sides store
     their fp32 weights in the layout that is faster over several rows (`from_checkpoint`'s `column_major`),
-    and on one CPU thread with AVX-512 as panels (`use_panels_where_they_run`); a lossless run keeps
+    and on a CPU with AVX-512 as panels (`use_panels_where_they_run`); a lossless run keeps
     transformers' layout, so that it computes what HF computes bit for bit.
     """
     column_major = not get_codec(codec_name).lossless  # an unknown codec is refused before any weights are read
@@ -177,13 +177,13 @@ def build_pipeline(
 
 
 def use_panels_where_they_run(parts) -> None:
-    """A lossy run's fp32 CPU layers on one torch thread with AVX-512: products in the panel kernel (src/panels.py).
+    """A lossy run's fp32 CPU layers on a CPU with AVX-512: products in the panel kernel (src/panels.py).
 
     Moving cuts run chunks of 2-3 positions, and MKL's product over a few rows repacks the weight at every
     call: at hidden 4096 on an AMD EPYC (4 layers, one thread, interleaved with HF `generate`), moving int8
     ran at 0.83x of HF with MKL and 1.20x with panels, fixed int8 at 1.01x and 1.15x. A row's product does
-    not depend on the rows beside it, but sums in another order than MKL: lossy runs only. Where the
-    kernel cannot run (more threads, bf16, a GPU, no AVX-512 or compiler) the weights stay column-major."""
+    not depend on the rows beside it (nor on the thread count), but sums in another order than MKL: lossy
+    runs only. Where the kernel cannot run (bf16, a GPU, no AVX-512 or compiler) the weights stay column-major."""
     from .panels import use_panels
 
     for part in parts:

@@ -224,7 +224,7 @@ def test_families_batch_to_their_tokens_alone_or_are_declared_unbatchable(model_
              for i, prompt in enumerate(prompts)]
     schedule = SplitSchedule(tuple(FIRST), tuple(SECOND), config.num_hidden_layers)
     part = build_cloud(folder, config, schedule, column_major=True).part  # as a batching server builds it
-    assert (use_panels(part) is None) is (why_no_kernel() is None)  # and, where the kernel runs (one thread), as panels
+    assert (use_panels(part) is None) is (why_no_kernel() is None)  # and, where the kernel runs, as panels
     if model_type == "diffllama":
         with pytest.raises(ValueError, match="diffllama"):
             enable_packing(part)
@@ -264,7 +264,7 @@ def test_a_server_reads_its_weights_once_in_the_layout_its_batching_needs(model_
             assert len(reads) == 1 and "model.layers.1.mlp.up_proj.weight" in reads[0]
             assert (service.batcher is not None) is batches
             up = service.part.model.layers[1].mlp.up_proj
-            if batches and flags[1] == "1" and why_no_kernel() is None:  # one thread: panels, made from the column-major weights
+            if batches and why_no_kernel() is None:  # panels, made from the column-major weights
                 assert isinstance(up, PanelLinear)
             else:
                 assert is_column_major(up.weight) is batches

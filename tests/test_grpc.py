@@ -367,7 +367,7 @@ time.sleep(600)
 
 def test_four_clients_at_once(servers, tiny_tied):
     """Four sessions at once get the in-process tokens; their batched replies are what each gets alone: bit for
-    bit where the server's products run in the panel kernel (one thread, AVX-512: this server's --threads 1),
+    bit where the server's products run in the panel kernel (on a CPU with AVX-512),
     whose rows do not depend on each other, and within 1e-4 where MKL's products change with the row count."""
     folder, _ = tiny_tied
     server = servers["plain"]
