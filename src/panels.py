@@ -15,9 +15,10 @@ depend on which other rows share the call, so a session's step packed with other
 products, what it gives alone, bit for bit.
 
 With several torch threads the kernel shares the panels out among as many OpenMP threads, each panel
-computed whole by one thread, so a product gives the same bits on any number of threads. On this 2-core
-machine's 28 layers, two threads against two threads of MKL over column-major weights: one row 606
-against 1,137 us, 8 rows 650 against 1,635, 64 rows 2,316 against 4,215.
+computed whole by one thread, so a product gives the same bits on any number of threads. Over the 28
+layers as above on a 2-core AMD EPYC, two threads against two threads of MKL over column-major weights
+(median of 15 passes): one row 534 against 1,045 us, 8 rows 418 against 2,273, 16 rows 721 against
+2,070, 64 rows 2,222 against 4,137; one thread of the kernel 591, 620, 1,198 and 4,401.
 
 The kernel is compiled on first use with the system's C compiler into $TRIADIC_CACHE (with OpenMP where
 the compiler has it, else for one thread), and used where the CPU has AVX-512. Where that or the compiler
