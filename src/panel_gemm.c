@@ -10,9 +10,15 @@
 
    With `threads` > 1 the panels are shared out among that many OpenMP threads (built with -fopenmp; the
    runtime is the libgomp torch has loaded): each panel is computed whole by one thread with the same
-   instructions, so the result does not depend on the thread count either. */
+   instructions, so the result does not depend on the thread count either.
+
+   panel_gemm_bf16 is the same over bf16 x, W and y, for CPUs with AVX512_BF16: a panel holds W.T's rows in
+   pairs, [k_len / 2, PANEL, 2], and one VDPBF16PS adds two terms (k, k + 1) to each fp32 accumulator; the
+   sums are rounded to bf16 (to nearest even) once, at the end. k_len must be even. */
 #include <immintrin.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <string.h>
 
 #define PANEL 48      /* three 16-float vectors: 8 rows x 3 accumulators fit the 32 AVX-512 registers */
 #define ROWS 8
@@ -52,20 +58,65 @@ static inline __attribute__((always_inline)) void panel_rows(const float *x, con
             _mm512_mask_storeu_ps(y + r * n + 16 * v, part_mask(width, v), acc[r][v]);
 }
 
-void panel_gemm(const float *x, long rows, long k_len, const float *panels, long n, float *y, int threads) {
-    long count = (n + PANEL - 1) / PANEL;
-    for (long first = 0; first < rows; first += CHUNK) {
-        long last = first + CHUNK < rows ? first + CHUNK : rows;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-        for (long p = 0; p < count; p++) {
-            const float *panel = panels + p * k_len * PANEL;
-            long width = n - p * PANEL < PANEL ? n - p * PANEL : PANEL;
-            for (long r = first; r < last; r += ROWS)
-                switch (last - r < ROWS ? last - r : ROWS) {
-#define ROWS_CASE(count) case count: panel_rows(x + r * k_len, count, k_len, panel, y + r * n + p * PANEL, n, width); break;
-                    ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4) ROWS_CASE(5) ROWS_CASE(6) ROWS_CASE(7) ROWS_CASE(8)
-#undef ROWS_CASE
-                }
+#define BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+/* panel_rows over bf16: each step of the loop takes a pair of k, two bf16 of x as one 32-bit broadcast. */
+static inline __attribute__((always_inline)) BF16 void panel_rows_bf16(const uint16_t *x, const int rows, long k_len,
+                                                                       const uint16_t *panel, uint16_t *y, long n, long width) {
+    __m512 acc[ROWS][3];
+#pragma GCC unroll 8
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < 3; v++) acc[r][v] = _mm512_setzero_ps();
+    for (long k = 0; k < k_len; k += 2) {
+        const uint16_t *w = panel + k * PANEL;  /* PANEL pairs of bf16 per pair of k: 3 vectors */
+        _mm_prefetch((const char *)(w + AHEAD * PANEL), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + AHEAD * PANEL + 32), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + AHEAD * PANEL + 64), _MM_HINT_T0);
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w), w1 = (__m512bh)_mm512_loadu_si512(w + 32), w2 = (__m512bh)_mm512_loadu_si512(w + 64);
+#pragma GCC unroll 8
+        for (int r = 0; r < rows; r++) {
+            int32_t pair;
+            memcpy(&pair, x + r * k_len + k, sizeof pair);
+            __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, xv);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w1, xv);
+            acc[r][2] = _mm512_dpbf16_ps(acc[r][2], w2, xv);
         }
     }
+#pragma GCC unroll 8
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < 3; v++)
+            _mm256_mask_storeu_epi16(y + r * n + 16 * v, part_mask(width, v), (__m256i)_mm512_cvtneps_pbh(acc[r][v]));
 }
+
+/* Every panel past each block of up to ROWS rows, CHUNK rows at a time, the panels shared out among `threads`.
+   `rows_fn` is called with a constant row count (see panel_rows). */
+#define PANEL_GEMM(name, type, rows_fn, attributes)                                                                    \
+    attributes void name(const type *x, long rows, long k_len, const type *panels, long n, type *y, int threads) {       \
+        long count = (n + PANEL - 1) / PANEL;                                                                          \
+        for (long first = 0; first < rows; first += CHUNK) {                                                           \
+            long last = first + CHUNK < rows ? first + CHUNK : rows;                                                   \
+            _Pragma("omp parallel for num_threads(threads) schedule(static) if (threads > 1)")                         \
+            for (long p = 0; p < count; p++) {                                                                         \
+                const type *panel = panels + p * k_len * PANEL;                                                        \
+                long width = n - p * PANEL < PANEL ? n - p * PANEL : PANEL;                                            \
+                for (long r = first; r < last; r += ROWS) {                                                            \
+                    const type *block = x + r * k_len;                                                                 \
+                    type *out = y + r * n + p * PANEL;                                                                 \
+                    switch (last - r < ROWS ? last - r : ROWS) {                                                       \
+                    case 1: rows_fn(block, 1, k_len, panel, out, n, width); break;                                     \
+                    case 2: rows_fn(block, 2, k_len, panel, out, n, width); break;                                     \
+                    case 3: rows_fn(block, 3, k_len, panel, out, n, width); break;                                     \
+                    case 4: rows_fn(block, 4, k_len, panel, out, n, width); break;                                     \
+                    case 5: rows_fn(block, 5, k_len, panel, out, n, width); break;                                     \
+                    case 6: rows_fn(block, 6, k_len, panel, out, n, width); break;                                     \
+                    case 7: rows_fn(block, 7, k_len, panel, out, n, width); break;                                     \
+                    case 8: rows_fn(block, 8, k_len, panel, out, n, width); break;                                     \
+                    }                                                                                                  \
+                }                                                                                                      \
+            }                                                                                                          \
+        }                                                                                                              \
+    }
+
+PANEL_GEMM(panel_gemm, float, panel_rows, )
+PANEL_GEMM(panel_gemm_bf16, uint16_t, panel_rows_bf16, BF16)

@@ -42,12 +42,14 @@ from torch import nn
 
 from .checkpoint import cache_dir
 from .models import CONSTRUCTION
+from .precision import cpu_flags
 
 logger = logging.getLogger(__name__)
 
 PANEL = 48  # columns per panel: must match PANEL in panel_gemm.c
 SOURCE = Path(__file__).with_name("panel_gemm.c")
 FLAGS = ("-O3", "-mavx512f", "-mfma", "-shared", "-fPIC")
+BF16_FLAG = "avx512_bf16"  # /proc/cpuinfo's name for the VDPBF16PS the bf16 kernel runs on
 OPENMP = "-fopenmp"  # shares a product's panels among torch's threads; a compiler without it builds for one thread
 COMPILE_SECONDS = 60.0  # a compiler that hangs is killed, with what it started, and the products stay torch's
 
@@ -127,9 +129,9 @@ def _loaded(data: bytes, folder: Path) -> ctypes.CDLL:
         copy.write(data)
         copy.flush()
         library = ctypes.CDLL(copy.name)
-    library.panel_gemm.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
-                                   ctypes.c_int]
-    library.panel_gemm.restype = None
+    for product in (library.panel_gemm, library.panel_gemm_bf16):
+        product.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
+        product.restype = None
     _check(library)
     return library
 
@@ -137,34 +139,40 @@ def _loaded(data: bytes, folder: Path) -> ctypes.CDLL:
 def _check(library: ctypes.CDLL) -> None:
     """Products the kernel must get right before any model uses it (a miscompiled or foreign library is refused):
     last row blocks of 3, 8, 1 and 4 rows, partly filled last panels, and more rows than one pass takes; on three
-    threads the same bits as on one."""
+    threads the same bits as on one. In bf16 too where the CPU has AVX512_BF16 (elsewhere it would die of SIGILL)."""
     generator = torch.Generator().manual_seed(0)
-    for rows, in_features, out_features in ((11, 37, 100), (8, 130, 49), (1, 48, 96), (300, 5, 1)):
-        weight = torch.randn(out_features, in_features, generator=generator, dtype=torch.float32)
-        x = torch.randn(rows, in_features, generator=generator, dtype=torch.float32)
-        stored = to_panels(weight)  # held: the kernel sees only addresses
-        got, shared = torch.empty(rows, out_features, dtype=torch.float32), torch.empty(rows, out_features, dtype=torch.float32)
-        library.panel_gemm(x.data_ptr(), rows, in_features, stored.data_ptr(), out_features, got.data_ptr(), 1)
-        library.panel_gemm(x.data_ptr(), rows, in_features, stored.data_ptr(), out_features, shared.data_ptr(), 3)
-        if not torch.allclose(got, x @ weight.T, rtol=1e-5, atol=1e-5):
-            raise RuntimeError(f"its product differs from torch's ({rows} x {in_features} by {out_features})")
-        if not torch.equal(got, shared):
-            raise RuntimeError(f"its product on three threads differs from one thread's ({rows} x {in_features} by {out_features})")
+    dtypes = [torch.float32] + ([torch.bfloat16] if BF16_FLAG in cpu_flags() else [])
+    for dtype in dtypes:
+        product, tolerance = (library.panel_gemm_bf16, 2e-2) if dtype == torch.bfloat16 else (library.panel_gemm, 1e-5)
+        for rows, in_features, out_features in ((11, 38, 100), (8, 130, 49), (1, 48, 96), (300, 6, 1)):
+            weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
+            x = torch.randn(rows, in_features, generator=generator).to(dtype)
+            stored = to_panels(weight)  # held: the kernel sees only addresses
+            got, shared = torch.empty(rows, out_features, dtype=dtype), torch.empty(rows, out_features, dtype=dtype)
+            product(x.data_ptr(), rows, in_features, stored.data_ptr(), out_features, got.data_ptr(), 1)
+            product(x.data_ptr(), rows, in_features, stored.data_ptr(), out_features, shared.data_ptr(), 3)
+            if not torch.allclose(got.float(), x.float() @ weight.float().T, rtol=tolerance, atol=tolerance):
+                raise RuntimeError(f"its {dtype} product differs from torch's ({rows} x {in_features} by {out_features})")
+            if not torch.equal(got, shared):
+                raise RuntimeError(f"its {dtype} product on three threads differs from one thread's ({rows} x {in_features} by {out_features})")
 
 
 def to_panels(weight: torch.Tensor) -> torch.Tensor:
     """[out, in] weight -> [panels, in, PANEL]: panel p holds columns PANEL*p ... of W.T, the last zero-padded.
 
-    Written panel by panel into one new tensor, so that a weight is never held more than twice."""
+    In bf16, [panels, in / 2, PANEL, 2]: W.T's rows in pairs, each column's two values side by side, as one
+    VDPBF16PS takes them. Written panel by panel into one new tensor, so that a weight is never held more than twice."""
     out_features, in_features = weight.shape
-    stored = weight.new_zeros(-(-out_features // PANEL), in_features, PANEL)
+    paired = weight.dtype == torch.bfloat16
+    stored = weight.new_zeros(-(-out_features // PANEL), *((in_features // 2, PANEL, 2) if paired else (in_features, PANEL)))
     for p, block in enumerate(weight.split(PANEL)):
-        stored[p, :, : block.shape[0]] = block.T
+        columns = block.T  # [in, columns of this panel]
+        stored[p, :, : block.shape[0]] = columns.reshape(in_features // 2, 2, -1).transpose(1, 2) if paired else columns
     return stored
 
 
 class PanelLinear(nn.Module):
-    """`nn.Linear`'s product over weights stored as panels (fp32, CPU, no gradients)."""
+    """`nn.Linear`'s product over weights stored as panels (fp32, or bf16 with AVX512_BF16; CPU, no gradients)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -177,13 +185,15 @@ class PanelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.dtype != torch.float32:
-            raise TypeError(f"PanelLinear computes in float32, not {rows.dtype}")
+        dtype = self.panels.dtype
+        if rows.dtype != dtype:
+            raise TypeError(f"PanelLinear computes in {dtype}, not {rows.dtype}")
         rows = rows.contiguous()
-        y = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)  # not the default dtype, which builds change
+        y = torch.empty(rows.shape[0], self.out_features, dtype=dtype)
         assert _kernel is not None  # PanelLinear is made only once the kernel has loaded
-        _kernel.panel_gemm(rows.data_ptr(), rows.shape[0], self.in_features, self.panels.data_ptr(), self.out_features, y.data_ptr(),
-                           torch.get_num_threads())
+        product = _kernel.panel_gemm_bf16 if dtype == torch.bfloat16 else _kernel.panel_gemm
+        product(rows.data_ptr(), rows.shape[0], self.in_features, self.panels.data_ptr(), self.out_features, y.data_ptr(),
+                torch.get_num_threads())
         if self.bias is not None:
             y += self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -197,8 +207,16 @@ def use_panels(part: nn.Module) -> str | None:
 
     One weight at a time, each dropped as soon as its panels replace it: the part holds one weight twice at most."""
     names = [name for name, module in part.named_modules() if isinstance(module, nn.Linear) and ".layers." in name]
-    if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in (part.get_submodule(n).weight for n in names)):
-        return "the panel kernel computes in float32 on the CPU"
+    weights = [part.get_submodule(name).weight for name in names]
+    dtypes = {w.dtype for w in weights}
+    if any(w.device.type != "cpu" for w in weights) or not dtypes <= {torch.float32, torch.bfloat16} or len(dtypes) > 1:
+        return "the panel kernel computes in float32 or bfloat16 on the CPU"
+    if dtypes == {torch.bfloat16}:
+        if BF16_FLAG not in cpu_flags():
+            return f"the CPU has no {BF16_FLAG} for bfloat16 panels"
+        if any(w.shape[1] % 2 for w in weights):
+            return "a bfloat16 panel takes its inputs in pairs, and a layer has an odd number"
+    del weights  # from here each weight is dropped as soon as its panels replace it
     reason = why_no_kernel()  # built here, where it will be used
     if reason is not None:
         return reason

@@ -177,13 +177,14 @@ def build_pipeline(
 
 
 def use_panels_where_they_run(parts) -> None:
-    """A lossy run's fp32 CPU layers on a CPU with AVX-512: products in the panel kernel (src/panels.py).
+    """A lossy run's fp32 (or bf16) CPU layers on a CPU with AVX-512 (and AVX512_BF16): products in the panel kernel.
 
     Moving cuts run chunks of 2-3 positions, and MKL's product over a few rows repacks the weight at every
     call: at hidden 4096 on an AMD EPYC (4 layers, one thread, interleaved with HF `generate`), moving int8
     ran at 0.83x of HF with MKL and 1.20x with panels, fixed int8 at 1.01x and 1.15x. A row's product does
     not depend on the rows beside it (nor on the thread count), but sums in another order than MKL: lossy
-    runs only. Where the kernel cannot run (bf16, a GPU, no AVX-512 or compiler) the weights stay column-major."""
+    runs only. Where the kernel cannot run (fp16, a GPU, no AVX-512 or compiler, bf16 without AVX512_BF16) the
+    weights stay as `from_checkpoint` laid them out."""
     from .panels import use_panels
 
     for part in parts:

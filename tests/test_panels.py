@@ -11,6 +11,8 @@ from src import panels
 from src.panels import PanelLinear, to_panels, use_panels, why_no_kernel
 
 needs_kernel = pytest.mark.skipif(why_no_kernel() is not None, reason=f"{why_no_kernel()}")
+needs_bf16_kernel = pytest.mark.skipif(why_no_kernel() is not None or panels.BF16_FLAG not in panels.cpu_flags(),
+                                       reason="no panel kernel, or no avx512_bf16")
 
 
 def test_panels_hold_the_weight_once_padded_to_whole_panels():
@@ -46,21 +48,43 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
     assert torch.equal(paneled(rows[3:11]), together[3:11])  # a non-contiguous block of the same rows
 
 
+@needs_bf16_kernel
+@pytest.mark.parametrize("out_features, in_features, bias", [(100, 38, True), (576, 576, False), (1, 2, False), (192, 1536, True)])
+def test_the_bf16_product_is_nn_linears_within_bf16s_rounding_and_a_row_alone_is_the_same(out_features, in_features, bias):
+    """bf16 panels (VDPBF16PS, fp32 sums rounded to bf16 once): nn.Linear's bf16 product to bf16's precision for every
+    row count, and a row's result the same bits whatever rows share the call."""
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, out_features, bias=bias).to(torch.bfloat16)
+    paneled = PanelLinear(linear)
+    assert paneled.panels.dtype == torch.bfloat16
+    for rows in (1, 2, 7, 8, 9, 17, 257):
+        x = torch.randn(1, rows, in_features).to(torch.bfloat16)
+        got = paneled(x)
+        assert got.shape == (1, rows, out_features) and got.dtype == torch.bfloat16
+        exact = x.float() @ linear.weight.float().T + (linear.bias.float() if bias else 0)
+        torch.testing.assert_close(got.float(), exact, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(linear(x).float(), exact, rtol=2e-2, atol=2e-2)  # torch's own bf16 product: the same bound
+        for i in (0, rows - 1):
+            assert torch.equal(got[0, i], paneled(x[:, i : i + 1])[0, 0]), (rows, i)
+
+
 @needs_kernel
 def test_a_product_gives_the_same_bits_on_any_number_of_threads():
     """The panels are shared out among torch's threads, each panel computed whole by one: a side's results do not
     depend on how many threads it runs."""
     torch.manual_seed(2)
-    paneled = PanelLinear(nn.Linear(576, 1000))  # 21 panels, the last partly filled: uneven shares
+    dtypes = [torch.float32] + ([torch.bfloat16] if panels.BF16_FLAG in panels.cpu_flags() else [])
     threads = torch.get_num_threads()
     try:
-        for rows in (1, 3, 9, 300):
-            x = torch.randn(rows, 576)
-            torch.set_num_threads(1)
-            alone = paneled(x)
-            for count in (2, 3, 5):
-                torch.set_num_threads(count)
-                assert torch.equal(paneled(x), alone), (rows, count)
+        for dtype in dtypes:
+            paneled = PanelLinear(nn.Linear(576, 1000).to(dtype))  # 21 panels, the last partly filled: uneven shares
+            for rows in (1, 3, 9, 300):
+                x = torch.randn(rows, 576).to(dtype)
+                torch.set_num_threads(1)
+                alone = paneled(x)
+                for count in (2, 3, 5):
+                    torch.set_num_threads(count)
+                    assert torch.equal(paneled(x), alone), (dtype, rows, count)
     finally:
         torch.set_num_threads(threads)
 
@@ -107,8 +131,11 @@ def test_where_the_kernel_cannot_run_the_layout_stays_and_says_why(tiny_untied, 
     folder, _ = tiny_untied
     config = load_config(folder)
     part = build_cloud(folder, config, SplitSchedule((1,), (3,), config.num_hidden_layers)).part
+    fp16 = build_cloud(folder, config, SplitSchedule((1,), (3,), config.num_hidden_layers), side=SideOptions(dtype=torch.float16)).part
+    assert use_panels(fp16) == "the panel kernel computes in float32 or bfloat16 on the CPU"
     bf16 = build_cloud(folder, config, SplitSchedule((1,), (3,), config.num_hidden_layers), side=SideOptions(dtype=torch.bfloat16)).part
-    assert use_panels(bf16) == "the panel kernel computes in float32 on the CPU"
+    monkeypatch.setattr(panels, "cpu_flags", lambda: frozenset({"avx512f"}))
+    assert use_panels(bf16) == "the CPU has no avx512_bf16 for bfloat16 panels"
     forget_kernel(monkeypatch, tmp_path, "no-such-compiler")  # nothing built there yet: use_panels builds it
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     reason = use_panels(part)
