@@ -74,7 +74,15 @@ def why_no_kernel() -> str | None:
         _kernel = _compiled()
     except Exception as error:  # noqa: BLE001 (whatever fails, the products stay torch's and the reason is said)
         _kernel_problem = f"the panel kernel could not be built: {error}".splitlines()[0]
-    return _kernel_problem
+        return _kernel_problem
+    if not shares_threads():
+        logger.warning("the panel kernel was built without OpenMP: its products run on one thread whatever torch runs")
+    return None
+
+
+def shares_threads() -> bool:
+    """Whether the loaded kernel shares a product's panels among torch's threads (it was built with OpenMP)."""
+    return _kernel is not None and bool(_kernel.panel_gemm_threads())
 
 
 def _compiled() -> ctypes.CDLL:
@@ -121,9 +129,11 @@ def _compile(output: Path) -> None:
             os.killpg(process.pid, signal.SIGKILL)  # the compiler and whatever it started
             process.wait()
             raise RuntimeError(f"{compiler} ran past {COMPILE_SECONDS:g} s") from None
+        last = (errors.strip().splitlines() or ["no message"])[-1]
         if process.returncode == 0:
             return
-    last = (errors.strip().splitlines() or ["no message"])[-1]
+        if OPENMP in flags:
+            logger.warning("the panel kernel does not build with %s (%s): building it for one thread", OPENMP, last)
     raise RuntimeError(f"{compiler} exited with {process.returncode}: {last}")
 
 
@@ -133,32 +143,63 @@ def _loaded(data: bytes, folder: Path) -> ctypes.CDLL:
         copy.write(data)
         copy.flush()
         library = ctypes.CDLL(copy.name)
-    for product in (library.panel_gemm, library.panel_gemm_bf16):
-        product.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
-        product.restype = None
+    for name in ("panel_gemm", "panel_gemm_bf16"):  # the second only from a compiler that knows AVX512_BF16
+        if hasattr(library, name):
+            product = getattr(library, name)
+            product.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
+                                ctypes.c_void_p, ctypes.c_int]
+            product.restype = None
+    library.panel_gemm_threads.restype = ctypes.c_int
     _check(library)
     return library
 
 
 def _check(library: ctypes.CDLL) -> None:
     """Products the kernel must get right before any model uses it (a miscompiled or foreign library is refused):
-    last row blocks of 3, 8, 1 and 4 rows, partly filled last panels, and more rows than one pass takes; on three
-    threads the same bits as on one. In bf16 too where the CPU has AVX512_BF16 (elsewhere it would die of SIGILL)."""
+    last row blocks of 3, 8, 1 and 4 rows, partly filled last panels, a bias, and more rows than one pass takes; on
+    torch's threads, where it runs several, the same bits as on one. In bf16 too where the library has it and the
+    CPU has AVX512_BF16 (elsewhere it would die of SIGILL)."""
     generator = torch.Generator().manual_seed(0)
-    dtypes = [torch.float32] + ([torch.bfloat16] if BF16_FLAG in cpu_flags() else [])
+    threads = torch.get_num_threads()  # not more: OpenMP workers started here would outlive the check
+    dtypes = [torch.float32] + ([torch.bfloat16] if _has_bf16(library) else [])
     for dtype in dtypes:
         product, tolerance = (library.panel_gemm_bf16, 2e-2) if dtype == torch.bfloat16 else (library.panel_gemm, 1e-5)
-        for rows, in_features, out_features in ((11, 38, 100), (8, 130, 49), (1, 48, 96), (300, 6, 1)):
+        for rows, in_features, out_features, biased in ((11, 38, 100, False), (8, 130, 49, True), (1, 48, 96, False), (300, 6, 1, True)):
             weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
             x = torch.randn(rows, in_features, generator=generator).to(dtype)
+            bias = torch.randn(out_features, generator=generator) if biased else None
             stored = to_panels(weight)  # held: the kernel sees only addresses
             got, shared = torch.empty(rows, out_features, dtype=dtype), torch.empty(rows, out_features, dtype=dtype)
-            product(x.data_ptr(), rows, in_features, stored.data_ptr(), out_features, got.data_ptr(), 1)
-            product(x.data_ptr(), rows, in_features, stored.data_ptr(), out_features, shared.data_ptr(), 3)
-            if not torch.allclose(got.float(), x.float() @ weight.float().T, rtol=tolerance, atol=tolerance):
+            start = bias.data_ptr() if bias is not None else None
+            product(x.data_ptr(), rows, in_features, stored.data_ptr(), out_features, got.data_ptr(), start, 1)
+            exact = x.float() @ weight.float().T + (bias if bias is not None else 0)
+            if not torch.allclose(got.float(), exact, rtol=tolerance, atol=tolerance):
                 raise RuntimeError(f"its {dtype} product differs from torch's ({rows} x {in_features} by {out_features})")
-            if not torch.equal(got, shared):
-                raise RuntimeError(f"its {dtype} product on three threads differs from one thread's ({rows} x {in_features} by {out_features})")
+            if threads > 1:
+                product(x.data_ptr(), rows, in_features, stored.data_ptr(), out_features, shared.data_ptr(), start, threads)
+                if not torch.equal(got, shared):
+                    raise RuntimeError(f"its {dtype} product on {threads} threads differs from one thread's ({rows} x {in_features} by {out_features})")
+
+
+def _has_bf16(library: ctypes.CDLL) -> bool:
+    """Whether bf16 products can run: the library has them (a compiler that knows AVX512_BF16) and the CPU the instructions."""
+    return hasattr(library, "panel_gemm_bf16") and BF16_FLAG in cpu_flags()
+
+
+def why_not_paneled(weight: torch.Tensor) -> str | None:
+    """Why this linear weight cannot be stored as panels, or None where it can (the kernel is built on first call)."""
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        return "the panel kernel computes in float32 or bfloat16 on the CPU"
+    reason = why_no_kernel()
+    if reason is not None or weight.dtype == torch.float32:
+        return reason
+    assert _kernel is not None
+    if not _has_bf16(_kernel):
+        return (f"the CPU has no {BF16_FLAG} for bfloat16 panels" if BF16_FLAG not in cpu_flags()
+                else "the panel kernel was built without bfloat16 (a compiler that does not know AVX512_BF16)")
+    if weight.shape[1] % 2:
+        return "a bfloat16 panel takes its inputs in pairs, and this layer has an odd number"
+    return None
 
 
 def to_panels(weight: torch.Tensor) -> torch.Tensor:
@@ -180,12 +221,14 @@ class PanelLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        reason = why_no_kernel()
+        reason = why_not_paneled(linear.weight)
         if reason is not None:
-            raise RuntimeError(reason)
+            raise ValueError(reason)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.panels = nn.Parameter(to_panels(linear.weight.detach()), requires_grad=False)
         self.bias = linear.bias
+        # The kernel starts its sums at the bias, in fp32: a bf16 layer's output is rounded once, as torch's is.
+        self.register_buffer("bias32", None if linear.bias is None else linear.bias.detach().float().contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -197,9 +240,7 @@ class PanelLinear(nn.Module):
         assert _kernel is not None  # PanelLinear is made only once the kernel has loaded
         product = _kernel.panel_gemm_bf16 if dtype == torch.bfloat16 else _kernel.panel_gemm
         product(rows.data_ptr(), rows.shape[0], self.in_features, self.panels.data_ptr(), self.out_features, y.data_ptr(),
-                torch.get_num_threads())
-        if self.bias is not None:
-            y += self.bias
+                None if self.bias32 is None else self.bias32.data_ptr(), torch.get_num_threads())
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -207,23 +248,15 @@ class PanelLinear(nn.Module):
 
 
 def use_panels(part: nn.Module) -> str | None:
-    """Store the fp32 CPU linear layers of a part's decoder layers as panels; why not, or None where done.
+    """Store the fp32 or bf16 CPU linear layers of a part's decoder layers as panels; why not, or None where done
+    (all of them or none: the part is unchanged where one cannot be).
 
     One weight at a time, each dropped as soon as its panels replace it: the part holds one weight twice at most."""
     names = [name for name, module in part.named_modules() if isinstance(module, nn.Linear) and ".layers." in name]
-    weights = [part.get_submodule(name).weight for name in names]
-    dtypes = {w.dtype for w in weights}
-    if any(w.device.type != "cpu" for w in weights) or not dtypes <= {torch.float32, torch.bfloat16} or len(dtypes) > 1:
-        return "the panel kernel computes in float32 or bfloat16 on the CPU"
-    if dtypes == {torch.bfloat16}:
-        if BF16_FLAG not in cpu_flags():
-            return f"the CPU has no {BF16_FLAG} for bfloat16 panels"
-        if any(w.shape[1] % 2 for w in weights):
-            return "a bfloat16 panel takes its inputs in pairs, and a layer has an odd number"
-    del weights  # from here each weight is dropped as soon as its panels replace it
-    reason = why_no_kernel()  # built here, where it will be used
-    if reason is not None:
-        return reason
+    for name in names:  # the kernel is built at the first, here, where it will be used
+        reason = why_not_paneled(part.get_submodule(name).weight)
+        if reason is not None:
+            return reason
     with CONSTRUCTION:  # new parameters: not while another thread builds a part on the meta device
         for name in names:
             owner, _, attribute = name.rpartition(".")

@@ -246,8 +246,8 @@ def test_families_batch_to_their_tokens_alone_or_are_declared_unbatchable(model_
 @pytest.mark.parametrize("model_type", ["llama", "diffllama"])
 def test_a_server_reads_its_weights_once_in_the_layout_its_batching_needs(model_type, tmp_path, monkeypatch):
     """The server asks whether its part can batch before reading any weight: a batchable family is read once,
-    column-major, and batches (with one torch thread, its linear layers then rewritten as panels where the kernel
-    runs); DiffLlama is read once, in transformers' layout (what HF computes), and does not."""
+    column-major, and batches (on one torch thread or two, its linear layers then rewritten as panels where the
+    kernel runs); DiffLlama is read once, in transformers' layout (what HF computes), and does not."""
     import src.models
     from src.serve.cloud_server import load, make_parser
 

@@ -1,4 +1,5 @@
 """Linear layers over panel-stored weights (src/panels.py): the product nn.Linear gives, a row independent of the others."""
+import ctypes
 import time
 import weakref
 from pathlib import Path
@@ -72,6 +73,7 @@ def test_the_bf16_product_is_nn_linears_within_bf16s_rounding_and_a_row_alone_is
 def test_a_product_gives_the_same_bits_on_any_number_of_threads():
     """The panels are shared out among torch's threads, each panel computed whole by one: a side's results do not
     depend on how many threads it runs."""
+    assert panels.shares_threads()  # built with OpenMP here: otherwise this test could not fail
     torch.manual_seed(2)
     dtypes = [torch.float32] + ([torch.bfloat16] if panels.BF16_FLAG in panels.cpu_flags() else [])
     threads = torch.get_num_threads()
@@ -146,14 +148,47 @@ def test_where_the_kernel_cannot_run_the_layout_stays_and_says_why(tiny_untied, 
     assert use_panels(part) == "the CPU's vector capability is AVX2, not AVX-512"
 
 
-def test_a_library_whose_product_is_wrong_is_refused():
+def test_a_library_whose_product_is_wrong_is_refused_and_bf16_is_never_run_on_a_cpu_without_it(monkeypatch):
     class Miscompiled:
         @staticmethod
-        def panel_gemm(x, rows, k_len, stored, n, y, threads):
+        def panel_gemm(x, rows, k_len, stored, n, y, bias, threads):
             torch.ones(1)  # writes nothing: y keeps whatever it held
 
     with pytest.raises(RuntimeError, match="differs from torch's"):
         panels._check(Miscompiled())
+    assert why_no_kernel() is None or pytest.skip(why_no_kernel())
+    real = panels._kernel
+    calls = []
+
+    class WrongOnThreads:  # right on one thread, wrong on more; bf16 only records that it ran
+        @staticmethod
+        def panel_gemm(x, rows, k_len, stored, n, y, bias, threads):
+            real.panel_gemm(x, rows, k_len, stored, n, y, bias, 1)
+            if threads > 1:
+                torch.frombuffer((ctypes.c_float * 1).from_address(y), dtype=torch.float32)[0] += 1.0
+
+        @staticmethod
+        def panel_gemm_bf16(*args):
+            calls.append(args)
+
+    monkeypatch.setattr(panels, "cpu_flags", lambda: frozenset({"avx512f"}))  # a CPU without AVX512_BF16
+    panels._check(WrongOnThreads())  # one torch thread (conftest): only the one-thread products are checked
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    with pytest.raises(RuntimeError, match="on 2 threads differs from one thread's"):
+        panels._check(WrongOnThreads())
+    assert calls == []
+
+
+@needs_kernel
+def test_a_layer_the_kernel_cannot_take_is_refused_by_name():
+    for linear, reason in ((nn.Linear(8, 4).half(), "computes in float32 or bfloat16 on the CPU"),
+                           (nn.Linear(8, 4).double(), "computes in float32 or bfloat16 on the CPU")):
+        with pytest.raises(ValueError, match=reason):
+            PanelLinear(linear)
+    odd = nn.Linear(7, 4).to(torch.bfloat16)
+    expected = "takes its inputs in pairs" if panels.BF16_FLAG in panels.cpu_flags() else "no avx512_bf16"
+    with pytest.raises(ValueError, match=expected):
+        PanelLinear(odd)
 
 
 def fresh_kernel(monkeypatch, cache, compiler: str | None = None) -> str | None:
@@ -209,6 +244,19 @@ def test_the_product_is_float32_whatever_the_default_dtype():
     torch.testing.assert_close(got, linear(x), rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
+def test_a_compiler_without_openmp_builds_the_kernel_for_one_thread_and_says_so(tmp_path, monkeypatch, caplog):
+    without = tmp_path / "cc-without-openmp.sh"
+    without.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "unsupported option -fopenmp" >&2; exit 1; }; done\nexec cc "$@"\n')
+    without.chmod(0o755)
+    with caplog.at_level("WARNING", logger="src.panels"):
+        assert fresh_kernel(monkeypatch, tmp_path, str(without)) is None
+    assert not panels.shares_threads()
+    assert "does not build with -fopenmp (unsupported option -fopenmp)" in caplog.text and "run on one thread" in caplog.text
+    linear, x = nn.Linear(64, 100), torch.randn(3, 64)
+    torch.testing.assert_close(PanelLinear(linear)(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
 def test_a_compiler_that_hangs_is_killed_with_what_it_started(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.setattr(panels, "COMPILE_SECONDS", 1.0)
@@ -229,19 +277,21 @@ def test_a_lossy_pipeline_computes_its_layers_on_panels_on_any_number_of_threads
     """Moving cuts run chunks of 2-3 positions, which MKL's product serves at up to 1.4x a row's cost and the
     panels at about one row's (src/pipeline.py: use_panels_where_they_run). Lossless sides keep transformers'
     layout: they must compute what HF computes, bit for bit."""
-    from src.pipeline import build_pipeline
+    from src.pipeline import SideOptions, build_pipeline
 
     folder, _ = tiny_untied
     threads = torch.get_num_threads()
     try:
-        for count in (1, 2):
+        dtypes = [torch.float32] + ([torch.bfloat16] if panels.BF16_FLAG in panels.cpu_flags() else [])
+        for count, dtype in ((1, torch.float32), (2, torch.float32), (1, dtypes[-1])):
             torch.set_num_threads(count)
+            side = SideOptions(dtype=dtype)
             for codec, paneled in (("int8", True), ("none", False)):
-                pipeline = build_pipeline(str(folder), {1, 2}, {2, 3}, codec, with_tokenizer=False)
+                pipeline = build_pipeline(str(folder), {1, 2}, {2, 3}, codec, with_tokenizer=False, edge_side=side, cloud_side=side)
                 parts = pipeline.edge.parts + pipeline.cloud.parts
                 layers = [m for part in parts for name, m in part.named_modules()
                           if ".layers." in name and isinstance(m, (nn.Linear, PanelLinear))]
-                assert layers and all(isinstance(m, PanelLinear) is paneled for m in layers), (codec, count)
+                assert layers and all(isinstance(m, PanelLinear) is paneled for m in layers), (codec, count, dtype)
                 assert len(pipeline.edge.generate([1, 5, 9, 33], 6).token_ids) == 6
     finally:
         torch.set_num_threads(threads)

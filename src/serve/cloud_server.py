@@ -525,7 +525,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--cloud-device", default="cpu")
     p.add_argument("--cloud-dtype", default="float32", help="float32, bfloat16, float16, or auto (bfloat16 where the device computes it natively)")
     p.add_argument("--load-in-8bit", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice); a batching fp32 server on an AVX-512 CPU runs its products on them in src/panels.py's kernel")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice); a batching server on an AVX-512 CPU runs its fp32 (or, with AVX512_BF16, bf16) products on them in src/panels.py's kernel")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--token-file", default=None, help="file holding a bearer token clients must send")
