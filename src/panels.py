@@ -191,16 +191,15 @@ def why_not_paneled(weight: torch.Tensor) -> str | None:
     """Why this linear weight cannot be stored as panels, or None where it can (the kernel is built on first call)."""
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return "the panel kernel computes in float32 or bfloat16 on the CPU"
+    if weight.dtype == torch.bfloat16:  # asked before the kernel is built: no build for a layer it could not take
+        if BF16_FLAG not in cpu_flags():
+            return f"the CPU has no {BF16_FLAG} for bfloat16 panels"
+        if weight.shape[1] % 2:
+            return "a bfloat16 panel takes its inputs in pairs, and this layer has an odd number"
     reason = why_no_kernel()
-    if reason is not None or weight.dtype == torch.float32:
-        return reason
-    assert _kernel is not None
-    if not _has_bf16(_kernel):
-        return (f"the CPU has no {BF16_FLAG} for bfloat16 panels" if BF16_FLAG not in cpu_flags()
-                else "the panel kernel was built without bfloat16 (a compiler that does not know AVX512_BF16)")
-    if weight.shape[1] % 2:
-        return "a bfloat16 panel takes its inputs in pairs, and this layer has an odd number"
-    return None
+    if reason is None and weight.dtype == torch.bfloat16 and not hasattr(_kernel, "panel_gemm_bf16"):
+        return "the panel kernel was built without bfloat16 (a compiler that does not know AVX512_BF16)"
+    return reason
 
 
 def to_panels(weight: torch.Tensor) -> torch.Tensor:
