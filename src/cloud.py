@@ -26,6 +26,10 @@ from .sampling import Sampler
 from .schedule import SplitSchedule
 from .utils import ProtocolError
 
+# Values that fit the compute dtype can still overflow inside the layers (huge fp16 inputs): found only after the
+# layers ran, so the session cannot go on.
+DRIVEN_PAST_RANGE = "the states sent drive the model to Inf or NaN (the session's caches are no longer usable)"
+
 
 class Cloud(Party):
     def __init__(self, schedule: SplitSchedule, part: SecondLlamaForCausalLM | ThirdLlamaForCausalLM):
@@ -125,6 +129,10 @@ class Cloud(Party):
             raise ProtocolError(f"message ends at position {end - 1}, expected {expected - 1}")
         if expected is None and end < step - self.turn_step + 1:
             raise ProtocolError(f"message ends at position {end - 1}, too early for step {step}")
+        codec = CODECS_BY_ID[message.codec_id]
+        incoming = self.to_compute(self.unweigh(a, message.hidden, codec))
+        if not torch.isfinite(incoming).all():  # finite as sent, but past the range of this side's dtype (fp16: 65504)
+            raise ProtocolError(f"the states sent do not fit the cloud's {str(self.dtype).removeprefix('torch.')}: values past its range")
 
         # Valid: from here on the state changes.
         if self.turn_end is None:  # the session's first request, from position 0
@@ -132,19 +140,21 @@ class Cloud(Party):
             self.prefills.append((0, self.turn_end))
         if step > self.last_step + 1:
             self.advance_peer(self.peer_layers, end - 1)
-        codec = CODECS_BY_ID[message.codec_id]
         self.use_step_catch_up(codec)
-        self.store.put(a, start, self.to_compute(self.unweigh(a, message.hidden, codec)))
+        self.store.put(a, start, incoming)
         self.run_layers(a, b, end)
         if self.with_head:
             assert self.sampler is not None  # made at the START or TURN of a cloud with the head
             with self.timed("compute"):
-                token = self.sampler.choose(self.part.head(self.store.get(b, end - 1, end))[0])
+                logits = self.part.head(self.store.get(b, end - 1, end))[0]
+                if not torch.isfinite(logits).all():  # finite but huge inputs overflow in the layers (fp16)
+                    raise ProtocolError(DRIVEN_PAST_RANGE)
+                token = self.sampler.choose(logits)
             reply = protocol.encode_token(step, end - 1, token, self.hidden_size)
         else:
             out_start, states = self.outgoing(b, end)
             if not torch.isfinite(states).all():  # finite but huge inputs overflow in the layers
-                raise ProtocolError("the states sent drive the model to Inf or NaN (the session's caches are no longer usable)")
+                raise ProtocolError(DRIVEN_PAST_RANGE)
             with self.timed("encode"):
                 reply = protocol.encode_hidden(step, out_start, self.weigh(b, states, codec), codec)
         self.advance_peer([i for i in self.peer_layers if i < a or i >= b], end)

@@ -197,3 +197,49 @@ def test_start_carries_the_sampling_options_and_stays_readable_without_them(tiny
     with pytest.raises(ProtocolError, match="cannot apply a repetition penalty"):
         pipeline.cloud.handle(protocol.encode_start(0, 1, fingerprint, HIDDEN, options))
     assert not pipeline.cloud.session
+
+
+@pytest.mark.parametrize("two_part", [False, True])
+def test_an_fp16_cloud_refuses_states_past_its_range_before_its_state_changes(tiny_tied, two_part):
+    """States finite in the float32 they were sent in but past fp16's 65504: refused on arrival, nothing changed, the
+    session goes on. States that overflow inside the layers give a one-line refusal too, also where the two-part cloud
+    would have sampled from NaN logits (torch's RuntimeError, a traceback on the server)."""
+    from src.pipeline import SideOptions
+    from src.sampling import SamplingConfig
+
+    folder, _ = tiny_tied
+    fp16 = SideOptions(dtype=torch.float16)
+    pipeline = build_pipeline(str(folder), {1}, {4} if two_part else {3}, two_part=two_part, with_tokenizer=False, cloud_side=fp16, edge_side=fp16)
+    cloud = pipeline.cloud
+    cloud.handle(protocol.encode_start(0, 1, pipeline.schedule.fingerprint(), HIDDEN, SamplingConfig(do_sample=True, seed=1).resolved()))
+    before = cloud_snapshot(cloud)
+    with pytest.raises(ProtocolError, match="do not fit the cloud's float16: values past its range"):
+        cloud.handle(protocol.encode_hidden(0, 0, torch.full((4, HIDDEN), 1e5), get_codec("none")))
+    assert_same_state(before, cloud_snapshot(cloud))
+    reply = protocol.decode(cloud.handle(protocol.encode_hidden(0, 0, torch.randn(4, HIDDEN), get_codec("none"))), HIDDEN)
+    assert (reply.step, reply.kind) == (0, Kind.TOKEN if two_part else Kind.HIDDEN)
+    with torch.no_grad():  # layers whose MLP overflows fp16 on ordinary states
+        for name, parameter in cloud.part.named_parameters():
+            if "down_proj" in name:
+                parameter.mul_(1e5)
+    with pytest.raises(ProtocolError, match="drive the model to Inf or NaN"):
+        cloud.handle(protocol.encode_hidden(1, 4, torch.randn(1, HIDDEN), get_codec("none")))
+
+
+def test_an_fp16_edge_refuses_cloud_states_past_its_range(tiny_tied):
+    from src.pipeline import SideOptions
+
+    folder, _ = tiny_tied
+    pipeline = build_pipeline(str(folder), {1}, {3}, with_tokenizer=False, edge_side=SideOptions(dtype=torch.float16))
+    cloud = pipeline.cloud
+
+    def inflating(data: bytes) -> bytes:  # a cloud whose states come back 1e6 times larger, still finite in float32
+        raw = cloud.handle(data)
+        reply = protocol.decode(raw, HIDDEN)
+        if reply.kind is not Kind.HIDDEN:
+            return raw
+        return protocol.encode_hidden(reply.step, reply.start, reply.hidden * 1e6, get_codec("none"))
+
+    pipeline.edge.link.request = inflating
+    with pytest.raises(ProtocolError, match="the cloud's states do not fit the edge's float16"):
+        pipeline.edge.generate([1, 5, 9], 2)
