@@ -50,7 +50,7 @@ from .precision import cpu_flags
 
 logger = logging.getLogger(__name__)
 
-PANEL = 48  # columns per panel: must match PANEL in panel_gemm.c
+PANEL = 32  # columns per panel: must match PANEL in panel_gemm.c
 SOURCE = Path(__file__).with_name("panel_gemm.c")
 FLAGS = ("-O3", "-mavx512f", "-mfma", "-shared", "-fPIC")
 BF16_FLAG = "avx512_bf16"  # /proc/cpuinfo's name for the VDPBF16PS the bf16 kernel runs on
@@ -156,7 +156,7 @@ def _loaded(data: bytes, folder: Path) -> ctypes.CDLL:
 
 def _check(library: ctypes.CDLL) -> None:
     """Products the kernel must get right before any model uses it (a miscompiled or foreign library is refused):
-    last row blocks of 3, 8, 1 and 4 rows, partly filled last panels, a bias, and more rows than one pass takes; on
+    last row blocks of 3, 14, 1, 4 and 2 rows, partly filled last panels, a bias, and more rows than one pass takes; on
     torch's threads, where it runs several, the same bits as on one. In bf16 too where the library has it and the
     CPU has AVX512_BF16 (elsewhere it would die of SIGILL)."""
     generator = torch.Generator().manual_seed(0)
@@ -164,7 +164,7 @@ def _check(library: ctypes.CDLL) -> None:
     dtypes = [torch.float32] + ([torch.bfloat16] if _has_bf16(library) else [])
     for dtype in dtypes:
         product, tolerance = (library.panel_gemm_bf16, 2e-2) if dtype == torch.bfloat16 else (library.panel_gemm, 1e-5)
-        for rows, in_features, out_features, biased in ((11, 37, 100, False), (8, 130, 49, True), (1, 48, 96, False), (300, 5, 1, True)):
+        for rows, in_features, out_features, biased in ((17, 37, 100, False), (14, 130, 49, True), (1, 48, 96, False), (300, 5, 1, True)):
             in_features += in_features % 2 if dtype == torch.bfloat16 else 0  # bf16 takes its inputs in pairs
             weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
             x = torch.randn(rows, in_features, generator=generator).to(dtype)
