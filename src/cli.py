@@ -134,7 +134,8 @@ def build_from_args(mode: str, args, first: set[int] | None, second: set[int] | 
     cloud_side = SideOptions(args.cloud_device, cloud_dtype, args.load_in_8bit)
     torch.manual_seed(0)
     pipeline = build_pipeline(
-        model_dir, first, second, args.codec, args.seed, args.resplit_every, two_part=mode == "two",
+        # The unsplit baseline sends nothing, so it computes as a lossless run does: transformers' layout, HF's products.
+        model_dir, first, second, "none" if mode == "one" else args.codec, args.seed, args.resplit_every, two_part=mode == "two",
         lora_weights=args.lora_weights, edge_side=edge_side, cloud_side=cloud_side,
         remote=RemoteCloud(args.cloud, args.tls_ca, args.token_file, args.cloud_timeout, args.tls_server_name) if args.cloud is not None else None,
     )
@@ -160,7 +161,7 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
     dtypes, reason = describe_dtypes(args, pipeline)
     shown_dtype = dtypes["edge"] if dtypes["cloud"] in (None, dtypes["edge"]) else f"{dtypes['edge']} (edge), {dtypes['cloud']} (cloud)"
     log(f"[{MODES[mode]}] first={sorted(pipeline.schedule.first)} second={sorted(pipeline.schedule.second)} "
-        f"codec={args.codec} dtype={shown_dtype} ({reason}) seed={args.seed} {decoding}")
+        f"codec={pipeline.edge.codec.name} dtype={shown_dtype} ({reason}) seed={args.seed} {decoding}")
     try:
         with pipeline.edge.session() as chat:
             if args.interactive:
@@ -255,7 +256,7 @@ def _report(mode: str, args, pipeline, result, text: str, sampling: SamplingConf
         "failovers": getattr(pipeline.edge.link, "failovers", 0),  # clouds that failed mid-generation and were replaced
         "replayed_bytes": getattr(pipeline.edge.link, "replayed_bytes", 0),  # uplink bytes sent again to the replacements
         "mode": mode,
-        "codec": args.codec,
+        "codec": pipeline.edge.codec.name,
         "dtype": dtypes,
         "dtype_reason": dtype_reason,
         "seed": args.seed,

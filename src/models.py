@@ -71,6 +71,10 @@ class SplitLlamaModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings as the family's forward() makes them (Gemma scales inside its module, Granite here)."""
         assert self.embed_tokens is not None, "embed() on a part without the embeddings"
+        vocabulary = self.embed_tokens.weight.shape[0]
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocabulary:  # else an IndexError
+            raise TriadicError(f"token id {int(input_ids.max())} is outside the model's vocabulary of {vocabulary}: "
+                               "the tokenizer does not match the checkpoint")
         return self.family.scale_embeddings(self.config, self.embed_tokens(input_ids))
 
     def rotary(self, hidden_states: torch.Tensor, start: int, end: int, layer_idx: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -243,6 +247,11 @@ class SplitLlamaForCausalLM(nn.Module):
                         raise TriadicError(f"--lora-weights {lora_weights}: {name} is {tuple(tensors[name].shape)}, its update {tuple(delta.shape)}")
                     tensors[name] = laid_out((tensors[name].float() + delta.to(device)).to(dtype), name in transposed)
         tensors.update(shared)
+        expected = dict(part.named_parameters())
+        for name, tensor in tensors.items():  # else load_state_dict's many-line size mismatch
+            if name in expected and tensor.shape != expected[name].shape:
+                raise TriadicError(f"{model_dir}: {part.checkpoint_name(name)} is {tuple(tensor.shape)} in the weights and "
+                                   f"{tuple(expected[name].shape)} by config.json: they do not match")
         with CONSTRUCTION:  # assigning goes through nn.Module's parameter registration, which a build patches
             part.load_state_dict(tensors, strict=False, assign=True)
         still_empty = [name for name, p in part.named_parameters() if p.is_meta]

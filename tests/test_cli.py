@@ -108,3 +108,37 @@ def test_two_part_refuses_a_repetition_penalty(capsys):
     assert run("two", {15}, None, ["--repetition-penalty", "1.2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "never sees the prompt's tokens" in err[0]
+
+
+def test_a_checkpoint_that_does_not_match_its_tokenizer_or_config_gets_one_line(tiny_with_tokenizer, embedded, tmp_path, capsys):
+    """A tokenizer whose ids pass the model's vocabulary (an IndexError in the embedding), and a config.json whose shapes
+    are not the weights' (load_state_dict's many-line size mismatch): each one line and exit 2."""
+    import json
+    import shutil
+
+    from tests.tiny import make_tiny_checkpoint
+
+    small, _ = make_tiny_checkpoint(tmp_path / "small_vocabulary", vocab_size=100, eos_token_id=2, pad_token_id=2)
+    embedded[2].save_pretrained(small)  # SmolLM2's tokenizer: 49,152 ids
+    reshaped = tmp_path / "reshaped"
+    shutil.copytree(tiny_with_tokenizer[0], reshaped)
+    config = json.loads((reshaped / "config.json").read_text())
+    (reshaped / "config.json").write_text(json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]}))
+    cases = {small: "outside the model's vocabulary of 100: the tokenizer does not match the checkpoint",
+             reshaped: "by config.json: they do not match"}
+    for folder, expected in cases.items():
+        for mode, sets in (("three", ({1}, {3})), ("one", ({2}, {2}))):
+            assert run(mode, *sets, ["--base-model", str(folder), "--max-new-tokens", "2", "--prompt", "Hello"]) == 2
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert expected in lines[-1] and "Traceback" not in "\n".join(lines), (folder.name, mode, lines)
+
+
+def test_the_unsplit_baseline_computes_as_a_lossless_run_whatever_the_codec(tiny_with_tokenizer, capsys):
+    """main_1_split.py sends nothing: with the default --codec int8 it must still be HF's computation (transformers'
+    layout, no panels), not a lossy side's, whose bf16 products can change a token."""
+    import json
+
+    argv = ["--base-model", str(tiny_with_tokenizer[0]), "--max-new-tokens", "4", "--prompt", "Hello", "--json"]
+    assert run("one", {2}, {2}, argv) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["codec"] == "none" and "codec=none" in captured.err
