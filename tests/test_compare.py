@@ -43,6 +43,9 @@ def test_compare_rows_equal_generate(tiny_with_tokenizer, tmp_path, monkeypatch)
         (["--settings", "3/1"], "--settings 3/1: max(first) = 3 > min(second) = 1"),
         (["--codecs", "zip"], "unknown codec 'zip'"),
         (["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+        (["--out", ""], "--out '': give a path without suffix"),
+        (["--out", "{tmp}/"], "not a folder"),
+        (["--out", "{tmp}/p.txt/x"], "cannot make its folder"),  # under a regular file: found before any run, not after
     ],
 )
 def test_bad_input_is_one_line(tiny_with_tokenizer, tmp_path, capsys, argv, expected):
@@ -50,7 +53,7 @@ def test_bad_input_is_one_line(tiny_with_tokenizer, tmp_path, capsys, argv, expe
     prompts = tmp_path / "p.txt"
     prompts.write_text("Say hi.\n")
     base = ["--prompts", str(prompts), "--base-model", str(folder), "--out", str(tmp_path / "x")]
-    assert compare.main(base + argv) == 2
+    assert compare.main(base + [arg.format(tmp=tmp_path) for arg in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tools.compare: error:") and expected in err[0], err
     assert not (tmp_path / "x.md").exists()

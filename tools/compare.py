@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -328,15 +329,33 @@ def config_from_args(args) -> CompareConfig:
                          prompt_format, tuple(args.stop), args.seed)
 
 
+def checked_out(out: str) -> Path:
+    """The --out path with its folder made and writable: checked before any run, so that no run is lost to it."""
+    path = Path(out)
+    if not path.name or out.endswith(("/", os.sep)) or path.is_dir():
+        raise TriadicError(f"--out {out!r}: give a path without suffix (it writes <out>.md and <out>.jsonl), not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TriadicError(f"--out {out}: cannot make its folder {path.parent}: {error.strerror}") from None
+    if not os.access(path.parent, os.W_OK):
+        raise TriadicError(f"--out {out}: its folder {path.parent} is not writable")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
+        out = checked_out(args.out)
         config = config_from_args(args)
         torch.manual_seed(0)
         runs = compare(config)
         from src.checkpoint import load_tokenizer
 
-        markdown, jsonl = write_results(Path(args.out), config, runs, load_tokenizer(Path(config.model_dir)))
+        try:
+            markdown, jsonl = write_results(out, config, runs, load_tokenizer(Path(config.model_dir)))
+        except OSError as error:  # the folder was checked; a full disk, say, is still possible
+            raise TriadicError(f"--out {args.out}: cannot write the results: {error.strerror}") from None
     except TriadicError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
