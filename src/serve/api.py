@@ -164,8 +164,8 @@ def parse_chat_request(body, roles: tuple[str, ...]) -> ChatRequest:
     temperature = _number(body, "temperature", lambda v: 0 <= v <= 2, "[0, 2]")
     top_p = _number(body, "top_p", lambda v: 0 < v <= 1, "(0, 1]")
     seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise _bad(f"'seed' must be an integer, not {_shown(seed)}", "seed")
+    if seed is not None and not (_is_int(seed) and 0 <= seed < 2**64):  # as --sampling-seed: not reduced mod 2**64
+        raise _bad(f"'seed' must be an integer in [0, 2**64), not {_shown(seed)}", "seed")
 
     stop = body.get("stop")
     if stop is None:
