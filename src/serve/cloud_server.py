@@ -722,6 +722,11 @@ async def serve(args, loaded: Loaded, stop: _StopEvent) -> int:
     limits = service.limits
     scheme = "TLS" if args.tls_cert else "plaintext"
     logger.info("listening on %s:%d", host, port)
+    # Said at start: an edge checking lossless tokens against HF needs this dtype on its side too, and an unbatched
+    # server (a batching one computes in another layout and order: the same tokens in fp32, not always in bf16).
+    dtype = str(next(service.part.parameters()).dtype).removeprefix("torch.")
+    batching = f"batching (window {1e3 * service.batcher.window:g} ms)" if service.batcher is not None else "no batching"
+    logger.info("computes in %s, %s", dtype, batching)
     logger.info(
         "%s, cloud layers [%d, %d), first=%s second=%s; at most %d sessions, %d computations, %d positions per session, "
         "%d per message (%d bytes), %gs per message, %gs per session%s",
