@@ -25,7 +25,7 @@ from src.checkpoint import load_config, resolve_model_dir
 from src.panels import PanelLinear, why_no_kernel
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "panels.md"
-ROWS = (1, 2, 3, 4, 8, 16, 32, 64, 256, 1024)
+ROWS = (1, 2, 3, 4, 8, 12, 16, 32, 64, 256, 1024)
 LAYERS = 28
 
 

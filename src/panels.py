@@ -3,12 +3,12 @@
 A batching cloud's products run over the rows of several sessions at once, mostly 2 to 30. On one CPU
 thread MKL's fp32 product over 8 such rows costs about twice its product over one row, although both
 read the same weights from memory once: its small-row path repacks the weight on every call. Here the
-weights are stored packed once, `W.T` cut into panels of 48 columns, each panel contiguous, and a small C
-kernel (src/panel_gemm.c) streams every panel past up to 8 rows held in registers. Over SmolLM2's 28
-middle layers in turn (7 products each, weights from memory, one thread), per layer, against MKL over
-column-major weights: one row 1,061 against 1,023 us, 8 rows 1,262 against 1,961, 16 rows 1,627 against
-2,207, 256 rows 12,053 against 12,735, 1,024 rows 48,955 against 47,516 (`python -m bench.panels`,
-results/panels.md). The panels hold the weight once (the last panel zero-padded).
+weights are stored packed once, `W.T` cut into panels of 32 columns, each panel contiguous, and a small C
+kernel (src/panel_gemm.c) streams every panel past up to 14 rows held in registers. Over SmolLM2's 28
+middle layers in turn (7 products each, weights from memory, one thread, a 2-core AMD EPYC), per layer,
+against MKL over column-major weights: one row 856 against 1,163 us, 8 rows 765 against 1,870, 16 rows
+1,378 against 2,599, 256 rows 16,920 against 21,375, 1,024 rows 68,623 against 81,594 (`python -m
+bench.panels`, results/panels.md). The panels hold the weight once (the last panel zero-padded).
 
 Every output of the kernel sums its terms in order, one fused multiply-add each: a row's result does not
 depend on which other rows share the call, so a session's step packed with others gives, from the
