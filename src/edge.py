@@ -208,6 +208,10 @@ class Edge(Party):
 
     def _step(self, step: int, tokens: list[int], result: Generation, sampler: Sampler | None) -> tuple[int, torch.Tensor | None]:
         start, end = self.end, len(tokens)
+        vocabulary = self.config.vocab_size  # the embedding's rows: the weights were checked against the config
+        if not all(0 <= token < vocabulary for token in tokens[start:end]):  # checked on the host: no device sync per step
+            raise TriadicError(f"token id {max(tokens[start:end])} is outside the model's vocabulary of {vocabulary}: "
+                               "the tokenizer does not match the checkpoint")
         a, b = self.schedule.cuts(step)
         result.splits.append((a, b))
         new_ids = torch.tensor([tokens[start:end]], device=self.device)
