@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .utils import TriadicError, is_unsigned
+from .utils import TriadicError, check_text, is_unsigned
 
 SEED_LIMIT = 1 << 64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1; the wire carries a u64 (and top-k a u32)
 # The logits are divided by the temperature in float32: below this they may overflow to inf (and a
@@ -161,6 +161,8 @@ class TextStream:
     def __init__(self, tokenizer, stop: tuple[str, ...] | list[str] = (), write=None) -> None:
         if any(not s for s in stop):
             raise TriadicError("--stop: a stop string must not be empty")
+        for s in stop:  # a stop string with undecodable bytes could never match the text
+            check_text(s, "--stop: a stop string")
         self.tokenizer, self.stop, self.write = tokenizer, tuple(stop), write
         self.tokens: list[int] = []
         self.text = ""

@@ -46,6 +46,7 @@ THREE = ({1}, {29})
         (["--min-p", "2"], "--min-p 2.0: must be in [0, 1]"),
         (["--repetition-penalty", "0"], "--repetition-penalty 0.0: must be > 0"),
         (["--stop", ""], "--stop: a stop string must not be empty"),
+        (["--stop", "end\udcff"], "--stop: a stop string is not valid UTF-8 text (at character 3)"),  # undecodable argv bytes
         (["--lora-weights", "/tmp"], "--lora-weights /tmp: cannot load a PEFT LoRA adapter"),
     ],
 )
