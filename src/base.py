@@ -22,7 +22,9 @@ import torch
 from .kv_cache import growing_cache
 from .link.codec import Codec
 from .models import Chunk, SplitLlamaForCausalLM, SplitLlamaModel
+from .precision import dtype_name
 from .schedule import SplitSchedule
+from .utils import ProtocolError
 
 if TYPE_CHECKING:
     from .serve.batching import Batcher
@@ -117,6 +119,7 @@ class Party:
     # Called before each layer runs; it may raise to stop the computation (`utils.StopSignal.check`,
     # from either server). The caches are then mid-step: the session must be dropped.
     on_layer: Callable[[], None] | None = None
+    role: str  # "edge" or "cloud": named in what this side says about its peer's messages
 
     def __init__(
         self,
@@ -312,3 +315,13 @@ class Party:
 
     def to_compute(self, states: torch.Tensor) -> torch.Tensor:
         return states.to(device=self.device, dtype=self.dtype)
+
+    def received(self, cut: int, states: torch.Tensor, codec: Codec) -> torch.Tensor:
+        """The peer's decoded states at `cut` as this side computes with them: unweighed, on its device, in its dtype.
+
+        ProtocolError where they are finite as sent but pass this side's range (fp16: 65504), before any state changes."""
+        states = self.to_compute(self.unweigh(cut, states, codec))
+        if not torch.isfinite(states).all():
+            peer = "cloud" if self.role == "edge" else "edge"
+            raise ProtocolError(f"the {peer}'s states do not fit the {self.role}'s {dtype_name(self.dtype)}: values past its range")
+        return states

@@ -32,6 +32,8 @@ DRIVEN_PAST_RANGE = "the states sent drive the model to Inf or NaN (the session'
 
 
 class Cloud(Party):
+    role = "cloud"
+
     def __init__(self, schedule: SplitSchedule, part: SecondLlamaForCausalLM | ThirdLlamaForCausalLM):
         L = schedule.num_layers
         edge_layers = set(schedule.edge_first_layers) | set(schedule.edge_third_layers)
@@ -130,9 +132,7 @@ class Cloud(Party):
         if expected is None and end < step - self.turn_step + 1:
             raise ProtocolError(f"message ends at position {end - 1}, too early for step {step}")
         codec = CODECS_BY_ID[message.codec_id]
-        incoming = self.to_compute(self.unweigh(a, message.hidden, codec))
-        if not torch.isfinite(incoming).all():  # finite as sent, but past the range of this side's dtype (fp16: 65504)
-            raise ProtocolError(f"the states sent do not fit the cloud's {str(self.dtype).removeprefix('torch.')}: values past its range")
+        incoming = self.received(a, message.hidden, codec)
 
         # Valid: from here on the state changes.
         if self.turn_end is None:  # the session's first request, from position 0

@@ -52,6 +52,8 @@ class Generation:
 
 
 class Edge(Party):
+    role = "edge"
+
     def __init__(
         self,
         schedule: SplitSchedule,
@@ -225,10 +227,7 @@ class Edge(Party):
             if reply.kind is Kind.TOKEN:
                 token = reply.token
             else:
-                incoming = self.to_compute(self.unweigh(b, reply.hidden, self.codec))
-                if not torch.isfinite(incoming).all():  # finite as sent, but past the range of this side's dtype (fp16)
-                    raise ProtocolError(f"the cloud's states do not fit the edge's {str(self.dtype).removeprefix('torch.')}: values past its range")
-                self.store.put(b, reply.start, incoming)
+                self.store.put(b, reply.start, self.received(b, reply.hidden, self.codec))
         if token is None:
             assert self.third is not None and sampler is not None  # without them, the cloud sends the token
             self.run_layers(b, self.num_layers, end)

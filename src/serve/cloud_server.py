@@ -72,6 +72,7 @@ import grpc
 from grpc import aio
 
 from ..link import protocol
+from ..precision import dtype_name
 from ..utils import (
     OneLineParser, StopSignal, Stopped, TriadicError, adopt_torch_threads, check_seconds, parse_layer_set, read_file, read_token,
 )
@@ -724,7 +725,7 @@ async def serve(args, loaded: Loaded, stop: _StopEvent) -> int:
     logger.info("listening on %s:%d", host, port)
     # Said at start: an edge checking lossless tokens against HF needs this dtype on its side too, and an unbatched
     # server (a batching one computes in another layout and order: the same tokens in fp32, not always in bf16).
-    dtype = str(next(service.part.parameters()).dtype).removeprefix("torch.")
+    dtype = dtype_name(next(service.part.parameters()).dtype)
     batching = f"batching (window {1e3 * service.batcher.window:g} ms)" if service.batcher is not None else "no batching"
     logger.info("computes in %s, %s", dtype, batching)
     logger.info(
