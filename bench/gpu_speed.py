@@ -52,7 +52,10 @@ def python_profile(label: str, run, args) -> str:
 
 def message_times(hidden: int, device: str, dtype: torch.dtype, n: int = 200) -> str:
     """One message's encode and decode on this host, and the parts of int8's: where a codec's per-token time goes."""
-    from src.link.codec import get_codec, rice_decode, rice_encode, rotate
+    import numpy as np
+
+    from src.link import rice
+    from src.link.codec import get_codec, rotate
 
     def clock(work) -> float:
         for _ in range(10):
@@ -75,10 +78,14 @@ def message_times(hidden: int, device: str, dtype: torch.dtype, n: int = 200) ->
             view = memoryview(payload)
             rows.append(f"| {name}, {count} | {clock(lambda: codec.encode(x)):.0f} | "
                         f"{clock(lambda: codec.decode(view, count, hidden, code, device)):.0f} |")
-    q = (torch.randn(hidden) * 6).round().to(torch.int32).numpy()
-    code = rice_encode(q, 3)
+    rotated, step = torch.randn(1, hidden).numpy() * 60, np.ones((1, 1), np.float32)  # the int8 codec's integers' spread
+    code = rice.rice_encode(np.rint(rotated), 6)
     rest = torch.randn(1, hidden, device=device)
-    parts = [f"rice_encode {clock(lambda: rice_encode(q, 3)):.0f} us", f"rice_decode {clock(lambda: rice_decode(memoryview(code), hidden, 3, 'int8')):.0f} us",
+    coder = "C" if rice.library() is not None else f"numpy ({rice._problem})"
+    parts = [f"rounding and Rice code in numpy {clock(lambda: rice.rice_encode(np.rint(rotated / step), 6)):.0f} us, in {coder} "
+             f"{clock(lambda: rice.round_encode(rotated, step, 6)):.0f} us",
+             f"decoding and scaling in numpy {clock(lambda: rice.rice_decode(memoryview(code), hidden, 6, 'int8').astype(np.float32) * step):.0f} us, "
+             f"in {coder} {clock(lambda: rice.decode_scale(memoryview(code), 1, hidden, 6, step, 'int8')):.0f} us",
              f"rotate on {device} {clock(lambda: rotate(rest)):.0f} us", f"one empty {device} op {clock(lambda: rest.add_(0)):.0f} us"]
     return "\n".join([f"One message at hidden {hidden} on this host ({dtype} in), `--messages`:\n"] + rows + ["", "int8's parts, one position: " + ", ".join(parts) + "."])
 

@@ -31,20 +31,13 @@ is missing, `use_panels` says why and the layout stays as it was.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import shlex
-import shutil
-import signal
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import cache_dir
+from . import native
 from .models import CONSTRUCTION
 from .precision import cpu_flags
 
@@ -55,7 +48,6 @@ SOURCE = Path(__file__).with_name("panel_gemm.c")
 FLAGS = ("-O3", "-mavx512f", "-mfma", "-shared", "-fPIC")
 BF16_FLAG = "avx512_bf16"  # /proc/cpuinfo's name for the VDPBF16PS the bf16 kernel runs on
 OPENMP = "-fopenmp"  # shares a product's panels among torch's threads; a compiler without it builds for one thread
-COMPILE_SECONDS = 60.0  # a compiler that hangs is killed, with what it started, and the products stay torch's
 
 _kernel: ctypes.CDLL | None = None
 _kernel_problem: str | None = None
@@ -86,63 +78,12 @@ def shares_threads() -> bool:
 
 
 def _compiled() -> ctypes.CDLL:
-    """The kernel's shared library: from the cache where its recorded sha256 still matches, else built and checked.
-
-    A library enters the cache only after it passed `_check`, with its sha256 beside it, so a file that was
-    truncated or replaced (dlopen of a truncated file dies of SIGBUS) or one that computes wrongly is never
-    loaded; such a file is built again. What is loaded is a private copy of the bytes that were checked:
-    the process's mapping must not change if the cached file does later."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((*FLAGS, OPENMP)).encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"panel_gemm-{digest}.so"
-    seal = target.with_name(target.name + ".sha256")
-    try:
-        data = target.read_bytes()
-        if hashlib.sha256(data).hexdigest() == seal.read_text().strip():
-            return _loaded(data, target.parent)
-    except OSError:  # not built yet, or unreadable: build it
-        pass
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:  # built and checked aside, then moved in whole
-        built = Path(scratch) / target.name
-        _compile(built)
-        data = built.read_bytes()
-        library = _loaded(data, Path(scratch))
-        (Path(scratch) / seal.name).write_text(hashlib.sha256(data).hexdigest() + "\n")
-        os.replace(built, target)  # other processes now find it
-        os.replace(Path(scratch) / seal.name, seal)
-    return library
+    """The kernel's shared library, with OpenMP where the compiler has it (`native.compiled`: cached, checked)."""
+    return native.compiled(SOURCE, ((*FLAGS, OPENMP), FLAGS), _prepare, "panel kernel", logger)
 
 
-def _compile(output: Path) -> None:
-    """`$CC` (default cc; it may carry its own arguments) over the source, within COMPILE_SECONDS each try: with
-    OpenMP, and where that does not build (a compiler without it), again for one thread."""
-    command = shlex.split(os.environ.get("CC") or "cc")
-    compiler = shutil.which(command[0]) if command else None
-    if compiler is None:
-        raise RuntimeError(f"no C compiler: {command[0] if command else 'cc'!r} is not on PATH")
-    for flags in ((*FLAGS, OPENMP), FLAGS):
-        process = subprocess.Popen([compiler, *command[1:], *flags, "-o", str(output), str(SOURCE)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            _, errors = process.communicate(timeout=COMPILE_SECONDS)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # the compiler and whatever it started
-            process.wait()
-            raise RuntimeError(f"{compiler} ran past {COMPILE_SECONDS:g} s") from None
-        last = (errors.strip().splitlines() or ["no message"])[-1]
-        if process.returncode == 0:
-            return
-        if OPENMP in flags:
-            logger.warning("the panel kernel does not build with %s (%s): building it for one thread", OPENMP, last)
-    raise RuntimeError(f"{compiler} exited with {process.returncode}: {last}")
-
-
-def _loaded(data: bytes, folder: Path) -> ctypes.CDLL:
-    """Load these bytes from a file of their own in `folder`, removed at once (the mapping keeps it), and check it."""
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=".so") as copy:
-        copy.write(data)
-        copy.flush()
-        library = ctypes.CDLL(copy.name)
+def _prepare(library: ctypes.CDLL) -> None:
+    """Declare the kernel's symbols and check its products (`_check`)."""
     for name in ("panel_gemm", "panel_gemm_bf16"):  # the second only from a compiler that knows AVX512_BF16
         if hasattr(library, name):
             product = getattr(library, name)
@@ -151,7 +92,6 @@ def _loaded(data: bytes, folder: Path) -> ctypes.CDLL:
             product.restype = None
     library.panel_gemm_threads.restype = ctypes.c_int
     _check(library)
-    return library
 
 
 def _check(library: ctypes.CDLL) -> None:

@@ -106,7 +106,9 @@ def build_edge(
         )
     _maybe_quantize([first] + ([third] if third else []), side)
     first.link_gains = link_gains(model_dir, config, schedule)
-    return Edge(schedule, first, third, get_codec(codec_name), link)
+    codec = get_codec(codec_name)
+    codec.prepare()
+    return Edge(schedule, first, third, codec, link)
 
 
 def cloud_part_class(two_part: bool) -> type[SecondLlamaForCausalLM | ThirdLlamaForCausalLM]:

@@ -1,5 +1,8 @@
 """Lossy codecs: sizes, error bounds, and validation of what they decode."""
 import math
+import os
+import re
+import shutil
 import struct
 import zlib
 
@@ -10,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from src.link import protocol
-from src.link.codec import get_codec, rice_decode, rice_encode, rotation
+from src.link.codec import get_codec, rotation
+from src.link import rice
+from src.link.rice import rice_decode, rice_encode
 from src.pipeline import build_pipeline
 from src.link.protocol import HEADER, HEADER_SIZE
 from src.utils import ProtocolError, TriadicError
@@ -391,6 +396,82 @@ def test_damaged_int8_payloads_decode_or_raise_protocol_error(count, data):
     cut = data.draw(st.integers(-8, 8))
     payload = payload[:cut] if cut < 0 else payload + bytes(data.draw(st.binary(min_size=cut, max_size=cut)))
     decodes_or_refuses("int8", count, bytes(payload))
+
+
+needs_c_rice = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler for src/link/rice.c")
+
+
+def rice_values(data, count: int, hidden: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [count, hidden] values and [count, 1] steps as the int8 codec rounds them, with ties and zeros drawn in."""
+    scale = data.draw(st.sampled_from([0.5, 40.0, 3000.0]))
+    rotated = (np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))).standard_normal((count, hidden)) * scale).astype(np.float32)
+    step = np.array([data.draw(st.sampled_from([0.5, 0.75, 1.0, 2.5, 0.013671875])) for _ in range(count)], np.float32).reshape(count, 1)
+    if rotated.size:
+        rotated.reshape(-1)[data.draw(st.integers(0, rotated.size - 1))] = 0.0
+        rotated.reshape(-1)[data.draw(st.integers(0, rotated.size - 1))] = 2.5 * step[0, 0]  # a tie: to even
+    return rotated, step
+
+
+@needs_c_rice
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, 3), st.integers(1, 70), st.integers(0, 8), st.data())
+def test_the_c_rice_code_gives_numpy_bytes_and_floats(count, hidden, k, data):
+    """src/link/rice.c against the numpy definition: the same bytes for any rounding, and back the same floats."""
+    assert rice.library() is not None, rice._problem  # a compiler is here: the library must build and pass its check
+    rotated, step = rice_values(data, count, hidden)
+    expected = rice_encode(np.rint(rotated / step), k)
+    assert rice._encoded(rice.library(), rotated, step, k, len(expected) + 8) == expected  # the C path itself
+    assert rice.round_encode(rotated, step, k) == expected  # whichever path the codec takes
+    floats = rice_decode(memoryview(expected), count * hidden, k, "test").astype(np.float32).reshape(count, hidden) * step
+    decoded = rice._decoded(rice.library(), memoryview(expected), count, hidden, k, step)
+    assert decoded is not None and np.array_equal(decoded, floats) and decoded.dtype == np.float32
+
+
+@needs_c_rice
+@settings(max_examples=500, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 40), st.integers(0, 8), st.data())
+def test_the_c_rice_decoding_refuses_what_numpy_refuses_and_says_the_same(count, hidden, k, data):
+    """Damaged codes (bytes changed, cut short, appended): the C path's values where numpy decodes, numpy's message where not."""
+    assert rice.library() is not None, rice._problem
+    rotated, step = rice_values(data, count, hidden)
+    code = bytearray(rice_encode(np.rint(rotated / step), k))
+    for _ in range(data.draw(st.integers(0, 3))):
+        code[data.draw(st.integers(0, len(code) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(-4, 4))
+    damaged = memoryview(bytes(code[:cut] if cut < 0 else code + bytes(cut)))
+    try:
+        expected = rice_decode(damaged, count * hidden, k, "test").astype(np.float32).reshape(count, hidden) * step
+    except ProtocolError as error:
+        assert rice._decoded(rice.library(), damaged, count, hidden, k, step) is None
+        with pytest.raises(ProtocolError, match=re.escape(str(error))):
+            rice.decode_scale(damaged, count, hidden, k, step, "test")
+        return
+    assert np.array_equal(rice._decoded(rice.library(), damaged, count, hidden, k, step), expected)
+
+
+def test_without_the_c_rice_code_int8_messages_are_the_same_bytes(monkeypatch):
+    """Where no compiler builds rice.c, numpy codes the messages: the same bytes, the same states."""
+    codec, x = get_codec("int8"), llama_like(3)
+    payload, dtype = codec.encode(x)
+    states = codec.decode(memoryview(payload), 3, HIDDEN, dtype)
+    monkeypatch.setattr(rice, "_library", None)
+    monkeypatch.setattr(rice, "_problem", "the C Rice code could not be built: a test")
+    assert codec.encode(x) == (payload, dtype)
+    assert torch.equal(codec.decode(memoryview(payload), 3, HIDDEN, dtype), states)
+
+
+def test_a_rice_library_that_codes_wrongly_is_refused():
+    class Wrong:  # writes nothing and says it wrote the whole room
+        @staticmethod
+        def rice_round_encode(rotated, count, hidden, step, k, out, capacity):
+            return capacity
+
+        @staticmethod
+        def rice_decode_scale(buffer, length, count, hidden, k, step, out):
+            return 0
+
+    with pytest.raises(RuntimeError, match="differs from numpy's"):
+        rice._check(Wrong())
 
 
 def test_int8_refuses_truncated_and_padded_payloads():

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from ..utils import ProtocolError, TriadicError
+from . import rice
+from .rice import decode_scale, round_encode
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
@@ -37,6 +39,9 @@ class Codec:
     # Whether decoding gives back the sender's values bit for bit (`none`): then a side computing in
     # bf16/fp16 catches lagging layers up step by step, to stay bit-identical to HF (Party.catch_up_by_step).
     lossless = False
+
+    def prepare(self) -> None:
+        """Build what coding needs before the first message (at start-up, not inside a request)."""
 
     def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
         """Payload bytes and the dtype code for the header."""
@@ -313,19 +318,18 @@ def check_scale(scale: np.ndarray, codec: str) -> np.ndarray:
     return scale
 
 
-def finish_decode(device: torch.device | str, q: np.ndarray, scale: np.ndarray, index: np.ndarray, values: np.ndarray,
-                  shift: int) -> torch.Tensor:
-    """q * scale rotated back, with the outliers (fp16 values times 2**shift) put in place.
+def finish_decode(device: torch.device | str, scaled: np.ndarray, index: np.ndarray, values: np.ndarray, shift: int) -> torch.Tensor:
+    """The rotated values (the integers times their steps) rotated back, with the outliers (fp16 values times 2**shift) put in place.
 
     The mirror of `rotated_with_outliers`: the per-value work in numpy on the host, then one copy of
     the validated arrays' bytes (the int64 indices first, so that every part starts aligned) to
     `device`, where the rotation and the scatter run. Every input is finite and bounded, so the result
     is finite."""
-    count, hidden = q.shape
+    count, hidden = scaled.shape
     k = index.shape[1]
     if count == 0:
         return torch.zeros(0, hidden, device=device)
-    parts = (index, q * scale, values.astype(np.float32) * np.float32(2.0**shift))
+    parts = (index, scaled, values.astype(np.float32) * np.float32(2.0**shift))
     flat = torch.from_numpy(np.concatenate([part.reshape(-1).view(np.uint8) for part in parts]))
     return replayed(functools.partial(_restored, count=count, hidden=hidden, k=k), flat, device, count, ("decode", count, hidden, k), fresh=True)
 
@@ -377,74 +381,7 @@ class RotatedInt8Codec(Codec):
         shift = read_shift(payload, self.name)
         (scale, index, values, quantized), _ = read_parts(payload[1:], self._parts(count, hidden))
         scale, index = check_scale(scale, self.name), check_outliers(index, values, hidden, self.name)
-        return finish_decode(device, quantized.astype(np.float32), scale / np.float32(127), index, values, shift)
-
-
-_BIT_OFFSETS = {k: np.arange(8, dtype=np.uint64) * np.uint64(k) for k in range(9)}  # of 8 k-bit values in a word
-
-
-def _pack_low_bits(z: np.ndarray, k: int) -> np.ndarray:
-    """The k low bits of every value, end to end in little-endian bit order, zero-padded to a byte.
-
-    Eight values fill exactly k bytes, so each group of eight is ORed into one little-endian 64-bit
-    word whose first k bytes are that group's bytes of the stream: a few whole-array operations,
-    where unpacking every bit into its own byte costs k bytes per value in between.
-    """
-    n, groups = len(z), -(-len(z) // 8)
-    padded: np.ndarray = np.zeros(groups * 8, np.uint64)
-    padded[:n] = z & ((1 << k) - 1)
-    words = np.bitwise_or.reduce(padded.reshape(groups, 8) << _BIT_OFFSETS[k], axis=1).astype("<u8")
-    return words.view(np.uint8).reshape(groups, 8)[:, :k].reshape(-1)[: (n * k + 7) // 8]
-
-
-def _unpack_low_bits(raw: np.ndarray, n: int, k: int) -> np.ndarray:
-    """`_pack_low_bits` undone: the values of the stream's whole groups of eight (the padding's read as values past n)."""
-    groups = -(-n // 8)
-    stream: np.ndarray = np.zeros(groups * k, np.uint8)
-    stream[: len(raw)] = raw
-    words: np.ndarray = np.zeros((groups, 8), np.uint8)
-    words[:, :k] = stream.reshape(groups, k)
-    return ((words.view("<u8") >> _BIT_OFFSETS[k]) & np.uint64((1 << k) - 1)).reshape(-1).astype(np.int64)
-
-
-def rice_encode(q: np.ndarray, k: int) -> bytes:
-    """Signed integers (in any dtype that holds them exactly) as a Rice code with k <= 8 low bits, in two runs so
-    that both sides stay vectorized.
-
-    Zigzag first (z = 2q for q >= 0, -2q - 1 below), then the k low bits of every value (little-endian
-    bit order, zero-padded to a byte), then z >> k of every value in unary: that many ones and a zero
-    (zero-padded to a byte).
-    """
-    q = q.astype(np.int64, copy=False).reshape(-1)
-    z = (q << 1) ^ (q >> 63)  # zigzag
-    low = _pack_low_bits(z, k).tobytes() if k else b""
-    ends = np.cumsum((z >> k) + 1)  # one past each value's terminating zero
-    unary: np.ndarray = np.ones(int(ends[-1]) if len(ends) else 0, dtype=np.uint8)
-    unary[ends - 1] = 0
-    return low + np.packbits(unary, bitorder="little").tobytes()
-
-
-def rice_decode(buffer: memoryview, n: int, k: int, codec: str) -> np.ndarray:
-    """The n integers of `rice_encode`; ProtocolError unless the buffer holds exactly them."""
-    if n == 0:
-        if len(buffer):
-            raise ProtocolError(f"codec {codec}: {len(buffer)} bytes after the last value")
-        return np.zeros(0, np.int64)
-    low_size = (n * k + 7) // 8
-    if len(buffer) < low_size + (n + 7) // 8:
-        raise ProtocolError(f"codec {codec}: truncated payload, {len(buffer)} bytes for {n} values")
-    low = _unpack_low_bits(np.frombuffer(buffer, np.uint8, low_size), n, k) if k else np.zeros(n, np.int64)
-    if low[n:].any():
-        raise ProtocolError(f"codec {codec}: non-zero padding after the low bits")
-    unary = np.unpackbits(np.frombuffer(buffer, np.uint8, offset=low_size), bitorder="little")
-    ends = np.flatnonzero(unary == 0)[:n]
-    if len(ends) < n:
-        raise ProtocolError(f"codec {codec}: truncated payload, {len(ends)} of {n} values")
-    used = (int(ends[-1]) + 8) // 8
-    if len(unary) // 8 != used or unary[ends[-1] + 1 :].any():
-        raise ProtocolError(f"codec {codec}: {len(unary) // 8 - used} bytes after the last value")
-    z = (np.diff(ends, prepend=-1) - 1) << k | low[:n]
-    return (z >> 1) ^ -(z & 1)
+        return finish_decode(device, quantized.astype(np.float32) * (scale / np.float32(127)), index, values, shift)
 
 
 class RiceCodec(Codec):
@@ -474,6 +411,9 @@ class RiceCodec(Codec):
     def _parts(self, count: int) -> list[tuple[type, tuple[int, ...]]]:
         return [(np.uint16, (count, 1)), (np.uint16, (count, self.outliers)), (np.float16, (count, self.outliers))]  # bf16 step bits
 
+    def prepare(self) -> None:
+        rice.library()  # rice.c, compiled on a first run (a fraction of a second), else loaded from the cache
+
     def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
         index, values, rotated = rotated_with_outliers(x, self.outliers, self.name)
         shift, values = outliers_fp16(values, self.name)
@@ -483,8 +423,8 @@ class RiceCodec(Codec):
         rms = np.sqrt(np.square(rotated, dtype=np.float64).mean(-1, keepdims=True))
         step = bf16_bits((rms / self.steps_per_rms).astype(np.float32))
         step[step == 0] = 0x3F80  # an all-zero row: a step of 1.0
-        q = np.rint(rotated / bf16_bits_to_float32(step))  # integers, |q| bounded by hidden * steps_per_rms
-        return b"".join([bytes([shift]), step.tobytes(), index.astype(np.uint16).tobytes(), values.tobytes(), rice_encode(q, self.k)]), DTYPE_CODES[torch.float32]
+        code = round_encode(rotated, bf16_bits_to_float32(step), self.k)  # integers, |q| bounded by hidden * steps_per_rms
+        return b"".join([bytes([shift]), step.tobytes(), index.astype(np.uint16).tobytes(), values.tobytes(), code]), DTYPE_CODES[torch.float32]
 
     def max_step(self, shift: int) -> float:
         """The largest step an encoder can send: the values left after the outliers are each at most the
@@ -509,8 +449,7 @@ class RiceCodec(Codec):
         step, index = check_scale(bf16_bits_to_float32(step), self.name), check_outliers(index, values, hidden, self.name)
         if (step > self.max_step(shift)).any():
             raise ProtocolError(f"codec {self.name}: step {step.max():.3g} is out of range (at most {self.max_step(shift):.4g})")
-        q: np.ndarray = rice_decode(payload[offset:], count * hidden, self.k, self.name).astype(np.float32).reshape(count, hidden)
-        return finish_decode(device, q, step, index, values, shift)
+        return finish_decode(device, decode_scale(payload[offset:], count, hidden, self.k, step, self.name), index, values, shift)
 
 
 class BlockwiseInt8Codec(Codec):

@@ -72,6 +72,7 @@ import grpc
 from grpc import aio
 
 from ..link import protocol
+from ..link.codec import CODECS
 from ..precision import dtype_name
 from ..utils import (
     OneLineParser, StopSignal, Stopped, TriadicError, adopt_torch_threads, check_seconds, parse_layer_set, read_file, read_token,
@@ -693,6 +694,8 @@ def load(args) -> Loaded:
     # weights in the layout that is faster over several rows; unbatched, in transformers' layout, to compute what HF computes.
     cloud = build_cloud(model_dir, config, schedule, args.two_part, args.lora_weights, side, column_major=batching)
     service = CloudService(schedule, cloud.part, limits, token)
+    for codec in CODECS.values():  # any an edge may send: built now, not inside its first request
+        codec.prepare()
     if batching:
         enable_packing(cloud.part)
         reason = use_panels(cloud.part)  # faster still over a few rows, where it can run
