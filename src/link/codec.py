@@ -16,7 +16,6 @@ import torch
 
 from ..utils import ProtocolError, TriadicError
 from . import rice
-from .rice import decode_scale, round_encode
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
@@ -423,7 +422,7 @@ class RiceCodec(Codec):
         rms = np.sqrt(np.square(rotated, dtype=np.float64).mean(-1, keepdims=True))
         step = bf16_bits((rms / self.steps_per_rms).astype(np.float32))
         step[step == 0] = 0x3F80  # an all-zero row: a step of 1.0
-        code = round_encode(rotated, bf16_bits_to_float32(step), self.k)  # integers, |q| bounded by hidden * steps_per_rms
+        code = rice.round_encode(rotated, bf16_bits_to_float32(step), self.k)  # integers, |q| bounded by hidden * steps_per_rms
         return b"".join([bytes([shift]), step.tobytes(), index.astype(np.uint16).tobytes(), values.tobytes(), code]), DTYPE_CODES[torch.float32]
 
     def max_step(self, shift: int) -> float:
@@ -449,7 +448,7 @@ class RiceCodec(Codec):
         step, index = check_scale(bf16_bits_to_float32(step), self.name), check_outliers(index, values, hidden, self.name)
         if (step > self.max_step(shift)).any():
             raise ProtocolError(f"codec {self.name}: step {step.max():.3g} is out of range (at most {self.max_step(shift):.4g})")
-        return finish_decode(device, decode_scale(payload[offset:], count, hidden, self.k, step, self.name), index, values, shift)
+        return finish_decode(device, rice.decode_scale(payload[offset:], count, hidden, self.k, step, self.name), index, values, shift)
 
 
 class BlockwiseInt8Codec(Codec):
