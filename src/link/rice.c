@@ -12,12 +12,17 @@
 #error "unary runs are read and written as little-endian 64-bit words"
 #endif
 
-/* x rounded to the nearest integer, ties to even, as np.rint: below 2**23 adding and taking away 1.5 * 2**23
-   leaves an integer spacing, so the sum rounds in the default rounding mode; from 2**23 every float is one. */
+/* x rounded to the nearest integer, ties to even, as np.rint: for 0 <= a < 2**23, a + 2**23 lies where floats
+   are 1 apart, so the sum rounds a in the default rounding mode; from 2**23 every float is an integer. */
 static inline float round_even(float x) {
     const float a = __builtin_fabsf(x); /* sign by bit operations: a branch on it mispredicts half the time */
     if (!(a < 8388608.0f)) return x;    /* also NaN */
-    return __builtin_copysignf((a + 12582912.0f) - 12582912.0f, x);
+    return __builtin_copysignf((a + 8388608.0f) - 8388608.0f, x);
+}
+
+/* count and hidden that a message can have: not negative, and count * hidden * 8 bits within a long. */
+static inline int valid_shape(long count, long hidden, int k) {
+    return k >= 0 && k <= 8 && count >= 0 && hidden >= 0 && (hidden == 0 || count <= (1L << 58) / hidden);
 }
 
 static inline uint64_t zigzag(float rounded) { /* rounded: an integer-valued float, |x| < 2**62 */
@@ -35,9 +40,10 @@ static inline uint64_t zigzag(float rounded) { /* rounded: an integer-valued flo
    the pipeline) and no branch depends on the data below runs of 56 (a branch on a value's sign or a loop over
    its run's bytes mispredicts about once a value: 17 to 23 ns a value on the EPYC, against 4 here). */
 long rice_round_encode(const float *rotated, long count, long hidden, const float *step, int k, uint8_t *out, long capacity) {
+    if (!valid_shape(count, hidden, k) || capacity < 8) return -1;
     const long n = count * hidden, low_size = (n * k + 7) / 8;
-    const uint64_t mask = (1ull << k) - 1; /* k <= 8 */
-    if (k < 0 || k > 8 || low_size + 8 > capacity) return -1;
+    const uint64_t mask = (1ull << k) - 1;
+    if (low_size > capacity - 8) return -1;
     uint8_t *low = out, *at = out + low_size;
     const uint8_t *const last = out + capacity - 8; /* where a word may still be stored whole */
     uint64_t low_word = 0, word = 0;
@@ -80,9 +86,9 @@ long rice_round_encode(const float *rotated, long count, long hidden, const floa
 /* The count * hidden integers of such a code, each times its row's step, into out (float32). Returns 0 where
    `buffer` is exactly the code of count * hidden values (zero padding, no byte after the last value), else -1. */
 int rice_decode_scale(const uint8_t *buffer, long length, long count, long hidden, int k, const float *step, float *out) {
+    if (!valid_shape(count, hidden, k) || length < 0) return -1;
     const long n = count * hidden, low_size = (n * k + 7) / 8;
     const uint64_t mask = (1ull << k) - 1;
-    if (k < 0 || k > 8) return -1;
     if (n == 0) return length == 0 ? 0 : -1;
     if (length < low_size + (n + 7) / 8) return -1;
     const long padding = low_size * 8 - n * k;

@@ -123,28 +123,33 @@ def _prepare(lib: ctypes.CDLL) -> None:
 
 def _check(lib: ctypes.CDLL) -> None:
     """The bytes and floats of numpy's definition, before any message uses the library (a miscompiled one is refused):
-    every k, ties, zeros, a value of many unary bytes, and a damaged code refused."""
+    every k, ties, zeros, a value of many unary bytes, integers past 2**22, and a damaged code refused."""
     generator = np.random.default_rng(0)
     rotated = (generator.standard_normal((3, 37)) * 40).astype(np.float32)
     rotated[0, :4] = [0.5, 1.5, -2.5, 0.0]  # ties round to even
     rotated[1, 5] = 3000.0  # many ones in unary
     step = np.array([[1.0], [0.75], [2.0]], np.float32)
-    for k in range(9):
+    large = np.array([[4194305.0, -5000001.0, 8388607.0, 4194304.75, 8388608.0]], np.float32)  # from 2**22, where floats
+    cases = [(rotated, step, k) for k in range(9)] + [(large, np.ones((1, 1), np.float32), 8)]  # are 0.5 apart, to 2**23
+    for rotated, step, k in cases:
         expected = rice_encode(np.rint(rotated / step), k)
         got = _encoded(lib, rotated, step, k, len(expected) + 8)
         if got != expected:
             raise RuntimeError(f"its code with k={k} differs from numpy's")
-        decoded = _decoded(lib, memoryview(expected), 3, 37, k, step)
-        reference = rice_decode(memoryview(expected), rotated.size, k, "check").astype(np.float32).reshape(3, 37) * step
+        count, hidden = rotated.shape
+        decoded = _decoded(lib, memoryview(expected), count, hidden, k, step)
+        reference = rice_decode(memoryview(expected), rotated.size, k, "check").astype(np.float32).reshape(count, hidden) * step
         if decoded is None or not np.array_equal(decoded, reference):
             raise RuntimeError(f"its decoding with k={k} differs from numpy's")
-        if _decoded(lib, memoryview(expected + b"\0"), 3, 37, k, step) is not None:
+        if _decoded(lib, memoryview(expected + b"\0"), count, hidden, k, step) is not None:
             raise RuntimeError("it accepts a code with a byte after its last value")
 
 
 def _encoded(lib: ctypes.CDLL, rotated: np.ndarray, step: np.ndarray, k: int, capacity: int) -> bytes | None:
     """The C code of float32 C-ordered `rotated` on `step`, or None where numpy's path must decide."""
     count, hidden = rotated.shape
+    if step.shape != (count, 1):  # the C code reads one step per row, as many as there are rows
+        raise ValueError(f"steps of shape {step.shape} for {count} rows")
     out = np.empty(capacity, np.uint8)
     size = lib.rice_round_encode(rotated.ctypes.data, count, hidden, step.ctypes.data, k, out.ctypes.data, capacity)
     return out[:size].tobytes() if size >= 0 else None
@@ -152,6 +157,8 @@ def _encoded(lib: ctypes.CDLL, rotated: np.ndarray, step: np.ndarray, k: int, ca
 
 def _decoded(lib: ctypes.CDLL, buffer: memoryview, count: int, hidden: int, k: int, step: np.ndarray) -> np.ndarray | None:
     """The C decoding of `buffer`, times the steps, or None where it is not exactly a code (numpy then says why)."""
+    if step.shape != (count, 1):
+        raise ValueError(f"steps of shape {step.shape} for {count} rows")
     out = np.empty((count, hidden), np.float32)
     address = np.frombuffer(buffer, np.uint8).ctypes.data if len(buffer) else 0
     return out if lib.rice_decode_scale(address, len(buffer), count, hidden, k, step.ctypes.data, out.ctypes.data) == 0 else None
