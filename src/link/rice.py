@@ -113,6 +113,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def _prepare(lib: ctypes.CDLL) -> None:
+    """Declare the library's two functions and check them against numpy (`_check`)."""
     pointer, long = ctypes.c_void_p, ctypes.c_long
     lib.rice_round_encode.argtypes = [pointer, long, long, pointer, ctypes.c_int, pointer, long]
     lib.rice_round_encode.restype = long
