@@ -11,6 +11,7 @@ which positions to put in a message (those the receiver lacks at the cut) withou
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -140,6 +141,7 @@ class Party:
         self.peer_layers = frozenset(peer_layers)
         # Per cut, the channel weights a lossy link quantizes with (src/families.py, `link_gain_offset`).
         self.link_gains: dict[int, torch.Tensor] = {c: g for part in self.parts for c, g in getattr(part, "link_gains", {}).items()}
+        self.least_gains = {c: float(g.min()) for c, g in self.link_gains.items()}  # what `unweigh` divides by at most
         # The compute dtype: int8 weights (--load-in-8bit) do not count, the norms' weights do.
         reference = next(p for part in self.parts for p in part.parameters() if p.is_floating_point())
         self.device, self.dtype = reference.device, reference.dtype
@@ -316,12 +318,17 @@ class Party:
     def to_compute(self, states: torch.Tensor) -> torch.Tensor:
         return states.to(device=self.device, dtype=self.dtype)
 
-    def received(self, cut: int, states: torch.Tensor, codec: Codec) -> torch.Tensor:
+    def received(self, cut: int, states: torch.Tensor, codec: Codec, peak: float = math.inf) -> torch.Tensor:
         """The peer's decoded states at `cut` as this side computes with them: unweighed, on its device, in its dtype.
 
-        ProtocolError where they are finite as sent but pass this side's range (fp16: 65504), before any state changes."""
+        ProtocolError where they are finite as sent but pass this side's range (fp16: 65504), before any state changes.
+        `peak` bounds their magnitude as decoded (`Codec.decoded`, known on the host). Where it shows that they fit,
+        with a percent to spare for the rounding of unweighing and the cast, the states are not read on the device:
+        on a GPU that read is a wait in every step. Past that, or without a bound, they are checked there."""
         states = self.to_compute(self.unweigh(cut, states, codec))
-        if not torch.isfinite(states).all():
+        least_gain = self.least_gains.get(cut, 1.0) if codec.channel_weighted else 1.0
+        fits = least_gain > 0 and 1.01 * peak / least_gain <= torch.finfo(self.dtype).max
+        if not fits and not torch.isfinite(states).all():
             peer = "cloud" if self.role == "edge" else "edge"
             raise ProtocolError(f"the {peer}'s states do not fit the {self.role}'s {dtype_name(self.dtype)}: values past its range")
         return states

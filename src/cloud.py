@@ -19,7 +19,7 @@ import torch
 
 from .base import Party
 from .link import protocol
-from .link.codec import CODECS_BY_ID
+from .link.codec import CODECS_BY_ID, NotFinite
 from .link.protocol import Kind
 from .models import SecondLlamaForCausalLM, ThirdLlamaForCausalLM
 from .sampling import Sampler
@@ -132,7 +132,7 @@ class Cloud(Party):
         if expected is None and end < step - self.turn_step + 1:
             raise ProtocolError(f"message ends at position {end - 1}, too early for step {step}")
         codec = CODECS_BY_ID[message.codec_id]
-        incoming = self.received(a, message.hidden, codec)
+        incoming = self.received(a, message.hidden, codec, message.peak)
 
         # Valid: from here on the state changes.
         if self.turn_end is None:  # the session's first request, from position 0
@@ -153,10 +153,11 @@ class Cloud(Party):
             reply = protocol.encode_token(step, end - 1, token, self.hidden_size)
         else:
             out_start, states = self.outgoing(b, end)
-            if not torch.isfinite(states).all():  # finite but huge inputs overflow in the layers
-                raise ProtocolError(DRIVEN_PAST_RANGE)
             with self.timed("encode"):
-                reply = protocol.encode_hidden(step, out_start, self.weigh(b, states, codec), codec)
+                try:  # the codec checks on its host copy: no wait on a GPU for a check of its own
+                    reply = protocol.encode_hidden(step, out_start, self.weigh(b, states, codec), codec)
+                except NotFinite:  # finite but huge inputs overflow in the layers
+                    raise ProtocolError(DRIVEN_PAST_RANGE) from None
         self.advance_peer([i for i in self.peer_layers if i < a or i >= b], end)
         self.prune()
         self.last_step, self.end = step, end

@@ -227,7 +227,7 @@ class Edge(Party):
             if reply.kind is Kind.TOKEN:
                 token = reply.token
             else:
-                self.store.put(b, reply.start, self.received(b, reply.hidden, self.codec))
+                self.store.put(b, reply.start, self.received(b, reply.hidden, self.codec, reply.peak))
         if token is None:
             assert self.third is not None and sampler is not None  # without them, the cloud sends the token
             self.run_layers(b, self.num_layers, end)

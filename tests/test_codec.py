@@ -69,9 +69,9 @@ def test_outliers_beyond_fp16_are_shifted_not_refused(codec_name):
     assert get_codec(codec_name).encode(llama_like(2))[0][0] == 0  # SmolLM2-sized outliers: no shift
     with pytest.raises(ProtocolError, match="outlier shift 61"):
         protocol.decode(sealed(2, codec.codec_id, dtype, 3, bytes([61]) + payload[1:]), HIDDEN)
-    for peak in (1e30, math.inf):  # past the largest shift, or not a number the shift can reach (--uplink-noise inf)
+    for peak, refusal in ((1e30, "beyond the codec's range"), (math.inf, "the states to send hold Inf or NaN")):  # past the largest shift, or no number
         x[1, 7] = peak
-        with pytest.raises(TriadicError, match="beyond the codec's range"):
+        with pytest.raises(TriadicError, match=refusal):
             codec.encode(x)
 
 
@@ -338,6 +338,42 @@ def test_int8_codecs_refuse_states_narrower_than_their_outliers_and_carry_zero_p
     assert codec.decode(memoryview(payload), 0, 64, dtype).shape == (0, 64)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["none", "fp16", "bf16", "int8-fixed", "int8", "bnb8"]), st.integers(1, 3), st.sampled_from([64, 576, 1536, 4096]),
+       st.floats(1e-3, 1e20), st.integers(0, 2**31))
+def test_a_decoded_peak_bounds_the_states_and_stays_near_them(codec_name, count, hidden, magnitude, seed):
+    """`Codec.decoded`'s peak is what a receiver checks its range against instead of reading the states on its device
+    (Party.received): it must never be below the largest value decoded, and is at most a small multiple of the norm (so
+    that ordinary states pass on the host). Dense and Kronecker rotations, massive channels, values near float32's reach."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(count, hidden, generator=generator) * magnitude
+    x[:, 3] *= 30  # a massive activation channel
+    codec = get_codec(codec_name)
+    try:
+        payload, dtype = codec.encode(x)
+    except TriadicError:  # beyond what the codec carries (fp16's range, int8-fixed's fp16 scale): refused by the sender
+        return
+    states, peak = codec.decoded(memoryview(payload), count, hidden, dtype)
+    largest = float(states.abs().max())
+    assert largest <= peak <= 2.02 * float(states.double().norm(dim=-1).max()) + 1e-30
+
+
+@pytest.mark.parametrize("codec_name", ["int8", "int8-fixed"])
+@pytest.mark.parametrize("hidden", [64, 4096])
+def test_a_peak_covers_a_rotated_part_that_rotates_back_onto_one_channel(codec_name, hidden):
+    """A peer may send outliers of zero and a rotated part that comes back as one large channel: the largest value is
+    then about the rotated part's whole norm, which the peak must cover (the outliers' largest would not)."""
+    codec = get_codec(codec_name)
+    x = torch.zeros(1, hidden)
+    x[0, :6], x[0, 10] = 2000.0, 1000.0
+    payload, dtype = codec.encode(x)
+    values = 1 + 2 + 2 * 6  # after the shift byte, one step or scale and six indices: six fp16 values
+    crafted = payload[:values] + bytes(2 * 6) + payload[values + 2 * 6 :]
+    states, peak = codec.decoded(memoryview(crafted), 1, hidden, dtype)
+    largest = float(states.abs().max())
+    assert 990 < largest <= peak and float(states[0, :6].abs().max()) == 0.0
+
+
 def sealed(kind, codec_id, dtype_code, count, payload: bytes) -> bytes:
     header = HEADER.pack(b"TS", protocol.VERSION, kind, codec_id, dtype_code, HIDDEN, 0, 0, count, 0)
     crc = zlib.crc32(payload, zlib.crc32(header))
@@ -375,6 +411,7 @@ def decodes_or_refuses(codec_name: str, count: int, payload: bytes) -> None:
     except ProtocolError:
         return
     assert torch.isfinite(message.hidden).all() and message.hidden.shape == (count, HIDDEN)
+    assert float(message.hidden.abs().max()) <= message.peak  # the bound a receiver trusts instead of reading the states
 
 
 @settings(max_examples=1000, deadline=None)

@@ -232,7 +232,7 @@ def test_malformed_messages_get_invalid_argument_and_others_go_on(servers, tiny_
     nan[2, 5] = float("nan")
     cases = {
         "truncated": (good[:-7], "checksum mismatch"),
-        "nan": (protocol.encode_hidden(0, 0, nan, get_codec("none")), "NaN or Inf"),
+        "nan": (protocol.encode_hidden(0, 0, nan, get_codec("none"), finite=False), "NaN or Inf"),
         "positions": (protocol.encode_hidden(0, 3, torch.randn(5, config.hidden_size), get_codec("none")), "positions start at 3"),
         "wrong sets": (start_message(folder, FIXED), "fingerprint mismatch"),
     }

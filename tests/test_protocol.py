@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from src.link import protocol
-from src.link.codec import CODECS, get_codec
+from src.link.codec import CODECS, NotFinite, get_codec
 from src.pipeline import build_pipeline
 from src.link.protocol import HEADER_SIZE, Kind
 from src.utils import ProtocolError, TriadicError
@@ -74,13 +74,21 @@ def test_malformed_messages_are_rejected_with_a_reason():
 
 
 def test_non_finite_values_are_rejected():
+    """A receiver refuses them; a sender never encodes them, whatever the codec (it sees them on its host copy)."""
     states = torch.randn(2, HIDDEN)
     states[1, 3] = float("nan")
     with pytest.raises(ProtocolError, match="NaN or Inf"):
-        protocol.decode(protocol.encode_hidden(0, 0, states, get_codec("none")), HIDDEN)
+        protocol.decode(protocol.encode_hidden(0, 0, states, get_codec("none"), finite=False), HIDDEN)
+    for name in ("none", "fp16", "bf16", "int8-fixed", "int8"):
+        with pytest.raises(NotFinite, match=f"codec {name}: the states to send hold Inf or NaN"):
+            protocol.encode_hidden(0, 0, states, get_codec(name))
     states[1, 3] = float("inf")
     with pytest.raises(ProtocolError, match="NaN or Inf"):
-        protocol.decode(protocol.encode_hidden(0, 0, states, get_codec("bf16")), HIDDEN)
+        protocol.decode(protocol.encode_hidden(0, 0, states, get_codec("bf16"), finite=False), HIDDEN)
+    states[:, :12] = float("-inf")  # more than the int8 codecs' outliers: Inf in the rotated rest too
+    for name in ("int8-fixed", "int8"):
+        with pytest.raises(NotFinite):
+            protocol.encode_hidden(0, 0, states, get_codec(name))
 
 
 def test_unknown_codec_name_is_a_user_error():
@@ -151,7 +159,7 @@ def test_cloud_rejects_bad_requests_and_keeps_its_caches(tiny_tied):
         "does not follow step": good_next,
         "positions start at": protocol.encode_hidden(3, 2, torch.randn(6, 32), get_codec("none")),
         "expected 7": protocol.encode_hidden(3, 7, torch.randn(2, 32), get_codec("none")),
-        "NaN or Inf": protocol.encode_hidden(3, 7, nan_states, get_codec("none")),
+        "NaN or Inf": protocol.encode_hidden(3, 7, nan_states, get_codec("none"), finite=False),
         "truncated": good_next[:20],
         "wrong payload length": patch(protocol.encode_hidden(3, 7, states, get_codec("none")), 16, "<I", 2),
         "unknown dtype code": patch(protocol.encode_hidden(3, 7, states, get_codec("none")), 5, "<B", 7),
@@ -224,6 +232,33 @@ def test_an_fp16_cloud_refuses_states_past_its_range_before_its_state_changes(ti
                 parameter.mul_(1e5)
     with pytest.raises(ProtocolError, match="drive the model to Inf or NaN"):
         cloud.handle(protocol.encode_hidden(1, 4, torch.randn(1, HIDDEN), get_codec("none")))
+
+
+def test_a_side_reads_received_states_on_its_device_only_where_their_bound_does_not_fit(tiny_tied, monkeypatch):
+    """On a GPU the range check's read is a wait in every step: it runs only where the decoded peak (known on the
+    host) does not show that the states fit this side's dtype after unweighing. In fp16: 60,000 fits, 65,000 does not
+    (a percent to spare), nor does 700 divided by a gain of 0.01, nor no bound at all."""
+    from src.pipeline import SideOptions
+
+    folder, _ = tiny_tied
+    pipeline = build_pipeline(str(folder), {1}, {3}, with_tokenizer=False, cloud_side=SideOptions(dtype=torch.float16))
+    cloud, int8 = pipeline.cloud, get_codec("int8")
+    reads = []
+    real_isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda x: reads.append(x.shape) or real_isfinite(x))
+    states = torch.randn(2, HIDDEN)
+    for peak, read in ((60_000.0, False), (65_000.0, True), (float("inf"), True)):
+        reads.clear()
+        assert torch.equal(cloud.received(1, states, int8, peak), states.half())
+        assert bool(reads) is read, peak
+    cloud.least_gains[1] = 0.01  # a family that weighs its link (Gemma 3): the receiver divides by the gain
+    for codec, read in ((int8, True), (get_codec("none"), False)):  # only channel-weighted codecs are unweighed
+        reads.clear()
+        cloud.received(1, states, codec, 700.0)
+        assert bool(reads) is read, codec.name
+    monkeypatch.undo()
+    message = protocol.decode(protocol.encode_hidden(0, 0, states, int8), HIDDEN)
+    assert 0 < message.peak < 2.02 * float(states.norm(dim=-1).max())  # what a message carries: well inside fp16
 
 
 def test_an_fp16_edge_refuses_cloud_states_past_its_range(tiny_tied):

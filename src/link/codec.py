@@ -1,8 +1,10 @@
 """How a block of hidden states [count, hidden] becomes bytes and back.
 
 Each codec has a one-byte id carried in the message header. Decoding validates the payload (its
-length, scales, indices, padding) and returns float values; the protocol layer rejects non-finite
-results.
+length, scales, indices, padding) and returns finite float values, with a bound on their magnitude
+known on the host (`Codec.decoded`). Encoding refuses states that are not finite (`NotFinite`), seen
+on the host copy it makes anyway. Both keep the sides' range checks off the device: on a GPU, a check
+there is a wait for the GPU in every step.
 """
 from __future__ import annotations
 
@@ -29,6 +31,16 @@ def bytes_tensor(payload: bytes | memoryview, dtype: torch.dtype, shape: tuple[i
     return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(shape)
 
 
+class NotFinite(TriadicError):
+    """The states to encode hold Inf or NaN: nothing a receiver could use."""
+
+
+def finite_on_host(codec: str, *arrays: np.ndarray) -> None:
+    """NotFinite unless every value is finite (host arrays: no wait on a device)."""
+    if not all(np.isfinite(a).all() for a in arrays):
+        raise NotFinite(f"codec {codec}: the states to send hold Inf or NaN")
+
+
 class Codec:
     name: str
     codec_id: int
@@ -42,8 +54,10 @@ class Codec:
     def prepare(self) -> None:
         """Build what coding needs before the first message (at start-up, not inside a request)."""
 
-    def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
-        """Payload bytes and the dtype code for the header."""
+    def encode(self, x: torch.Tensor, finite: bool = True) -> tuple[bytes, int]:
+        """Payload bytes and the dtype code for the header; NotFinite where `finite` and x holds Inf or NaN.
+
+        (`finite=False` only for tests that play a peer sending what a receiver must refuse.)"""
         raise NotImplementedError
 
     def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -51,6 +65,12 @@ class Codec:
 
         Validation runs on the host, before anything reaches `device` (no wait on a GPU); the arithmetic
         over all values (the inverse rotation) runs on `device`, where the receiver computes."""
+        return self.decoded(payload, count, hidden, dtype_code, device)[0]
+
+    def decoded(self, payload: memoryview, count: int, hidden: int, dtype_code: int,
+                device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
+        """`decode`'s states and `peak`, a bound on their magnitude known on the host: what lets a receiver
+        check them against its dtype's range (`Party.received`) without reading them back from a GPU."""
         raise NotImplementedError
 
 
@@ -66,8 +86,10 @@ class RawCodec(Codec):
         self.name, self.codec_id, self.dtype = name, codec_id, dtype
         self.lossless = dtype is None
 
-    def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
+    def encode(self, x: torch.Tensor, finite: bool = True) -> tuple[bytes, int]:
         x = x.detach().to("cpu")
+        if finite and not torch.isfinite(x).all():
+            raise NotFinite(f"codec {self.name}: the states to send hold Inf or NaN")
         if self.dtype is not None:
             if self.dtype == torch.float16 and x.abs().max() > torch.finfo(torch.float16).max:
                 raise TriadicError("codec fp16: a hidden state exceeds the fp16 range; use bf16 or int8")
@@ -80,12 +102,14 @@ class RawCodec(Codec):
             raise ProtocolError(f"codec {self.name}: dtype code {dtype_code} does not match the codec")
         return count * hidden * dtype.itemsize
 
-    def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    def decoded(self, payload: memoryview, count: int, hidden: int, dtype_code: int,
+                device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
         expect_length(payload, self.payload_size(count, hidden, dtype_code), self.name, count)
         states = bytes_tensor(payload, CODE_DTYPES[dtype_code], (count, hidden))
-        if not torch.isfinite(states).all():
+        peak = float(states.abs().max()) if states.numel() else 0.0  # NaN where one is
+        if not math.isfinite(peak):
             raise ProtocolError("hidden states contain NaN or Inf")
-        return states.to(device)
+        return states.to(device), peak
 
 
 FP16_MAX = torch.finfo(torch.float16).max
@@ -317,20 +341,27 @@ def check_scale(scale: np.ndarray, codec: str) -> np.ndarray:
     return scale
 
 
-def finish_decode(device: torch.device | str, scaled: np.ndarray, index: np.ndarray, values: np.ndarray, shift: int) -> torch.Tensor:
-    """The rotated values (the integers times their steps) rotated back, with the outliers (fp16 values times 2**shift) put in place.
+def finish_decode(device: torch.device | str, scaled: np.ndarray, index: np.ndarray, values: np.ndarray,
+                  shift: int) -> tuple[torch.Tensor, float]:
+    """The rotated values (the integers times their steps) rotated back, with the outliers (fp16 values times 2**shift) put
+    in place; and `peak`, a bound on the result's magnitude (`Codec.decoded`).
 
     The mirror of `rotated_with_outliers`: the per-value work in numpy on the host, then one copy of
     the validated arrays' bytes (the int64 indices first, so that every part starts aligned) to
     `device`, where the rotation and the scatter run. Every input is finite and bounded, so the result
-    is finite."""
+    is finite. An orthogonal rotation keeps each position's norm, so no value it gives exceeds the norm
+    of the rotated row; twice that covers float32's rounding in the rotation (at most about 2% at
+    hidden 4096)."""
     count, hidden = scaled.shape
     k = index.shape[1]
     if count == 0:
-        return torch.zeros(0, hidden, device=device)
-    parts = (index, scaled, values.astype(np.float32) * np.float32(2.0**shift))
-    flat = torch.from_numpy(np.concatenate([part.reshape(-1).view(np.uint8) for part in parts]))
-    return replayed(functools.partial(_restored, count=count, hidden=hidden, k=k), flat, device, count, ("decode", count, hidden, k), fresh=True)
+        return torch.zeros(0, hidden, device=device), 0.0
+    outliers = values.astype(np.float32) * np.float32(2.0**shift)
+    norm = math.sqrt(float(np.einsum("ij,ij->i", scaled, scaled, dtype=np.float64).max()))  # float64: no square overflows
+    peak = max(2.0 * norm, float(np.abs(outliers).max()) if k else 0.0)
+    flat = torch.from_numpy(np.concatenate([part.reshape(-1).view(np.uint8) for part in (index, scaled, outliers)]))
+    states = replayed(functools.partial(_restored, count=count, hidden=hidden, k=k), flat, device, count, ("decode", count, hidden, k), fresh=True)
+    return states, peak
 
 
 def _restored(flat: torch.Tensor, count: int, hidden: int, k: int) -> torch.Tensor:
@@ -364,8 +395,10 @@ class RotatedInt8Codec(Codec):
     def payload_size(self, count: int, hidden: int, dtype_code: int) -> int:
         return 1 + sum(np.dtype(dtype).itemsize * math.prod(shape) for dtype, shape in self._parts(count, hidden))
 
-    def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
+    def encode(self, x: torch.Tensor, finite: bool = True) -> tuple[bytes, int]:
         index, values, rotated = rotated_with_outliers(x, self.outliers, self.name)
+        if finite:
+            finite_on_host(self.name, values, rotated)
         shift, values = outliers_fp16(values, self.name)
         with np.errstate(over="ignore"):
             scale = np.abs(rotated).max(-1, keepdims=True).clip(min=np.float32(1e-30)).astype(np.float16)
@@ -375,7 +408,8 @@ class RotatedInt8Codec(Codec):
         quantized = np.rint(rotated / scale.astype(np.float32) * np.float32(127)).clip(-127, 127).astype(np.int8)
         return b"".join([bytes([shift]), scale.tobytes(), index.astype(np.uint16).tobytes(), values.tobytes(), quantized.tobytes()]), DTYPE_CODES[torch.float32]
 
-    def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    def decoded(self, payload: memoryview, count: int, hidden: int, dtype_code: int,
+                device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
         expect_length(payload, self.payload_size(count, hidden, dtype_code), self.name, count)
         shift = read_shift(payload, self.name)
         (scale, index, values, quantized), _ = read_parts(payload[1:], self._parts(count, hidden))
@@ -413,8 +447,10 @@ class RiceCodec(Codec):
     def prepare(self) -> None:
         rice.library()  # rice.c, compiled on a first run (a fraction of a second), else loaded from the cache
 
-    def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
+    def encode(self, x: torch.Tensor, finite: bool = True) -> tuple[bytes, int]:
         index, values, rotated = rotated_with_outliers(x, self.outliers, self.name)
+        if finite:
+            finite_on_host(self.name, values, rotated)
         shift, values = outliers_fp16(values, self.name)
         # bf16: the step needs range, not precision (both sides use the rounded value). The RMS in float64:
         # no square overflows (in float32 a value past 1.8e19 made the step inf), and the step does not
@@ -438,7 +474,8 @@ class RiceCodec(Codec):
         parts = sum(np.dtype(dtype).itemsize * math.prod(shape) for dtype, shape in self._parts(count))
         return 1 + parts + (count * hidden * self.k + 7) // 8 + math.ceil(unary_bits / 8) + 1  # + the shift byte
 
-    def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    def decoded(self, payload: memoryview, count: int, hidden: int, dtype_code: int,
+                device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
         limit = self.max_payload_size(count, hidden)
         if len(payload) > limit:
             raise ProtocolError(f"codec {self.name}: payload of {len(payload)} bytes for {count} positions, at most {limit} can be valid")
@@ -469,14 +506,17 @@ class BlockwiseInt8Codec(Codec):
     def payload_size(self, count: int, hidden: int, dtype_code: int) -> int:
         return count * hidden + 4 * self._blocks(count, hidden)
 
-    def encode(self, x: torch.Tensor) -> tuple[bytes, int]:
+    def encode(self, x: torch.Tensor, finite: bool = True) -> tuple[bytes, int]:
         import bitsandbytes.functional as bnb
 
         x = x.detach().to("cpu", torch.float32)
+        if finite:
+            finite_on_host(self.name, x.numpy())
         quantized, state = bnb.quantize_blockwise(x.flatten(), blocksize=self.block)
         return tensor_bytes(state.absmax.float()) + tensor_bytes(quantized), DTYPE_CODES[torch.float32]
 
-    def decode(self, payload: memoryview, count: int, hidden: int, dtype_code: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    def decoded(self, payload: memoryview, count: int, hidden: int, dtype_code: int,
+                device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
         import bitsandbytes.functional as bnb
 
         expect_length(payload, self.payload_size(count, hidden, dtype_code), self.name, count)
@@ -486,7 +526,8 @@ class BlockwiseInt8Codec(Codec):
             raise ProtocolError(f"codec {self.name}: non-finite scale")
         quantized = bytes_tensor(payload[4 * blocks :], torch.uint8, (count * hidden,))
         state = bnb.QuantState(absmax=absmax, code=bnb.create_dynamic_map().float(), blocksize=self.block, dtype=torch.float32)
-        return bnb.dequantize_blockwise(quantized, state).view(count, hidden).to(device)
+        peak = 1.01 * float(absmax.abs().max())  # each value is a code of magnitude at most 1 times its block's absmax
+        return bnb.dequantize_blockwise(quantized, state).view(count, hidden).to(device), peak
 
 
 CODECS: dict[str, Codec] = {

@@ -32,6 +32,7 @@ hidden size, finiteness) and raises ProtocolError with one line saying what is w
 """
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ class Message:
     count: int = 0
     codec_id: int = 0
     hidden: torch.Tensor | None = None  # [count, hidden_size], float
+    peak: float = math.inf  # HIDDEN: a bound on the states' magnitude, known on the host (Codec.decoded)
     token: int | None = None
     seed: int = 0
     resplit_every: int = 1
@@ -112,10 +114,12 @@ def _unpack_sampling(payload: memoryview) -> SamplingConfig:
     return config.resolved()
 
 
-def encode_hidden(step: int, start: int, hidden: torch.Tensor, codec: Codec) -> bytes:
-    """`hidden` is [count, hidden_size]: the states of positions start .. start + count - 1."""
+def encode_hidden(step: int, start: int, hidden: torch.Tensor, codec: Codec, finite: bool = True) -> bytes:
+    """`hidden` is [count, hidden_size]: the states of positions start .. start + count - 1.
+
+    NotFinite where they hold Inf or NaN (`finite=False`: tests playing a peer that sends them anyway)."""
     count, hidden_size = hidden.shape
-    payload, dtype_code = codec.encode(hidden)
+    payload, dtype_code = codec.encode(hidden, finite)
     return _pack(Kind.HIDDEN, codec.codec_id, dtype_code, hidden_size, step, start, count, payload)
 
 
@@ -171,8 +175,8 @@ def decode(buffer: bytes, hidden_size: int, device: torch.device | str = "cpu") 
         raise ProtocolError(f"unknown codec id {codec_id}")
     if not 0 < count <= MAX_POSITIONS:
         raise ProtocolError(f"position count {count} out of range (1..{MAX_POSITIONS})")
-    hidden = codec.decode(payload, count, hidden_size, dtype_code, device)  # finite, or ProtocolError
-    return Message(kind, step=step, start=start, count=count, codec_id=codec_id, hidden=hidden)
+    hidden, peak = codec.decoded(payload, count, hidden_size, dtype_code, device)  # finite, or ProtocolError
+    return Message(kind, step=step, start=start, count=count, codec_id=codec_id, hidden=hidden, peak=peak)
 
 
 def _expect_length(payload: memoryview, expected: int, what: str) -> None:
