@@ -62,6 +62,60 @@ def test_concurrent_sessions_give_their_tokens_alone(tiny_untied):
     assert batcher.largest >= 3 and batcher.batches < batcher.steps
 
 
+def test_bf16_lossless_sessions_catch_up_step_by_step_when_batched_as_alone(embedded, japan_ids):
+    """Lossless in bf16 a lagging layer replays HF's steps (`Party.segments`) rather than one chunk, whose sums can
+    flip a near-tie. Batched, such a session runs those layers alone, so its replies equal its replies alone byte for
+    byte (on bf16 panels every row's product is its own). Packed as one chunk, three SmolLM2 sessions' replies
+    differed from their fourth or fifth step on (a helper's attack), and an edge's tokens from its 13th."""
+    from src.panels import why_not_paneled
+    from src.pipeline import SideOptions
+    from src.serve.cloud_server import DEFAULT_FIRST, DEFAULT_SECOND
+    from src.utils import format_prompt, parse_layer_set
+
+    folder, _, tokenizer = embedded
+    config = load_config(folder)
+    schedule = SplitSchedule(tuple(parse_layer_set(DEFAULT_FIRST, "--first")), tuple(parse_layer_set(DEFAULT_SECOND, "--second")),
+                             config.num_hidden_layers)
+    bf16 = SideOptions(dtype=torch.bfloat16)
+    part = build_cloud(folder, config, schedule, side=bf16).part
+    reason = why_not_paneled(part.model.layers[schedule.cloud_layers[0]].mlp.up_proj.weight)
+    if reason is not None:
+        pytest.skip(f"bf16 products are bit for bit per row only on bf16 panels: {reason}")
+    enable_packing(part)
+    assert use_panels(part) is None
+    sessions = []  # each session's requests, recorded from an edge and a cloud of its own in one process
+    prompts = [japan_ids, format_prompt(tokenizer, "Why is the sky blue?", "auto"), format_prompt(tokenizer, "Name a cat.", "auto")]
+    for seed, prompt in enumerate(prompts):
+        pipeline = build_pipeline(str(folder), schedule.first, schedule.second, "none", seed=seed, with_tokenizer=False,
+                                  edge_side=bf16, cloud_side=bf16)
+        send, requests = pipeline.edge.link.request, []
+        pipeline.edge.link.request = lambda data, requests=requests, send=send: requests.append(bytes(data)) or send(data)
+        pipeline.edge.generate(prompt, 16)
+        sessions.append(requests)
+
+    def replay(group: list[list[bytes]]) -> list[list[bytes]]:
+        batcher, replies = Batcher(window=0.2), [[] for _ in group]
+        clouds = [Cloud(schedule, part) for _ in group]
+
+        def session(i: int) -> None:
+            clouds[i].batcher = batcher
+            try:
+                replies[i] = [clouds[i].handle(request) for request in group[i]]
+            finally:
+                batcher.forget(clouds[i])
+
+        threads = [threading.Thread(target=session, args=(i,)) for i in range(len(group))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert len(group) == 1 or batcher.largest == len(group)
+        return replies
+
+    alone = [replay([requests])[0] for requests in sessions]
+    assert replay(sessions) == alone
+
+
 def test_packed_attention_without_packing_is_sdpa(tiny_tied):
     """A part switched to packed attention gives the same tokens when a session runs alone."""
     folder, _ = tiny_tied

@@ -156,7 +156,9 @@ def run_layers_together(jobs: Sequence[Job]) -> int:
     index, so every session's input to layer i exists when layer i runs. While consecutive layers
     run the same rows of the same sessions (the common case: every layer between the cuts), the
     packed output of one layer is the next one's input as is, and the packing (positions, rotary,
-    masks) is reused: no per-session work per layer beyond its cache update. A job whose
+    masks) is reused: no per-session work per layer beyond its cache update. A session that catches
+    a lagging layer up step by step where a chunk would change its bits (`Party.segments`: lossless
+    in bf16 or fp16) runs that layer alone, as it would unbatched. A job whose
     `party.on_layer` raises (cancelled, past its deadline) drops out with that error; a failing
     packed call is rolled back and its jobs finish one by one, so one bad session fails only itself.
     Returns the number of layer calls made (for a batch of one, the layers its range spans).
@@ -170,9 +172,14 @@ def run_layers_together(jobs: Sequence[Job]) -> int:
     try:
         for index in range(min(job.lo for job in jobs), max(job.hi for job in jobs)):
             members = _members(jobs, index)
+            stepwise = [job for job in members if len(job.party.segments(job.party.fill[index], job.end)) > 1]
+            members = [job for job in members if job not in stepwise]
             key = tuple((id(job.party), job.party.fill[index], job.end) for job in members)
             if carried is not None and (carried.key != key or any(index in job.party.send_cuts for job in carried.jobs)):
                 carried.store()  # the next layer reads other rows, or the store must keep h_index (a cut it sends)
+            for job in stepwise:  # its pieces as HF ran them, each a call of its own (after the store holds its input)
+                calls += 1
+                _run_one_layer(job, index)
             if not members:
                 carried = None
                 continue
