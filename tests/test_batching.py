@@ -175,26 +175,38 @@ def test_sessions_that_started_are_waited_for_so_a_burst_runs_its_prefills_toget
     assert sizes[0] == 2, sizes  # without `expect`, the first prefill ran alone: [1, 1, 2, ...]
 
 
-def test_a_session_that_starts_and_never_steps_holds_the_others_back_for_one_window_only():
-    """`expect` lasts one window: then a session that started but sent no step is no longer waited for."""
+class _Alone:
+    """A party whose batch of one runs its own `_run_layers`, which does nothing: only the batcher's waiting is timed."""
+
+    on_layer = None
+
+    def _run_layers(self, lo: int, hi: int, end: int) -> None:
+        pass
+
+
+def _seconds_to_run(batcher: Batcher, party: _Alone, end: int) -> float:
     import time
 
-    class Alone:  # a batch of one runs the party's own `_run_layers`
-        on_layer = None
-
-        def _run_layers(self, lo: int, hi: int, end: int) -> None:
-            pass
-
-    batcher = Batcher(window=0.3)
-    batcher.expect(object())  # started, never steps
-    party = Alone()
     began = time.monotonic()
-    batcher.run(party, 0, 1, 1)
-    first = time.monotonic() - began
-    began = time.monotonic()
-    batcher.run(party, 0, 1, 2)
-    second = time.monotonic() - began
+    batcher.run(party, 0, 1, end)
+    return time.monotonic() - began
+
+
+def test_a_session_that_starts_and_never_steps_holds_the_others_back_for_one_window_only():
+    """`expect` lasts one window: then a session that started but sent no step is no longer waited for, even where it
+    sends START again and again (each START re-armed the wait: a flood every 20 ms held every step back by a window)."""
+    import time
+
+    batcher, idle, party = Batcher(window=0.3, horizon=0.5), _Alone(), _Alone()
+    batcher.expect(idle)  # started, never steps
+    first = _seconds_to_run(batcher, party, 1)
+    batcher.expect(idle)  # started again, still without a step
+    second = _seconds_to_run(batcher, party, 2)
     assert 0.25 <= first < 1.0 and second < 0.1, (first, second)
+    batcher.run(idle, 0, 1, 1)  # once it has stepped (and its horizon passed), a new START of it is waited for once more
+    time.sleep(0.6)
+    batcher.expect(idle)
+    assert 0.25 <= _seconds_to_run(batcher, party, 3) < 1.0
 
 
 def _sessions(folder, batcher, count):

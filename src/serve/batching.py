@@ -304,6 +304,7 @@ class Batcher:
         self.max_batch = max_batch  # steps per batch at most
         self._pending: list[Job] = []
         self._seen: dict[int, float] = {}  # id(party) -> when it last sent a step
+        self._started: set[int] = set()  # sessions `expect`-ed that have not stepped since: not waited for again
         self._cond = threading.Condition()
         self._worker: threading.Thread | None = None
         self.batches = 0  # counters, for tests and stats
@@ -319,6 +320,7 @@ class Batcher:
                 self._worker.start()
             self._pending.append(job)
             self._seen[id(party)] = job.arrived
+            self._started.discard(id(party))
             self._cond.notify_all()
         job.done.wait()
         if job.error is not None:
@@ -332,15 +334,21 @@ class Batcher:
         """A session started: steps wait for its first one too (a burst of new sessions runs its prefills together).
 
         Only for one window: a START costs the client no computation, so a client that starts sessions
-        and never steps holds the others' steps back by at most one window per START, not for the horizon.
+        and never steps holds the others' steps back by at most one window per session, not for the horizon.
+        A session that starts again before it stepped is not waited for again (STARTs repeated every few
+        milliseconds held every step of the others back by a whole window).
         """
         with self._cond:
-            self._seen.setdefault(id(party), time.monotonic() - self.horizon + min(self.window, self.horizon))
+            if id(party) not in self._started:
+                self._started.add(id(party))
+                armed = time.monotonic() - self.horizon + min(self.window, self.horizon)  # seen as if a step came then
+                self._seen[id(party)] = max(self._seen.get(id(party), armed), armed)  # a later step stands
 
     def forget(self, party: Party) -> None:
         """The session ended: no batch waits for it any more."""
         with self._cond:
             self._seen.pop(id(party), None)
+            self._started.discard(id(party))
             self._cond.notify_all()
 
     def expected(self) -> int:
