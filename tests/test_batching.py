@@ -23,7 +23,8 @@ PROMPTS = [[1, 5, 9, 33, 17, 80, 3, 41], [7, 7, 12], [90, 4, 61, 22, 8, 15, 30, 
 NEW = [20, 14, 20, 9]  # sessions end at different steps: the others go on batching without them
 
 
-def test_concurrent_sessions_give_their_tokens_alone(tiny_untied):
+@pytest.mark.parametrize("max_rows", [256, 4])  # 4: the 8- and 11-token prompts run a layer at a time between batches
+def test_concurrent_sessions_give_their_tokens_alone(tiny_untied, max_rows):
     folder, _ = tiny_untied
     config = load_config(folder)
     alone = []
@@ -34,7 +35,7 @@ def test_concurrent_sessions_give_their_tokens_alone(tiny_untied):
     schedule = SplitSchedule(tuple(FIRST), tuple(SECOND), config.num_hidden_layers)
     part = build_cloud(folder, config, schedule).part  # one part, shared by every session's Cloud
     enable_packing(part)
-    batcher = Batcher(window=0.2)
+    batcher = Batcher(window=0.2, max_rows=max_rows)
     clouds, edges = [], []
     for i in range(len(PROMPTS)):
         clouds.append(Cloud(schedule, part))
@@ -179,6 +180,7 @@ class _Alone:
     """A party whose batch of one runs its own `_run_layers`, which does nothing: only the batcher's waiting is timed."""
 
     on_layer = None
+    fill = [0, 0]
 
     def _run_layers(self, lo: int, hi: int, end: int) -> None:
         pass
@@ -240,6 +242,43 @@ def _together(edges, clouds, batcher, new, prompts=PROMPTS):
     for t in threads:
         t.join(timeout=120)
     return results
+
+
+class _Slow(_Alone):
+    """A party of `layers` layers whose every layer call takes `seconds`, with its calls (first layer, end) on record."""
+
+    def __init__(self, layers: int, seconds: float) -> None:
+        self.fill, self.seconds, self.calls = [0] * (layers + 1), seconds, []
+
+    def _run_layers(self, lo: int, hi: int, end: int) -> None:
+        import time
+
+        for index in range(lo, hi):
+            time.sleep(self.seconds)
+            self.calls.append((index, end))
+            self.fill[index] = end
+
+
+def test_a_long_prefill_runs_a_layer_at_a_time_between_the_other_sessions_steps():
+    """A step longer than a batch's rows does not hold the others back for its whole length: its layers run one at a
+    time between their batches (an attack: a 1,024-position prefill, within every limit, stalled every other session's
+    steps for 3 s, and got them refused past their deadline)."""
+    import time
+
+    batcher = Batcher(window=0.05, max_rows=256)
+    long, short = _Slow(10, 0.1), _Slow(10, 0.001)
+    prefill = threading.Thread(target=batcher.run, args=(long, 0, 10, 1000))
+    prefill.start()
+    time.sleep(0.15)  # its first layer is under way
+    waits = []
+    for end in range(1, 6):
+        began = time.monotonic()
+        batcher.run(short, 0, 10, end)
+        waits.append(time.monotonic() - began)
+    prefill.join(timeout=10)
+    assert max(waits) < 0.35, waits  # one layer of the prefill at most, then its own (the whole prefill: 1 s)
+    assert long.calls == [(index, 1000) for index in range(10)]  # every layer once, in order, to the end
+    assert len(short.calls) == 50 and long.calls[-1] and batcher.steps == 6
 
 
 def test_one_failing_session_fails_only_itself(tiny_untied, monkeypatch):
@@ -353,6 +392,8 @@ def product_adds_threads() -> bool:
     return len(os.listdir('/proc/self/task')) > before
 
 class Party:  # what the batcher calls for a batch of one
+    fill = [0, 0]
+
     def _run_layers(self, lo, hi, end):
         self.added = product_adds_threads()
 

@@ -128,6 +128,7 @@ class Job:
     hi: int
     end: int
     error: BaseException | None = None  # set when this job failed; the others go on
+    rows: int = 0  # the most positions one of its layers runs (`job_rows`): its share of a packed call
     arrived: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -287,6 +288,11 @@ def _roll_back(members: list[Job], index: int) -> None:
             layer.crop(job.party.fill[index] - layer.length)
 
 
+def job_rows(job: Job) -> int:
+    """The most positions one of the job's layers runs: its share of a packed call's rows."""
+    return max((job.end - fill for fill in job.party.fill[job.lo : job.hi]), default=0)
+
+
 class Batcher:
     """Collects the layer work of concurrent sessions and runs it together on one worker thread.
 
@@ -296,13 +302,22 @@ class Batcher:
     not been `forget`-ten (its stream ended). Edges that got their replies together come back at
     about the same time, so the sessions stay in step; a session that is slower than the window is
     not waited for beyond it. Waiting costs no CPU, only latency, at most `window` per step.
+
+    Size policy: a batch packs steps in their order of arrival up to `max_rows` rows in all; the
+    rest wait for the next batch. A step with more rows than that (a long prompt) runs one layer at a
+    time between batches, one layer of one such step per batch, in turn: a session's long prefill
+    holding every other session's steps back for its whole length (3 s at 1,024 positions here) was
+    a way for one client within its limits to stall the rest. So a step waits for at most one batch
+    and one layer of a long step. A layer at a time gives the same bits as a run of the whole range.
     """
 
-    def __init__(self, window: float, horizon: float = 2.0, max_batch: int = 64) -> None:
+    def __init__(self, window: float, horizon: float = 2.0, max_batch: int = 64, max_rows: int = 256) -> None:
         self.window = window  # seconds a step may wait for other sessions' steps
         self.horizon = horizon  # a session not seen for this long is no longer waited for
         self.max_batch = max_batch  # steps per batch at most
+        self.max_rows = max_rows  # rows per batch at most; a longer step runs a layer at a time between batches
         self._pending: list[Job] = []
+        self._long: list[tuple[Job, int]] = []  # long steps under way and their next layer (the worker's alone)
         self._seen: dict[int, float] = {}  # id(party) -> when it last sent a step
         self._started: set[int] = set()  # sessions `expect`-ed that have not stepped since: not waited for again
         self._cond = threading.Condition()
@@ -314,6 +329,7 @@ class Batcher:
     def run(self, party: Party, lo: int, hi: int, end: int) -> None:
         """Called from a session's thread in place of party._run_layers: returns once its layers ran."""
         job = Job(party, lo, hi, end)
+        job.rows = job_rows(job)
         with self._cond:
             if self._worker is None:
                 self._worker = threading.Thread(target=self._loop, name="cloud-batcher", daemon=True)
@@ -362,18 +378,51 @@ class Batcher:
         adopt_torch_threads()
         while True:
             with self._cond:
-                while not self._pending:
+                while not self._pending and not self._long:
                     self._cond.wait()
                 # From the later of the first step's arrival and now: steps that queued while the last batch
                 # ran wait for that batch's sessions too, so the sessions fall into step instead of alternating.
-                deadline = max(self._pending[0].arrived, time.monotonic() - 1e-3) + self.window
-                while len(self._pending) < min(max(1, self.expected()), self.max_batch):
+                # Not while a long step is under way: its session sends nothing meanwhile, and its layers wait.
+                deadline = max(self._pending[0].arrived if self._pending else 0.0, time.monotonic() - 1e-3) + self.window
+                while not self._long and len(self._pending) < min(max(1, self.expected()), self.max_batch):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
-                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-            self._run(batch)
+                batch = self._take()
+            if batch:
+                self._run(batch)
+            if self._long:
+                self._run_long_layer()
+
+    def _take(self) -> list[Job]:
+        """The next batch (call with the lock held): pending steps in order of arrival, up to `max_batch` steps and
+        `max_rows` rows; a step longer than `max_rows` goes to the long steps instead."""
+        batch, rest, rows = [], [], 0
+        for job in self._pending:
+            if job.rows > self.max_rows:
+                self._long.append((job, job.lo))
+            elif len(batch) < self.max_batch and rows + job.rows <= self.max_rows:
+                batch.append(job)
+                rows += job.rows
+            else:
+                rest.append(job)
+        self._pending = rest
+        return batch
+
+    def _run_long_layer(self) -> None:
+        """One layer of the long step whose turn it is (its session's own run of that layer, checks included)."""
+        job, index = self._long.pop(0)
+        try:
+            with torch.inference_mode():  # as every entry point (Party)
+                job.party._run_layers(index, index + 1, job.end)
+        except BaseException as error:  # noqa: BLE001 (handed to that session's thread)
+            job.error = error
+        if job.error is None and index + 1 < job.hi:
+            self._long.append((job, index + 1))
+            return
+        self._count([job])
+        job.done.set()
 
     def _run(self, batch: list[Job]) -> None:
         try:
@@ -383,8 +432,11 @@ class Batcher:
             logger.exception("batched layer run failed")
             for job in batch:
                 job.error = job.error or error
+        self._count(batch)
+        for job in batch:
+            job.done.set()
+
+    def _count(self, batch: list[Job]) -> None:
         self.batches += 1
         self.steps += len(batch)
         self.largest = max(self.largest, len(batch))
-        for job in batch:
-            job.done.set()

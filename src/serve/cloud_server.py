@@ -40,9 +40,10 @@ Status codes a client can see (every refusal is one log line naming the peer):
 A refusal ends the stream (gRPC has no status for one message of a stream); the session and its
 caches are dropped, other sessions go on.
 
-Cross-session batching (default on; `--no-batching`, `--batch-window-ms`): the layer work of
-concurrent sessions runs together on one thread (`src/serve/batching.py`), a step waiting at most the
-window for the other sessions mid-generation. Packed products differ from a session's own in the
+Cross-session batching (default on; `--no-batching`, `--batch-window-ms`, `--batch-max-rows`): the
+layer work of concurrent sessions runs together on one thread (`src/serve/batching.py`), a step
+waiting at most the window for the other sessions mid-generation, and a batch holding at most
+`--batch-max-rows` positions (a longer step runs a layer at a time between batches). Packed products differ from a session's own in the
 last bits, so each session stream's initial metadata says `triadic-batching: <window ms>`: an
 edge's failover replay then reports CRC differences as expected rather than as a fault.
 """
@@ -96,6 +97,7 @@ MESSAGE_SLACK = 4096  # header and codec side data beyond the values, in bytes
 # Long enough for edges that got their replies together to come back together (results/cloud_batching.md:
 # 2 ms leaves 8 contending edges in two alternating groups); a step waits only while others are mid-generation.
 DEFAULT_BATCH_WINDOW_MS = 100.0
+DEFAULT_BATCH_MAX_ROWS = 256
 BATCHING_METADATA = "triadic-batching"  # initial metadata of a session stream: the window in ms where the server batches
 
 
@@ -551,13 +553,17 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-window-ms", type=float, default=DEFAULT_BATCH_WINDOW_MS,
                    help=f"how long a step may wait for the other sessions mid-generation to join it (default {DEFAULT_BATCH_WINDOW_MS:g}; "
                         "it runs as soon as all have; 0: no waiting, steps already pending still run together)")
+    g.add_argument("--batch-max-rows", type=int, default=DEFAULT_BATCH_MAX_ROWS,
+                   help=f"positions one batch runs at most, over all its sessions (default {DEFAULT_BATCH_MAX_ROWS}); a longer step "
+                        "(a long prompt) runs one layer at a time between batches, so that it never holds the others back for "
+                        "more than one of its layers")
     return p
 
 
 def _check_args(args) -> None:
     if not 0 <= args.port <= 65535:
         raise TriadicError(f"--port {args.port} is outside [0, 65535]")
-    for name in ("max_sessions", "max_connections", "max_streams_per_connection", "max_message_positions"):
+    for name in ("max_sessions", "max_connections", "max_streams_per_connection", "max_message_positions", "batch_max_rows"):
         if getattr(args, name) < 1:
             raise TriadicError(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("max_computations", "max_session_positions"):
@@ -701,7 +707,7 @@ def load(args) -> Loaded:
         reason = use_panels(cloud.part)  # faster still over a few rows, where it can run
         if reason is not None:
             logger.info("the layers' products stay torch's: %s", reason)
-        service.batcher = Batcher(args.batch_window_ms / 1e3)
+        service.batcher = Batcher(args.batch_window_ms / 1e3, max_rows=args.batch_max_rows)
     return Loaded(service, credentials, server_options(args, limits))
 
 
