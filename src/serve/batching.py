@@ -398,7 +398,9 @@ class Batcher:
     def _take(self) -> list[Job]:
         """The next batch (call with the lock held): pending steps in order of arrival, up to `max_batch` steps and
         `max_rows` rows; a step longer than `max_rows` goes to the long steps instead."""
-        batch, rest, rows = [], [], 0
+        batch: list[Job] = []
+        rest: list[Job] = []
+        rows = 0
         for job in self._pending:
             if job.rows > self.max_rows:
                 self._long.append((job, job.lo))
