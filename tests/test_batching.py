@@ -185,6 +185,9 @@ class _Alone:
     def _run_layers(self, lo: int, hi: int, end: int) -> None:
         pass
 
+    def prune(self) -> None:
+        pass
+
 
 def _seconds_to_run(batcher: Batcher, party: _Alone, end: int) -> float:
     import time
@@ -279,6 +282,66 @@ def test_a_long_prefill_runs_a_layer_at_a_time_between_the_other_sessions_steps(
     assert max(waits) < 0.35, waits  # one layer of the prefill at most, then its own (the whole prefill: 1 s)
     assert long.calls == [(index, 1000) for index in range(10)]  # every layer once, in order, to the end
     assert len(short.calls) == 50 and long.calls[-1] and batcher.steps == 6
+
+
+def _timed_runs(batcher: Batcher, steps: list[tuple[str, "_Slow", int]]) -> dict[str, float]:
+    """Each (name, party, rows) step from its own thread, all pending before the worker takes any: seconds to done."""
+    import time
+
+    waits: dict[str, float] = {}
+
+    def run(name: str, party: _Slow, rows: int) -> None:
+        began = time.monotonic()
+        batcher.run(party, 0, 1, rows)
+        waits[name] = time.monotonic() - began
+
+    threads = [threading.Thread(target=run, args=step) for step in steps]
+    with batcher._cond:  # the worker, started by the first, takes nothing until every step is pending
+        for thread in threads:
+            thread.start()
+            time.sleep(0.01)
+        batcher._cond.wait_for(lambda: len(batcher._pending) == len(steps) - 1, timeout=5)
+    for thread in threads:
+        thread.join(timeout=10)
+    return waits
+
+
+def test_steps_a_full_batch_leaves_behind_run_next_without_waiting_again():
+    """Three 3-row steps under a 4-row cap run in three batches, one after the other, not a window apart each (they
+    waited 0.05, 0.35 and 0.65 s: the steps left behind waited for the sessions just served)."""
+    waits = _timed_runs(Batcher(window=0.3, max_rows=4), [(f"s{i}", _Slow(1, 0.0), 3) for i in range(3)])
+    assert max(waits.values()) < 0.2, waits
+
+
+def test_a_step_of_a_few_rows_goes_in_beside_larger_ones():
+    """Under an 8-row cap, three 4-row steps of 0.2 s and a 1-row step: the step waiting longest goes first, then the
+    smallest, so the 1-row step runs in the first batch (in order of arrival it ran in the second, 0.4 s)."""
+    steps = [(f"big{i}", _Slow(1, 0.2), 4) for i in range(3)] + [("small", _Slow(1, 0.0), 1)]
+    waits = _timed_runs(Batcher(window=0.0, max_rows=8), steps)
+    assert waits["small"] < 0.3 and max(waits.values()) > 0.35, waits
+
+
+def test_a_long_step_keeps_only_the_states_its_next_layers_need(tmp_path):
+    """Run a layer at a time, a 90-position prefill through 6 cloud layers stores what it stores run whole (it held
+    every layer's output until the step's end: 630 positions instead of 180)."""
+    from tiny import make_tiny_checkpoint
+
+    folder, _ = make_tiny_checkpoint(tmp_path, seed=1, num_layers=8, tie=False)
+    config = load_config(folder)
+    schedule = SplitSchedule((1,), (7,), 8)
+    pipeline = build_pipeline(str(folder), {1}, {7}, "none", with_tokenizer=False)
+    send, requests = pipeline.edge.link.request, []
+    pipeline.edge.link.request = lambda data: requests.append(bytes(data)) or send(data)
+    pipeline.edge.generate(list(range(3, 93)), 2)
+    part = build_cloud(folder, config, schedule).part
+    enable_packing(part)
+    peaks, replies = [], []
+    for batcher in (None, Batcher(0.01, max_rows=16)):  # unbatched; and the prefill as a long step
+        cloud = Cloud(schedule, part)
+        cloud.batcher = batcher
+        replies.append([cloud.handle(request) for request in requests])
+        peaks.append(cloud.peak_stored)
+    assert peaks == [180, 180] and replies[0] == replies[1]
 
 
 def test_one_failing_session_fails_only_itself(tiny_untied, monkeypatch):

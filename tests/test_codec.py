@@ -75,6 +75,15 @@ def test_outliers_beyond_fp16_are_shifted_not_refused(codec_name):
             codec.encode(x)
 
 
+@pytest.mark.parametrize("codec_name, value, wider", [("fp16", 7e4, "bf16 or int8"), ("bf16", 3.3999e38, "none")])
+def test_plain_casts_refuse_states_their_dtype_would_send_as_inf(codec_name, value, wider):
+    """Finite in float32, past the cast's range: the sender says so, rather than send the Inf its cast makes (bf16 did)."""
+    x = torch.randn(2, HIDDEN)
+    x[1, 5] = value
+    with pytest.raises(TriadicError, match=f"codec {codec_name}: a hidden state exceeds the {codec_name} range; use {wider}"):
+        get_codec(codec_name).encode(x)
+
+
 def test_int8_fixed_costs_hidden_plus_26_bytes_per_position():
     error, size = rest_error("int8-fixed", llama_like(5))
     assert size == HEADER_SIZE + 1 + 5 * (HIDDEN + 2 + 6 * 4)  # + the outlier shift, once per message

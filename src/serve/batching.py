@@ -303,12 +303,16 @@ class Batcher:
     about the same time, so the sessions stay in step; a session that is slower than the window is
     not waited for beyond it. Waiting costs no CPU, only latency, at most `window` per step.
 
-    Size policy: a batch packs steps in their order of arrival up to `max_rows` rows in all; the
-    rest wait for the next batch. A step with more rows than that (a long prompt) runs one layer at a
-    time between batches, one layer of one such step per batch, in turn: a session's long prefill
-    holding every other session's steps back for its whole length (3 s at 1,024 positions here) was
-    a way for one client within its limits to stall the rest. So a step waits for at most one batch
-    and one layer of a long step. A layer at a time gives the same bits as a run of the whole range.
+    Size policy: a batch holds at most `max_rows` rows in all: the step waiting longest, then the
+    others smallest first while they fit; the rest run in the next batch, without waiting again. A
+    step with more rows than that (a long prompt) runs one layer at a time between batches, one layer
+    of one such step per batch, in turn: a session's long prefill holding every other session's steps
+    back for its whole length (3 s at 1,024 positions here) was a way for one client within its limits
+    to stall the rest. So every step gets into a batch in its turn: it waits for the batches of the
+    steps that were waiting before it (at most `max_rows` rows each) and, between them, for one layer
+    of a long step each, while a step of a few rows also goes in beside larger ones where they leave
+    room. A layer at a time gives the same bits as a run of the whole range, and its session keeps only
+    the states its next layers need.
     """
 
     def __init__(self, window: float, horizon: float = 2.0, max_batch: int = 64, max_rows: int = 256) -> None:
@@ -318,6 +322,7 @@ class Batcher:
         self.max_rows = max_rows  # rows per batch at most; a longer step runs a layer at a time between batches
         self._pending: list[Job] = []
         self._long: list[tuple[Job, int]] = []  # long steps under way and their next layer (the worker's alone)
+        self._left_over = False  # the last batch left pending steps behind: the next one runs without waiting
         self._seen: dict[int, float] = {}  # id(party) -> when it last sent a step
         self._started: set[int] = set()  # sessions `expect`-ed that have not stepped since: not waited for again
         self._cond = threading.Condition()
@@ -382,9 +387,10 @@ class Batcher:
                     self._cond.wait()
                 # From the later of the first step's arrival and now: steps that queued while the last batch
                 # ran wait for that batch's sessions too, so the sessions fall into step instead of alternating.
-                # Not while a long step is under way: its session sends nothing meanwhile, and its layers wait.
+                # Not while a long step is under way (its session sends nothing meanwhile, and its layers wait),
+                # nor for steps a full batch left behind (they waited their turn already).
                 deadline = max(self._pending[0].arrived if self._pending else 0.0, time.monotonic() - 1e-3) + self.window
-                while not self._long and len(self._pending) < min(max(1, self.expected()), self.max_batch):
+                while not (self._long or self._left_over) and len(self._pending) < min(max(1, self.expected()), self.max_batch):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
@@ -396,20 +402,23 @@ class Batcher:
                 self._run_long_layer()
 
     def _take(self) -> list[Job]:
-        """The next batch (call with the lock held): pending steps in order of arrival, up to `max_batch` steps and
-        `max_rows` rows; a step longer than `max_rows` goes to the long steps instead."""
+        """The next batch (call with the lock held), up to `max_batch` steps and `max_rows` rows: the step pending
+        longest, then the others smallest first (a decode step never queues behind large ones); a step longer than
+        `max_rows` goes to the long steps instead."""
+        for job in [job for job in self._pending if job.rows > self.max_rows]:
+            self._long.append((job, job.lo))
+        waiting = [job for job in self._pending if job.rows <= self.max_rows]
         batch: list[Job] = []
         rest: list[Job] = []
         rows = 0
-        for job in self._pending:
-            if job.rows > self.max_rows:
-                self._long.append((job, job.lo))
-            elif len(batch) < self.max_batch and rows + job.rows <= self.max_rows:
+        for job in waiting[:1] + sorted(waiting[1:], key=lambda job: job.rows):  # sorted() keeps arrival order among equals
+            if len(batch) < self.max_batch and rows + job.rows <= self.max_rows:
                 batch.append(job)
                 rows += job.rows
             else:
                 rest.append(job)
-        self._pending = rest
+        self._pending = sorted(rest, key=lambda job: job.arrived)
+        self._left_over = bool(rest)
         return batch
 
     def _run_long_layer(self) -> None:
@@ -418,6 +427,8 @@ class Batcher:
         try:
             with torch.inference_mode():  # as every entry point (Party)
                 job.party._run_layers(index, index + 1, job.end)
+                if index + 1 < job.hi:  # its output is stored for the next layer: drop what no later layer needs
+                    job.party.prune()
         except BaseException as error:  # noqa: BLE001 (handed to that session's thread)
             job.error = error
         if job.error is None and index + 1 < job.hi:
