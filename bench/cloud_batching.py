@@ -214,7 +214,10 @@ def main() -> None:
                     print(json.dumps(runs[count][-1] | {"window_ms": window}), flush=True)
             for count in args.edges:  # the median round by server CPU per token
                 ordered = sorted(runs[count], key=lambda r: r["server_cpu_per_token"])
-                rows.append(ordered[len(ordered) // 2] | {"window_ms": window, "spread": [r["server_cpu_per_token"] for r in ordered]})
+                # Each round's ratio to one edge alone in the same round: the host's drift between rounds cancels.
+                paired = sorted(r["server_cpu_per_token"] / a["server_cpu_per_token"] for r, a in zip(runs[count], runs.get(1, [])))
+                rows.append(ordered[len(ordered) // 2] | {"window_ms": window, "spread": [r["server_cpu_per_token"] for r in ordered],
+                                                          "paired": paired})
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -224,20 +227,29 @@ def main() -> None:
     lines = [f"# Cloud throughput with many edges\n\nMachine: {machine()}. Embedded model, default moving sets, int8, {args.dtype} "
              f"on both sides, {args.new_tokens} new tokens per edge, {clients} on loopback gRPC; the server has "
              f"one torch thread (`python -m bench.cloud_batching --dtype {args.dtype}{' --replay' if args.replay else ''}`). "
-             f"Each row is the median of {args.repeats} rounds over all edge counts; the last column gives every round's server "
-             f"CPU ms per token.\n",
-             "| batching window (ms) | edges | tokens | server CPU ms per token | vs one edge alone | aggregate tokens/s | per-edge ms per token (median) | steps per batch | rounds (server CPU ms per token) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"Each row is the median of {args.repeats} rounds over all edge counts; the paired column is the median (and range) of "
+             f"each round's ratio to one edge alone in that round; the last column gives every round's server CPU ms per token.\n",
+             "| batching window (ms) | edges | tokens | server CPU ms per token | vs one edge alone | paired, per round | aggregate tokens/s "
+             "| per-edge ms per token (median) | steps per batch | rounds (server CPU ms per token) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         alone = next((r for r in rows if r["window_ms"] == row["window_ms"] and r["edges"] == 1), row)
         lines.append(f"| {row['window_ms']} | {row['edges']} | {row['tokens']} | {1e3 * row['server_cpu_per_token']:.1f} | "
-                     f"{row['server_cpu_per_token'] / alone['server_cpu_per_token']:.2f}x | {row['aggregate']:.1f} | {row['latency_ms']:.0f} | "
+                     f"{row['server_cpu_per_token'] / alone['server_cpu_per_token']:.2f}x | {paired(row['paired'])} | "
+                     f"{row['aggregate']:.1f} | {row['latency_ms']:.0f} | "
                      f"{'-' if row['steps_per_batch'] is None else format(row['steps_per_batch'], '.2f')} | "
                      f"{', '.join(f'{1e3 * x:.1f}' for x in row['spread'])} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"cloud_batching{suffix}.md").write_text("\n".join(lines) + f"\n\n![cloud batching](cloud_batching{suffix}.png)\n")
     plot(rows, RESULTS / f"cloud_batching{suffix}.png")
     print("\n".join(lines))
+
+
+def paired(ratios: list[float]) -> str:
+    """Sorted per-round ratios as 'median (min-max)', '-' without one-edge rounds to pair with."""
+    if not ratios:
+        return "-"
+    return f"{ratios[len(ratios) // 2]:.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})"
 
 
 def plot(rows: list[dict], path: Path) -> None:
