@@ -403,8 +403,8 @@ class Batcher:
 
     def _take(self) -> list[Job]:
         """The next batch (call with the lock held), up to `max_batch` steps and `max_rows` rows: the step pending
-        longest, then the others smallest first (a decode step never queues behind large ones); a step longer than
-        `max_rows` goes to the long steps instead."""
+        longest, then the others smallest first (a decode step goes in beside larger ones where they leave room); a step
+        longer than `max_rows` goes to the long steps instead."""
         for job in [job for job in self._pending if job.rows > self.max_rows]:
             self._long.append((job, job.lo))
         waiting = [job for job in self._pending if job.rows <= self.max_rows]
