@@ -188,6 +188,9 @@ class _Alone:
     def prune(self) -> None:
         pass
 
+    def segments(self, start: int, end: int) -> list[tuple[int, int]]:
+        return [(start, end)]
+
 
 def _seconds_to_run(batcher: Batcher, party: _Alone, end: int) -> float:
     import time
@@ -284,41 +287,80 @@ def test_a_long_prefill_runs_a_layer_at_a_time_between_the_other_sessions_steps(
     assert len(short.calls) == 50 and long.calls[-1] and batcher.steps == 6
 
 
+class _Pieces(_Slow):
+    """A party whose lagging layers catch up one position per call (lossless bf16), each call taking `seconds`."""
+
+    def segments(self, start: int, end: int) -> list[tuple[int, int]]:
+        return [(position, position + 1) for position in range(start, end)]
+
+    def _run_layers(self, lo: int, hi: int, end: int) -> None:
+        import time
+
+        for index in range(lo, hi):
+            for position in range(self.fill[index], end):
+                time.sleep(self.seconds)
+                self.calls.append((index, position + 1))
+            self.fill[index] = end
+
+
+def test_a_catch_up_of_many_calls_runs_a_call_at_a_time_between_the_other_sessions_steps():
+    """60 positions under the row cap, but a call each in each of 3 layers (1.8 s): one call at a time between the
+    others' batches. Packed, it held them for all its calls (an attack in bf16: 4.7 s per honest step; in the long
+    lane a layer at a time, 10 s per layer of 4,000 calls)."""
+    import time
+
+    batcher, long, short = Batcher(window=0.05), _Pieces(3, 0.01), _Slow(3, 0.0)
+    catch_up = threading.Thread(target=batcher.run, args=(long, 0, 3, 60))
+    catch_up.start()
+    time.sleep(0.1)
+    waits = []
+    for end in range(1, 6):
+        began = time.monotonic()
+        batcher.run(short, 0, 3, end)
+        waits.append(time.monotonic() - began)
+    catch_up.join(timeout=10)
+    assert max(waits) < 0.1, waits
+    assert long.calls == [(index, position) for index in range(3) for position in range(1, 61)]
+
+
 def _timed_runs(batcher: Batcher, steps: list[tuple[str, "_Slow", int]]) -> dict[str, float]:
-    """Each (name, party, rows) step from its own thread, all pending before the worker takes any: seconds to done."""
+    """Each (name, party, rows) step from its own thread, all pending before the worker starts: seconds to done."""
     import time
 
     waits: dict[str, float] = {}
+    began = time.monotonic()
 
     def run(name: str, party: _Slow, rows: int) -> None:
-        began = time.monotonic()
         batcher.run(party, 0, 1, rows)
         waits[name] = time.monotonic() - began
 
+    batcher._worker = threading.Thread(target=batcher._loop, name="cloud-batcher", daemon=True)  # not started yet
     threads = [threading.Thread(target=run, args=step) for step in steps]
-    with batcher._cond:  # the worker, started by the first, takes nothing until every step is pending
-        for thread in threads:
-            thread.start()
-            time.sleep(0.01)
-        batcher._cond.wait_for(lambda: len(batcher._pending) == len(steps) - 1, timeout=5)
+    for thread in threads:
+        thread.start()
+        time.sleep(0.01)  # in this order
+    with batcher._cond:
+        assert batcher._cond.wait_for(lambda: len(batcher._pending) == len(steps), timeout=5)
+    began = time.monotonic()
+    batcher._worker.start()
     for thread in threads:
         thread.join(timeout=10)
     return waits
 
 
 def test_steps_a_full_batch_leaves_behind_run_next_without_waiting_again():
-    """Three 3-row steps under a 4-row cap run in three batches, one after the other, not a window apart each (they
+    """Three 12-row steps under a 16-row cap run in three batches, one after the other, not a window apart each (they
     waited 0.05, 0.35 and 0.65 s: the steps left behind waited for the sessions just served)."""
-    waits = _timed_runs(Batcher(window=0.3, max_rows=4), [(f"s{i}", _Slow(1, 0.0), 3) for i in range(3)])
+    waits = _timed_runs(Batcher(window=0.3, max_rows=16), [(f"s{i}", _Slow(1, 0.0), 12) for i in range(3)])
     assert max(waits.values()) < 0.2, waits
 
 
-def test_a_step_of_a_few_rows_goes_in_beside_larger_ones():
-    """Under an 8-row cap, three 4-row steps of 0.2 s and a 1-row step: the step waiting longest goes first, then the
-    smallest, so the 1-row step runs in the first batch (in order of arrival it ran in the second, 0.4 s)."""
-    steps = [(f"big{i}", _Slow(1, 0.2), 4) for i in range(3)] + [("small", _Slow(1, 0.0), 1)]
-    waits = _timed_runs(Batcher(window=0.0, max_rows=8), steps)
-    assert waits["small"] < 0.3 and max(waits.values()) > 0.35, waits
+def test_a_decode_step_joins_the_next_batch_whatever_larger_steps_wait():
+    """Three steps of the cap's full 16 rows, 0.2 s each, and a 1-row step: the decode step joins the first batch beside
+    the step waiting longest (it queued behind each of them in turn: 0.61 s, and 5 s beside six clients' steps)."""
+    steps = [(f"big{i}", _Slow(1, 0.2), 16) for i in range(3)] + [("small", _Slow(1, 0.0), 1)]
+    waits = _timed_runs(Batcher(window=0.0, max_rows=16), steps)
+    assert waits["small"] < 0.3 and max(waits.values()) > 0.5, waits
 
 
 def test_a_long_step_keeps_only_the_states_its_next_layers_need(tmp_path):

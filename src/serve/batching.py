@@ -129,6 +129,7 @@ class Job:
     end: int
     error: BaseException | None = None  # set when this job failed; the others go on
     rows: int = 0  # the most positions one of its layers runs (`job_rows`): its share of a packed call
+    piecewise: bool = False  # a lagging layer catches up in several calls (`Party.segments`): it runs with the long steps
     arrived: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -288,9 +289,18 @@ def _roll_back(members: list[Job], index: int) -> None:
             layer.crop(job.party.fill[index] - layer.length)
 
 
+SMALL_ROWS = 8  # a step of at most this many rows (a decode step, a short catch-up) always joins the next batch
+
+
 def job_rows(job: Job) -> int:
     """The most positions one of the job's layers runs: its share of a packed call's rows."""
     return max((job.end - fill for fill in job.party.fill[job.lo : job.hi]), default=0)
+
+
+def job_is_piecewise(job: Job) -> bool:
+    """Whether a layer of the job runs in several calls: its longest range does (`Party.segments` cuts a shorter range
+    of the same end in no more pieces)."""
+    return job.rows > 1 and len(job.party.segments(job.end - job.rows, job.end)) > 1
 
 
 class Batcher:
@@ -303,25 +313,25 @@ class Batcher:
     about the same time, so the sessions stay in step; a session that is slower than the window is
     not waited for beyond it. Waiting costs no CPU, only latency, at most `window` per step.
 
-    Size policy: a batch holds at most `max_rows` rows in all: the step waiting longest, then the
-    others smallest first while they fit; the rest run in the next batch, without waiting again. A
-    step with more rows than that (a long prompt) runs one layer at a time between batches, one layer
-    of one such step per batch, in turn: a session's long prefill holding every other session's steps
-    back for its whole length (3 s at 1,024 positions here) was a way for one client within its limits
-    to stall the rest. So every step gets into a batch in its turn: it waits for the batches of the
-    steps that were waiting before it (at most `max_rows` rows each) and, between them, for one layer
-    of a long step each, while a step of a few rows also goes in beside larger ones where they leave
-    room. A layer at a time gives the same bits as a run of the whole range, and its session keeps only
-    the states its next layers need.
+    Size policy: a batch is the step waiting longest, every pending step of at most SMALL_ROWS rows (a
+    decode step), and the others smallest first while the batch holds at most `max_rows` rows; the rest
+    run in the next batch, without waiting again. A step with more rows than that (a long prompt), or
+    one whose lagging layers catch up in many calls (`Party.segments`), runs one call at a time between
+    batches, one call of one such step per batch, in turn: a long prefill holding every other session's
+    steps back for its whole length (3 s at 1,024 positions here, 10 s per layer for a lossless bf16
+    catch-up of 4,000 positions) was a way for one client within its limits to stall the rest. So a
+    decode step waits for at most the batch under way (at most `max_rows` rows besides the decode steps)
+    and one call of a long step; a larger step gets into a batch in its turn. A call at a time gives the
+    same bits as a run of the whole range, and its session keeps only the states its next layers need.
     """
 
-    def __init__(self, window: float, horizon: float = 2.0, max_batch: int = 64, max_rows: int = 256) -> None:
+    def __init__(self, window: float, horizon: float = 2.0, max_batch: int = 64, max_rows: int = 128) -> None:
         self.window = window  # seconds a step may wait for other sessions' steps
         self.horizon = horizon  # a session not seen for this long is no longer waited for
         self.max_batch = max_batch  # steps per batch at most
-        self.max_rows = max_rows  # rows per batch at most; a longer step runs a layer at a time between batches
+        self.max_rows = max_rows  # rows per batch at most, decode steps aside; a longer step runs a call at a time between batches
         self._pending: list[Job] = []
-        self._long: list[tuple[Job, int]] = []  # long steps under way and their next layer (the worker's alone)
+        self._long: list[tuple[Job, int]] = []  # long steps under way and the layer each runs next (the worker's alone)
         self._left_over = False  # the last batch left pending steps behind: the next one runs without waiting
         self._seen: dict[int, float] = {}  # id(party) -> when it last sent a step
         self._started: set[int] = set()  # sessions `expect`-ed that have not stepped since: not waited for again
@@ -335,6 +345,7 @@ class Batcher:
         """Called from a session's thread in place of party._run_layers: returns once its layers ran."""
         job = Job(party, lo, hi, end)
         job.rows = job_rows(job)
+        job.piecewise = job_is_piecewise(job)
         with self._cond:
             if self._worker is None:
                 self._worker = threading.Thread(target=self._loop, name="cloud-batcher", daemon=True)
@@ -399,20 +410,20 @@ class Batcher:
             if batch:
                 self._run(batch)
             if self._long:
-                self._run_long_layer()
+                self._run_long_call()
 
     def _take(self) -> list[Job]:
-        """The next batch (call with the lock held), up to `max_batch` steps and `max_rows` rows: the step pending
-        longest, then the others smallest first (a decode step goes in beside larger ones where they leave room); a step
-        longer than `max_rows` goes to the long steps instead."""
-        for job in [job for job in self._pending if job.rows > self.max_rows]:
+        """The next batch (call with the lock held), up to `max_batch` steps: the step pending longest, every step of
+        at most SMALL_ROWS rows, then the others smallest first while the rows stay within `max_rows`; a step longer
+        than `max_rows`, or piecewise, goes to the long steps instead."""
+        for job in [job for job in self._pending if job.rows > self.max_rows or job.piecewise]:
             self._long.append((job, job.lo))
-        waiting = [job for job in self._pending if job.rows <= self.max_rows]
+        waiting = [job for job in self._pending if job.rows <= self.max_rows and not job.piecewise]
         batch: list[Job] = []
         rest: list[Job] = []
         rows = 0
         for job in waiting[:1] + sorted(waiting[1:], key=lambda job: job.rows):  # sorted() keeps arrival order among equals
-            if len(batch) < self.max_batch and rows + job.rows <= self.max_rows:
+            if len(batch) < self.max_batch and (job is waiting[0] or job.rows <= SMALL_ROWS or rows + job.rows <= self.max_rows):
                 batch.append(job)
                 rows += job.rows
             else:
@@ -421,18 +432,23 @@ class Batcher:
         self._left_over = bool(rest)
         return batch
 
-    def _run_long_layer(self) -> None:
-        """One layer of the long step whose turn it is (its session's own run of that layer, checks included)."""
+    def _run_long_call(self) -> None:
+        """One call of the long step whose turn it is: its layer's next piece (`Party.segments`; the whole chunk but
+        where a lagging layer catches up step by step), as its session's own run of that layer makes it, checks
+        included."""
         job, index = self._long.pop(0)
+        party = job.party
         try:
             with torch.inference_mode():  # as every entry point (Party)
-                job.party._run_layers(index, index + 1, job.end)
-                if index + 1 < job.hi:  # its output is stored for the next layer: drop what no later layer needs
-                    job.party.prune()
+                start = party.fill[index]
+                if start < job.end:
+                    party._run_layers(index, index + 1, party.segments(start, job.end)[0][1])
+                if party.fill[index] >= job.end and index + 1 < job.hi:  # its output is stored for the next layer:
+                    party.prune()  # drop what no later layer needs
         except BaseException as error:  # noqa: BLE001 (handed to that session's thread)
             job.error = error
-        if job.error is None and index + 1 < job.hi:
-            self._long.append((job, index + 1))
+        if job.error is None and (party.fill[index] < job.end or index + 1 < job.hi):
+            self._long.append((job, index if party.fill[index] < job.end else index + 1))
             return
         self._count([job])
         job.done.set()

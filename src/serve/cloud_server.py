@@ -43,7 +43,8 @@ caches are dropped, other sessions go on.
 Cross-session batching (default on; `--no-batching`, `--batch-window-ms`, `--batch-max-rows`): the
 layer work of concurrent sessions runs together on one thread (`src/serve/batching.py`), a step
 waiting at most the window for the other sessions mid-generation, and a batch holding at most
-`--batch-max-rows` positions (a longer step runs a layer at a time between batches). Packed products differ from a session's own in the
+`--batch-max-rows` positions besides its decode steps (a longer step runs a layer call at a time
+between batches). Packed products differ from a session's own in the
 last bits, so each session stream's initial metadata says `triadic-batching: <window ms>`: an
 edge's failover replay then reports CRC differences as expected rather than as a fault.
 """
@@ -97,7 +98,7 @@ MESSAGE_SLACK = 4096  # header and codec side data beyond the values, in bytes
 # Long enough for edges that got their replies together to come back together (results/cloud_batching.md:
 # 2 ms leaves 8 contending edges in two alternating groups); a step waits only while others are mid-generation.
 DEFAULT_BATCH_WINDOW_MS = 100.0
-DEFAULT_BATCH_MAX_ROWS = 256
+DEFAULT_BATCH_MAX_ROWS = 128
 BATCHING_METADATA = "triadic-batching"  # initial metadata of a session stream: the window in ms where the server batches
 
 
@@ -554,9 +555,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help=f"how long a step may wait for the other sessions mid-generation to join it (default {DEFAULT_BATCH_WINDOW_MS:g}; "
                         "it runs as soon as all have; 0: no waiting, steps already pending still run together)")
     g.add_argument("--batch-max-rows", type=int, default=DEFAULT_BATCH_MAX_ROWS,
-                   help=f"positions one batch runs at most, over all its sessions (default {DEFAULT_BATCH_MAX_ROWS}); a longer step "
-                        "(a long prompt) runs one layer at a time between batches, so that it never holds the others back for "
-                        "more than one of its layers")
+                   help=f"positions one batch runs at most over all its sessions, decode steps aside (default {DEFAULT_BATCH_MAX_ROWS}); "
+                        "a longer step (a long prompt) runs one layer call at a time between batches, so that it never holds "
+                        "the others back for more than one of its calls")
     return p
 
 
