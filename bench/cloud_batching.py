@@ -212,15 +212,27 @@ def main() -> None:
                     runs[count].append(replay_sessions(server, url, sessions[:count], args.new_tokens) if args.replay
                                        else run_edges(server, url, count, args.new_tokens, args.dtype))
                     print(json.dumps(runs[count][-1] | {"window_ms": window}), flush=True)
-            for count in args.edges:  # the median round by server CPU per token
-                ordered = sorted(runs[count], key=lambda r: r["server_cpu_per_token"])
-                # Each round's ratio to one edge alone in the same round: the host's drift between rounds cancels.
-                paired = sorted(r["server_cpu_per_token"] / a["server_cpu_per_token"] for r, a in zip(runs[count], runs.get(1, [])))
-                rows.append(ordered[len(ordered) // 2] | {"window_ms": window, "spread": [r["server_cpu_per_token"] for r in ordered],
-                                                          "paired": paired})
+            rows += summarized(runs, window)
         finally:
             server.terminate()
             server.wait(timeout=30)
+    write_results(rows, args)
+
+
+def summarized(runs: dict[int, list[dict]], window: str) -> list[dict]:
+    """One row per edge count: its median round by server CPU per token, every round's figure, and each round's ratio to
+    one edge alone in the same round (the host's drift between rounds cancels)."""
+    rows = []
+    for count, rounds in runs.items():
+        ordered = sorted(rounds, key=lambda r: r["server_cpu_per_token"])
+        ratios = sorted(r["server_cpu_per_token"] / a["server_cpu_per_token"] for r, a in zip(rounds, runs.get(1, [])))
+        rows.append(ordered[len(ordered) // 2] | {"window_ms": window, "spread": [r["server_cpu_per_token"] for r in ordered],
+                                                  "paired": ratios})
+    return rows
+
+
+def write_results(rows: list[dict], args: argparse.Namespace) -> None:
+    """The table (results/cloud_batching*.md) and its plot."""
     suffix = ("" if args.dtype == "float32" else f"_{args.dtype}") + ("_replay" if args.replay else "")
     clients = ("each edge's recorded requests sent again by a client thread of one process (no edge computes)" if args.replay
                else "each edge a separate process")

@@ -23,7 +23,16 @@ PROMPTS = [[1, 5, 9, 33, 17, 80, 3, 41], [7, 7, 12], [90, 4, 61, 22, 8, 15, 30, 
 NEW = [20, 14, 20, 9]  # sessions end at different steps: the others go on batching without them
 
 
-@pytest.mark.parametrize("max_rows", [256, 4])  # 4: the 8- and 11-token prompts run a layer at a time between batches
+def each_in_a_thread(work, count: int) -> None:
+    """work(0) .. work(count - 1), each in a thread of its own, all at once; returns when all have."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+
+@pytest.mark.parametrize("max_rows", [128, 4])  # 4: the 8- and 11-token prompts run a call at a time between batches
 def test_concurrent_sessions_give_their_tokens_alone(tiny_untied, max_rows):
     folder, _ = tiny_untied
     config = load_config(folder)
@@ -49,11 +58,7 @@ def test_concurrent_sessions_give_their_tokens_alone(tiny_untied, max_rows):
         finally:
             batcher.forget(clouds[i])  # as the server does when a stream ends
 
-    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    each_in_a_thread(session, len(PROMPTS))
     for i, (together, single) in enumerate(zip(results, alone)):
         assert together.token_ids == single.token_ids, i
         assert together.splits == single.splits and len(set(together.splits)) > 1, i
@@ -105,11 +110,7 @@ def test_bf16_lossless_sessions_catch_up_step_by_step_when_batched_as_alone(embe
             finally:
                 batcher.forget(clouds[i])
 
-        threads = [threading.Thread(target=session, args=(i,)) for i in range(len(group))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+        each_in_a_thread(session, len(group))
         assert len(group) == 1 or batcher.largest == len(group)
         return replies
 
@@ -242,11 +243,7 @@ def _together(edges, clouds, batcher, new, prompts=PROMPTS):
         finally:
             batcher.forget(clouds[i])
 
-    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(edges))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    each_in_a_thread(session, len(edges))
     return results
 
 
