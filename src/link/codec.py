@@ -91,7 +91,7 @@ class RawCodec(Codec):
         if finite and not torch.isfinite(x).all():
             raise NotFinite(f"codec {self.name}: the states to send hold Inf or NaN")
         if self.dtype is not None:
-            if x.abs().max() > torch.finfo(self.dtype).max:  # the cast would send Inf
+            if finite and x.abs().max() > torch.finfo(self.dtype).max:  # the cast would send Inf
                 wider = "bf16 or int8" if self.dtype == torch.float16 else "none"
                 raise TriadicError(f"codec {self.name}: a hidden state exceeds the {self.name} range; use {wider}")
             x = x.to(self.dtype)
