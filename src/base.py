@@ -204,18 +204,20 @@ class Party:
 
     def segments(self, start: int, end: int) -> list[tuple[int, int]]:
         """[start, end) cut where HF generate's steps cut it: a request's prefill whole, then single positions."""
-        if not self.catch_up_by_step or end - start <= 1:
-            return [(start, end)]
         pieces, position = [], start
         while position < end:
-            stop = position + 1
-            for first, last in self.prefills:
-                if first <= position < last:
-                    stop = min(last, end)
-                    break
-            pieces.append((position, stop))
-            position = stop
-        return pieces
+            pieces.append((position, self.segment_end(position, end)))
+            position = pieces[-1][1]
+        return pieces or [(start, end)]
+
+    def segment_end(self, position: int, end: int) -> int:
+        """Where the piece of `segments` that starts at `position` ends (the first piece, without cutting the rest)."""
+        if not self.catch_up_by_step:
+            return end
+        for first, last in self.prefills:
+            if first <= position < last:
+                return min(last, end)
+        return position + 1
 
     def run_layers(self, lo: int, hi: int, end: int) -> None:
         """Bring layers lo .. hi-1 up to position `end`, each from its own fill count."""

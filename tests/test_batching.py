@@ -189,8 +189,8 @@ class _Alone:
     def prune(self) -> None:
         pass
 
-    def segments(self, start: int, end: int) -> list[tuple[int, int]]:
-        return [(start, end)]
+    def segment_end(self, position: int, end: int) -> int:
+        return end
 
 
 def _seconds_to_run(batcher: Batcher, party: _Alone, end: int) -> float:
@@ -248,7 +248,8 @@ def _together(edges, clouds, batcher, new, prompts=PROMPTS):
 
 
 class _Slow(_Alone):
-    """A party of `layers` layers whose every layer call takes `seconds`, with its calls (first layer, end) on record."""
+    """A party of `layers` layers whose every layer call takes `seconds`, with its calls (layer, end) on record: one per
+    piece (`segment_end`), as Party._run_layers makes them."""
 
     def __init__(self, layers: int, seconds: float) -> None:
         self.fill, self.seconds, self.calls = [0] * (layers + 1), seconds, []
@@ -257,9 +258,11 @@ class _Slow(_Alone):
         import time
 
         for index in range(lo, hi):
-            time.sleep(self.seconds)
-            self.calls.append((index, end))
-            self.fill[index] = end
+            while self.fill[index] < end:
+                stop = self.segment_end(self.fill[index], end)
+                time.sleep(self.seconds)
+                self.calls.append((index, stop))
+                self.fill[index] = stop
 
 
 def test_a_long_prefill_runs_a_layer_at_a_time_between_the_other_sessions_steps():
@@ -287,17 +290,8 @@ def test_a_long_prefill_runs_a_layer_at_a_time_between_the_other_sessions_steps(
 class _Pieces(_Slow):
     """A party whose lagging layers catch up one position per call (lossless bf16), each call taking `seconds`."""
 
-    def segments(self, start: int, end: int) -> list[tuple[int, int]]:
-        return [(position, position + 1) for position in range(start, end)]
-
-    def _run_layers(self, lo: int, hi: int, end: int) -> None:
-        import time
-
-        for index in range(lo, hi):
-            for position in range(self.fill[index], end):
-                time.sleep(self.seconds)
-                self.calls.append((index, position + 1))
-            self.fill[index] = end
+    def segment_end(self, position: int, end: int) -> int:
+        return position + 1
 
 
 def test_a_catch_up_of_many_calls_runs_a_call_at_a_time_between_the_other_sessions_steps():

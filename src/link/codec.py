@@ -88,10 +88,11 @@ class RawCodec(Codec):
 
     def encode(self, x: torch.Tensor, finite: bool = True) -> tuple[bytes, int]:
         x = x.detach().to("cpu")
-        if finite and not torch.isfinite(x).all():
+        peak = float(x.abs().max()) if x.numel() else 0.0  # NaN where one is: one pass for both checks
+        if finite and not math.isfinite(peak):
             raise NotFinite(f"codec {self.name}: the states to send hold Inf or NaN")
         if self.dtype is not None:
-            if finite and x.abs().max() > torch.finfo(self.dtype).max:  # the cast would send Inf
+            if finite and peak > torch.finfo(self.dtype).max:  # the cast would send Inf
                 wider = "bf16 or int8" if self.dtype == torch.float16 else "none"
                 raise TriadicError(f"codec {self.name}: a hidden state exceeds the {self.name} range; use {wider}")
             x = x.to(self.dtype)

@@ -174,7 +174,7 @@ def run_layers_together(jobs: Sequence[Job]) -> int:
     try:
         for index in range(min(job.lo for job in jobs), max(job.hi for job in jobs)):
             members = _members(jobs, index)
-            stepwise = [job for job in members if len(job.party.segments(job.party.fill[index], job.end)) > 1]
+            stepwise = [job for job in members if job.party.segment_end(job.party.fill[index], job.end) < job.end]
             members = [job for job in members if job not in stepwise]
             key = tuple((id(job.party), job.party.fill[index], job.end) for job in members)
             if carried is not None and (carried.key != key or any(index in job.party.send_cuts for job in carried.jobs)):
@@ -300,7 +300,7 @@ def job_rows(job: Job) -> int:
 def job_is_piecewise(job: Job) -> bool:
     """Whether a layer of the job runs in several calls: its longest range does (`Party.segments` cuts a shorter range
     of the same end in no more pieces)."""
-    return job.rows > 1 and len(job.party.segments(job.end - job.rows, job.end)) > 1
+    return job.rows > 1 and job.party.segment_end(job.end - job.rows, job.end) < job.end
 
 
 class Batcher:
@@ -442,7 +442,7 @@ class Batcher:
             with torch.inference_mode():  # as every entry point (Party)
                 start = party.fill[index]
                 if start < job.end:
-                    party._run_layers(index, index + 1, party.segments(start, job.end)[0][1])
+                    party._run_layers(index, index + 1, party.segment_end(start, job.end))  # not segments(): O(positions) a call
                 if party.fill[index] >= job.end and index + 1 < job.hi:  # its output is stored for the next layer:
                     party.prune()  # drop what no later layer needs
         except BaseException as error:  # noqa: BLE001 (handed to that session's thread)
