@@ -50,6 +50,49 @@ def python_profile(label: str, run, args) -> str:
     return "\n".join([f"#### {label}\n", "```"] + [line[:160] for line in body[-args.rows - 2 :]] + ["```\n"])
 
 
+def device_profile(label: str, run, tokens: int, rows: int) -> str:
+    """torch.profiler over one generation: where a step's host time goes per operation, and what the GPU does meanwhile.
+
+    Per token: the host's time, the GPU's busy time (its kernels), kernel launches, and the time the host sat in
+    copies and synchronizations (waiting for the GPU). Attention calls by query length show the chunk calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    run()  # warm: a first generation builds what a later one reuses
+    with profile(activities=activities, record_shapes=True) as prof:
+        began = time.perf_counter()
+        run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - began
+    events = prof.key_averages()
+
+    def total(keys: tuple[str, ...], field: str = "self_cpu_time_total") -> tuple[int, float]:
+        chosen = [e for e in events if any(k in e.key for k in keys)]
+        return sum(e.count for e in chosen), sum(getattr(e, field) for e in chosen)
+
+    launches, launch_us = total(("LaunchKernel",))
+    waits, wait_us = total(("Synchronize", "Memcpy"))
+    gpu_us = sum(e.self_device_time_total for e in events if getattr(e, "device_type", None) is not None
+                 and str(e.device_type).endswith("CUDA"))
+    by_query: dict[int, list[float]] = {}  # query length -> [calls, host us, GPU us]
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key == "aten::scaled_dot_product_attention" and e.input_shapes and len(e.input_shapes[0]) == 4:
+            entry = by_query.setdefault(e.input_shapes[0][2], [0, 0.0, 0.0])
+            entry[0] += e.count
+            entry[1] += e.cpu_time_total
+            entry[2] += e.device_time_total
+    shapes = ", ".join(f"q {q}: {n / tokens:.2f} calls, {host / n:.0f} us host, {gpu / n:.0f} us GPU"
+                       for q, (n, host, gpu) in sorted(by_query.items()))
+    table = events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)
+    return "\n".join([
+        f"#### {label}\n",
+        f"- per token: wall {1e3 * wall / tokens:.2f} ms; GPU busy {gpu_us / tokens / 1e3:.2f} ms; "
+        f"{launches / tokens:.0f} kernel launches ({launch_us / tokens / 1e3:.2f} ms host); "
+        f"{waits / tokens:.1f} copies and syncs ({wait_us / tokens / 1e3:.2f} ms host)",
+        f"- attention by query length, per token: {shapes}", "", "```", table.strip(), "```\n"])
+
+
 def message_times(hidden: int, device: str, dtype: torch.dtype, n: int = 200) -> str:
     """One message's encode and decode on this host, and the parts of int8's: where a codec's per-token time goes."""
     import numpy as np
@@ -100,6 +143,8 @@ def main() -> None:
     parser.add_argument("--more-codecs", nargs="*", default=[], help="codecs timed besides none and int8 (e.g. int8-fixed)")
     parser.add_argument("--only", nargs="*", default=[], help="time only configurations whose label contains one of these")
     parser.add_argument("--rows", type=int, default=25, help="functions per profile")
+    parser.add_argument("--device-profile", type=int, default=0, metavar="TOKENS",
+                        help="torch.profiler of one generation of TOKENS per int8 configuration (0: none)")
     parser.add_argument("--messages", action="store_true", help="also time one message's encode and decode, and their parts, on this host")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -157,6 +202,7 @@ def main() -> None:
     if args.only:
         configs = [c for c in configs if any(part in c[0] for part in args.only)]
     same, split, hf_rates = {}, {}, {}
+    device_profiles: list[str] = []
     for label, first, second, codec in configs:
         pipeline = build_pipeline(str(folder), first, second, codec, edge_side=side, cloud_side=side, with_tokenizer=False)
         # HF and this configuration take turns, so that both see the same state of a shared host.
@@ -181,6 +227,9 @@ def main() -> None:
         same[label] = pipeline.edge.generate(prompt, 32).token_ids == reference
         if args.profile_tokens > 0 and (label.endswith(", int8") or "unsplit" in label):
             profiles.append(python_profile(label, lambda edge=pipeline.edge: edge.generate(prompt, args.profile_tokens), args))
+        if args.device_profile > 0 and (label.endswith(", int8") or "unsplit" in label):
+            device_profiles.append(device_profile(
+                label, lambda edge=pipeline.edge: edge.generate(prompt, args.device_profile), args.device_profile, args.rows))
         del pipeline
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -211,6 +260,9 @@ def main() -> None:
         lines += ["", message_times(cfg.hidden_size, device, dtype)]
     if profiles:
         lines += ["", f"### Python profile of {args.profile_tokens} tokens (prefill included), top functions by own time\n"] + profiles
+    if device_profiles:
+        lines += ["", f"### torch.profiler of {args.device_profile} tokens (prefill included), top operations by host time\n"]
+        lines += device_profiles
     text = "\n".join(lines) + "\n"
     print(text)
     if os.environ.get("OUT"):
