@@ -315,14 +315,15 @@ def test_a_catch_up_of_many_calls_runs_a_call_at_a_time_between_the_other_sessio
 
 
 def _timed_runs(batcher: Batcher, steps: list[tuple[str, "_Slow", int]]) -> dict[str, float]:
-    """Each (name, party, rows) step from its own thread, all pending before the worker starts: seconds to done."""
+    """Each (name, party, end) step over all the party's layers, from its own thread, all pending before the worker
+    starts: seconds to done."""
     import time
 
     waits: dict[str, float] = {}
     began = time.monotonic()
 
     def run(name: str, party: _Slow, rows: int) -> None:
-        batcher.run(party, 0, 1, rows)
+        batcher.run(party, 0, len(party.fill) - 1, rows)
         waits[name] = time.monotonic() - began
 
     batcher._worker = threading.Thread(target=batcher._loop, name="cloud-batcher", daemon=True)  # not started yet
@@ -352,6 +353,27 @@ def test_a_decode_step_joins_the_next_batch_whatever_larger_steps_wait():
     steps = [(f"big{i}", _Slow(1, 0.2), 16) for i in range(3)] + [("small", _Slow(1, 0.0), 1)]
     waits = _timed_runs(Batcher(window=0.0, max_rows=16), steps)
     assert waits["small"] < 0.3 and max(waits.values()) > 0.5, waits
+
+
+def test_decode_steps_run_before_the_prompts_of_their_batch():
+    """A 100-row prompt (0.3 s) pending longest, and a 1-row step: the decode step runs first, on its own, not after the
+    prompt (beside clients looping prompts of the cap's 128 rows an honest step waited 0.76 s; now 0.43 s, the batch
+    under way). The prompt still runs next."""
+    steps = [("prompt", _Slow(1, 0.3), 100), ("decode", _Slow(1, 0.0), 1)]
+    waits = _timed_runs(Batcher(window=0.0), steps)
+    assert waits["decode"] < 0.15 and 0.3 <= waits["prompt"] < 0.6, waits
+
+
+def test_a_decode_step_that_catches_a_prompt_up_in_one_layer_joins_the_next_batch():
+    """A decode step whose first layer lagged since the prefill runs 40 rows there and one in 9 others: a decode step
+    (`is_light`), so it joins the next batch beside a 128-row prompt and runs first. By its rows alone it fit beside
+    neither of two such prompts and waited for both (1.2 s for an honest step beside looping prompts)."""
+    prompts = [_Slow(10, 0.02) for _ in range(2)]
+    catching_up = _Slow(10, 0.0)
+    catching_up.fill = [0] + [39] * 9 + [0]
+    steps = [("prompt0", prompts[0], 128), ("prompt1", prompts[1], 128), ("decode", catching_up, 40)]
+    waits = _timed_runs(Batcher(window=0.0, max_rows=128), steps)
+    assert waits["decode"] < 0.1 < waits["prompt0"] < waits["prompt1"], waits
 
 
 def test_a_long_step_keeps_only_the_states_its_next_layers_need(tmp_path):
