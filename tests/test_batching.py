@@ -376,6 +376,92 @@ def test_a_decode_step_that_catches_a_prompt_up_in_one_layer_joins_the_next_batc
     assert waits["decode"] < 0.1 < waits["prompt0"] < waits["prompt1"], waits
 
 
+def test_a_decode_step_runs_between_the_layer_calls_of_another_sessions_prompt():
+    """A session's new 99-row prompt (10 layers at 0.05 s, more than FAST_ROWS a layer) is under way; a decode step of
+    another session runs between two of its layer calls, not after all of them (0.5 s; beside 3 clients looping prompts
+    of the cap's 128 rows an honest step waited 0.40 s, now 0.06 s). Not while a new session's first step is under way
+    (so that a burst of new sessions stays in step): then the decode step waits for it."""
+    import time
+
+    def waits_beside(prompt: _Slow, batcher: Batcher) -> list[float]:
+        long = threading.Thread(target=batcher.run, args=(prompt, 0, 10, 100))
+        long.start()
+        time.sleep(0.12)  # its third layer is under way
+        waits = []
+        for _ in range(3):
+            began = time.monotonic()
+            batcher.run(decode, 0, 10, decode.fill[0] + 1)
+            waits.append(time.monotonic() - began)
+        long.join(timeout=10)
+        assert prompt.calls == [(index, 100) for index in range(10)], prompt.calls  # every layer once, in order
+        return waits
+
+    batcher, decode = Batcher(window=0.05), _Slow(10, 0.0)
+    batcher.run(decode, 0, 10, 1)  # decoding
+    first = waits_beside(_Slow(10, 0.05), batcher)  # a new session's prompt
+    assert first[0] > 0.3 and batcher.between == 0, first
+    prompt = _Slow(10, 0.05)
+    batcher.run(prompt, 0, 10, 1)  # a session that has stepped, now with a new turn's prompt
+    prompt.calls.clear()
+    later = waits_beside(prompt, batcher)
+    assert max(later) < 0.2 and batcher.between == 3, later
+    assert decode.fill == [7] * 10 + [0]
+
+
+def test_decode_steps_run_between_a_prompts_layers_give_the_replies_they_give_alone(tiny_untied):
+    """One session decodes while another's second turn, an 80-position prompt (more than FAST_ROWS a layer), runs layer
+    by layer, slowed by its check: the decode steps run between the prompt's layer calls, and every reply of both is
+    the one it gets alone, byte for byte."""
+    import time
+
+    folder, _ = tiny_untied
+    config = load_config(folder)
+    schedule = SplitSchedule((1,), (3,), config.num_hidden_layers)  # the cloud runs layers 1 and 2
+    sessions = []
+    for seed, turns in enumerate([[(PROMPTS[0], 12)], [([3, 4], 1), (list(range(5, 85)), 1)]]):
+        pipeline = build_pipeline(str(folder), {1}, {3}, "none", seed=seed, with_tokenizer=False)
+        send, requests = pipeline.edge.link.request, []
+        pipeline.edge.link.request = lambda data, requests=requests, send=send: requests.append(bytes(data)) or send(data)
+        sequence: list[int] = []
+        for n, (tokens, new) in enumerate(turns):
+            if n == 1:
+                second_turn = len(requests)  # the index of the second turn's first request
+            sequence += tokens
+            result = (pipeline.edge.generate if n == 0 else pipeline.edge.continue_with)(sequence, new)
+            sequence += result.token_ids
+        sessions.append(requests)
+    part = build_cloud(folder, config, schedule).part
+    enable_packing(part)
+    alone = []
+    for requests in sessions:
+        cloud = Cloud(schedule, part)
+        alone.append([cloud.handle(request) for request in requests])
+
+    # The prompt comes just after a decode step's reply; the decoding session's next step comes 0.08 s after its
+    # reply, during the prompt's first layer (0.15 s each), and runs before its second.
+    batcher, replies, between_steps = Batcher(window=0.02), [[], []], threading.Event()
+    clouds = [Cloud(schedule, part) for _ in sessions]
+
+    def session(i: int) -> None:
+        clouds[i].batcher = batcher
+        try:
+            for n, request in enumerate(sessions[i]):
+                if i == 1 and n == second_turn:
+                    between_steps.wait(10)
+                    clouds[1].on_layer = lambda: time.sleep(0.15)
+                replies[i].append(clouds[i].handle(request))
+                if i == 0:
+                    if n == 4:
+                        between_steps.set()
+                    time.sleep(0.08)
+        finally:
+            batcher.forget(clouds[i])
+
+    each_in_a_thread(session, 2)
+    assert batcher.between >= 1
+    assert replies == alone
+
+
 def test_a_long_step_keeps_only_the_states_its_next_layers_need(tmp_path):
     """Run a layer at a time, a 90-position prefill through 6 cloud layers stores what it stores run whole (it held
     every layer's output until the step's end: 630 positions instead of 180)."""

@@ -16,10 +16,11 @@ replay after failover (src/link/grpc_link.py) therefore need not reproduce the r
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -130,6 +131,7 @@ class Job:
     error: BaseException | None = None  # set when this job failed; the others go on
     rows: int = 0  # the most positions one of its layers runs (`job_rows`): its share of a packed call
     evals: int = 0  # positions times layers it runs (`job_evals`): what it costs
+    first: bool = False  # its session's first step (a new session's prompt): no step runs between its batch's layers
     piecewise: bool = False  # a lagging layer catches up in several calls (`Party.segments`): it runs with the long steps
     arrived: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
@@ -152,7 +154,7 @@ class _Packing:
                 job.party.store.put(self.layer, start, self.output[offset : offset + length])
 
 
-def run_layers_together(jobs: Sequence[Job]) -> int:
+def run_layers_together(jobs: Sequence[Job], between: Callable[[], None] | None = None) -> int:
     """Bring each job's layers lo .. hi-1 up to its `end`, one layer call per index for all jobs.
 
     Jobs are of distinct sessions over the same part (shared weights). Layers run in increasing
@@ -164,16 +166,21 @@ def run_layers_together(jobs: Sequence[Job]) -> int:
     in bf16 or fp16) runs that layer alone, as it would unbatched. A job whose
     `party.on_layer` raises (cancelled, past its deadline) drops out with that error; a failing
     packed call is rolled back and its jobs finish one by one, so one bad session fails only itself.
+    `between`, where given, is called between two layer indices (the batcher runs decode steps there); a job alone
+    then runs a layer at a time too, keeping only the states its next layers need, as a long step does.
     Returns the number of layer calls made (for a batch of one, the layers its range spans).
     """
-    if len(jobs) == 1:  # alone: exactly its own run, one call (the store is not written layer by layer)
+    if len(jobs) == 1 and between is None:  # alone: exactly its own run, one call (the store is not written layer by layer)
         _run_whole(jobs[0])
         return jobs[0].hi - jobs[0].lo
     calls = 0
     carried: _Packing | None = None
     packings: dict[tuple, tuple[Chunk, PackedCache]] = {}
     try:
-        for index in range(min(job.lo for job in jobs), max(job.hi for job in jobs)):
+        first = min(job.lo for job in jobs)
+        for index in range(first, max(job.hi for job in jobs)):
+            if between is not None and index > first:
+                between()  # other sessions' steps, between two layer calls of these (whose states stay where they are)
             members = _members(jobs, index)
             stepwise = [job for job in members if job.party.segment_end(job.party.fill[index], job.end) < job.end]
             members = [job for job in members if job not in stepwise]
@@ -190,6 +197,8 @@ def run_layers_together(jobs: Sequence[Job]) -> int:
             if len(members) == 1:
                 carried = None
                 _run_one_layer(members[0], index)
+                if len(jobs) == 1:  # a layer at a time: drop what no later layer needs
+                    members[0].party.prune()
                 continue
             model = members[0].party.layer_owner[index]
             if any(job.party.layer_owner[index] is not model for job in members):
@@ -329,18 +338,20 @@ class Batcher:
 
     Size policy: a batch is the step waiting longest, every pending decode step (`is_light`: at most
     SMALL_ROWS rows per layer, its catch-ups included), and the others smallest first while the batch holds
-    at most `max_rows` rows; the rest run in the next batch, without waiting again. Where a batch holds
-    prompts (more than FAST_ROWS rows per layer), its decode steps run first, on their own. A step with more rows than that (a long prompt), or
-    one whose lagging layers catch up in many calls (`Party.segments`), runs one call at a time between
-    batches, one call of one such step per batch, in turn: a long prefill holding every other session's
-    steps back for its whole length (3 s at 1,024 positions here, 10 s per layer for a lossless bf16
-    catch-up of 4,000 positions) was a way for one client within its limits to stall the rest. So a
-    decode step waits for at most the batch under way (at most `max_rows` rows besides the decode steps)
-    and one call of a long step, then runs before any prompt; a larger step gets into a batch in its turn.
-    (Running decode steps between the layer calls of a batch under way, too, cut their wait beside looping
-    prompts to a window, but put sessions out of step after a burst of prompts: 8 edges' batches held 5.95
-    steps instead of 6.92, at 14.0 ms of server CPU per token instead of 12.6.) A call at a time gives the
-    same bits as a run of the whole range, and its session keeps only the states its next layers need.
+    at most `max_rows` rows; the rest run in the next batch, without waiting again. A step with more rows
+    than that (a long prompt), or one whose lagging layers catch up in many calls (`Party.segments`), runs
+    one call at a time between batches, one call of one such step per batch, in turn: a long prefill
+    holding every other session's steps back for its whole length (3 s at 1,024 positions here, 10 s per
+    layer for a lossless bf16 catch-up of 4,000 positions) was a way for one client within its limits to
+    stall the rest. A call at a time gives the same bits as a run of the whole range, and its session
+    keeps only the states its next layers need.
+
+    Prompts before decode steps: where a batch holds prompts (more than FAST_ROWS rows per layer), its decode
+    steps run first, on their own, and those that arrive while the prompts run go between two of their layer
+    calls (`_between`), but for a new session's first step. So a decode step waits for a window, a layer
+    call and one call of a long step, not for other sessions' prompts (beside clients looping prompts of
+    the cap's 128 rows it waited 0.76 s; now 0.06 s); after a burst of new sessions it waits with the
+    others, and the sessions stay in step.
     """
 
     def __init__(self, window: float, horizon: float = 2.0, max_batch: int = 64, max_rows: int = 128) -> None:
@@ -352,12 +363,14 @@ class Batcher:
         self._long: list[tuple[Job, int]] = []  # long steps under way and the layer each runs next (the worker's alone)
         self._left_over = False  # the last batch left pending steps behind: the next one runs without waiting
         self._seen: dict[int, float] = {}  # id(party) -> when it last sent a step
+        self._light: dict[int, bool] = {}  # id(party) -> whether its last step was a decode step (`is_light`)
         self._started: set[int] = set()  # sessions `expect`-ed that have not stepped since: not waited for again
         self._cond = threading.Condition()
         self._worker: threading.Thread | None = None
         self.batches = 0  # counters, for tests and stats
         self.steps = 0
         self.largest = 0
+        self.between = 0  # batches of decode steps run between two layer calls of a prompt batch
 
     def run(self, party: Party, lo: int, hi: int, end: int) -> None:
         """Called from a session's thread in place of party._run_layers: returns once its layers ran."""
@@ -368,6 +381,8 @@ class Batcher:
             if self._worker is None:
                 self._worker = threading.Thread(target=self._loop, name="cloud-batcher", daemon=True)
                 self._worker.start()
+            job.first = id(party) not in self._light
+            self._light[id(party)] = is_light(job)
             self._pending.append(job)
             self._seen[id(party)] = job.arrived
             self._started.discard(id(party))
@@ -378,7 +393,8 @@ class Batcher:
 
     def stats(self) -> dict:
         """For the server's Stats: the window and how full the batches were."""
-        return {"window_ms": 1e3 * self.window, "batches": self.batches, "steps": self.steps, "largest": self.largest}
+        return {"window_ms": 1e3 * self.window, "batches": self.batches, "steps": self.steps, "largest": self.largest,
+                "between": self.between}
 
     def expect(self, party: Party) -> None:
         """A session started: steps wait for its first one too (a burst of new sessions runs its prefills together).
@@ -389,6 +405,7 @@ class Batcher:
         milliseconds held every step of the others back by a whole window).
         """
         with self._cond:
+            self._light.pop(id(party), None)  # its next step is a new session's first
             if id(party) not in self._started:
                 self._started.add(id(party))
                 armed = time.monotonic() - self.horizon + min(self.window, self.horizon)  # seen as if a step came then
@@ -398,6 +415,7 @@ class Batcher:
         """The session ended: no batch waits for it any more."""
         with self._cond:
             self._seen.pop(id(party), None)
+            self._light.pop(id(party), None)
             self._started.discard(id(party))
             self._cond.notify_all()
 
@@ -472,17 +490,21 @@ class Batcher:
         job.done.set()
 
     def _run(self, batch: list[Job]) -> None:
-        # A batch of prompts (more than FAST_ROWS rows per layer) runs its decode steps first, as a batch of their own:
-        # they cost a few rows a layer, the prompts up to `max_rows`. Beside clients looping prompts of the cap's 128
-        # rows, an honest step (26 ms alone) waited for the batch under way and then ran beside the next prompt: 0.76 s.
+        # A batch of prompts (more than FAST_ROWS rows per layer) runs its decode steps first, as a batch of their own
+        # (they cost a few rows a layer, the prompts up to `max_rows`), and then lets later ones in between its layer
+        # calls. Beside clients looping prompts of the cap's 128 rows, an honest step (26 ms alone) waited for the batch
+        # under way and then ran beside the next prompt: 0.76 s.
+        between = None
         if sum(job.evals for job in batch) > FAST_ROWS * (max(job.hi for job in batch) - min(job.lo for job in batch)):
             light = [job for job in batch if is_light(job)]
             if light and len(light) < len(batch):
                 self._run(light)
                 batch = [job for job in batch if not is_light(job)]
+            if not all(is_light(job) for job in batch):  # not for a heavy batch of decode steps alone
+                between = functools.partial(self._between, batch, [0.0])
         try:
             with torch.inference_mode():  # as every entry point (Party)
-                run_layers_together(batch)
+                run_layers_together(batch, between)
         except BaseException as error:  # noqa: BLE001 (every waiting session hears of it; the worker goes on)
             logger.exception("batched layer run failed")
             for job in batch:
@@ -490,6 +512,36 @@ class Batcher:
         self._count(batch)
         for job in batch:
             job.done.set()
+
+    def _between(self, batch: list[Job], turn: list[float]) -> None:
+        """Between two layer calls of a prompt batch: the decode steps pending run now, as a batch of their own, once
+        every other session decoding has sent one or the oldest has waited a window, and once the batch under way has
+        run for as long as the last such batch took (from `turn[0]`).
+
+        So a decode step beside another session's prompt (a new turn, or a client looping prompts) waits for at most
+        a window and a layer call, not the prompt batch. Not while a new session's first step is pending or under
+        way: after a burst of new sessions, the first to finish their prompts would step during the later prompts
+        and fall out of step with them (8 edges' batches held 5.6-6.0 steps instead of 6.7-6.9). And not without the
+        turn: sessions stepping without pause would hold a prompt to a layer per step of theirs. The sessions are
+        distinct (a session has one step pending at most), so neither batch touches the other's states."""
+        if time.monotonic() < turn[0] or any(job.first for job in batch):
+            return
+        with self._cond:
+            if any(job.first for job in self._pending):
+                return
+            steps = [job for job in self._pending if is_light(job) and not job.piecewise][: self.max_batch]
+            if not steps:
+                return
+            self.expected()  # drops the sessions not seen within the horizon
+            others = sum(self._light.get(key, False) for key in self._seen)  # decoding (a prompt batch's are not)
+            if len(steps) < others and time.monotonic() - steps[0].arrived < self.window:
+                return
+            chosen = {id(job) for job in steps}
+            self._pending = [job for job in self._pending if id(job) not in chosen]
+            self.between += 1
+        began = time.monotonic()
+        self._run(steps)
+        turn[0] = 2 * time.monotonic() - began
 
     def _count(self, batch: list[Job]) -> None:
         self.batches += 1
