@@ -131,8 +131,10 @@ class Job:
     error: BaseException | None = None  # set when this job failed; the others go on
     rows: int = 0  # the most positions one of its layers runs (`job_rows`): its share of a packed call
     evals: int = 0  # positions times layers it runs (`job_evals`): what it costs
-    first: bool = False  # its session's first step (a new session's prompt): no step runs between its batch's layers
-    piecewise: bool = False  # a lagging layer catches up in several calls (`Party.segments`): it runs with the long steps
+    first: bool = False  # its session's first step (a new session's prompt): no step runs between its batch's layers.
+    # A session started again on its stream is not new: a client sending START before each prompt held the others back.
+    piecewise: bool = False  # a lagging layer catches up in several calls (`Party.segments`): but for a decode step's few,
+    # it runs with the long steps
     arrived: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -405,7 +407,6 @@ class Batcher:
         milliseconds held every step of the others back by a whole window).
         """
         with self._cond:
-            self._light.pop(id(party), None)  # its next step is a new session's first
             if id(party) not in self._started:
                 self._started.add(id(party))
                 armed = time.monotonic() - self.horizon + min(self.window, self.horizon)  # seen as if a step came then
@@ -451,10 +452,10 @@ class Batcher:
     def _take(self) -> list[Job]:
         """The next batch (call with the lock held), up to `max_batch` steps: the step pending longest, every decode
         step (`is_light`), then the others smallest first while the rows stay within `max_rows`; a step longer than
-        `max_rows`, or piecewise, goes to the long steps instead."""
-        for job in [job for job in self._pending if job.rows > self.max_rows or job.piecewise]:
+        `max_rows`, or piecewise beyond a decode step's few calls, goes to the long steps instead."""
+        for job in [job for job in self._pending if job.rows > self.max_rows or (job.piecewise and not is_light(job))]:
             self._long.append((job, job.lo))
-        waiting = [job for job in self._pending if job.rows <= self.max_rows and not job.piecewise]
+        waiting = [job for job in self._pending if job.rows <= self.max_rows and (is_light(job) or not job.piecewise)]
         batch: list[Job] = []
         rest: list[Job] = []
         rows = 0
@@ -527,9 +528,9 @@ class Batcher:
         if time.monotonic() < turn[0] or any(job.first for job in batch):
             return
         with self._cond:
-            if any(job.first for job in self._pending):
+            if any(job.first and not is_light(job) for job in self._pending):
                 return
-            steps = [job for job in self._pending if is_light(job) and not job.piecewise][: self.max_batch]
+            steps = [job for job in self._pending if is_light(job)][: self.max_batch]
             if not steps:
                 return
             self.expected()  # drops the sessions not seen within the horizon
