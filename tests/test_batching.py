@@ -534,6 +534,82 @@ def test_one_failing_session_fails_only_itself(tiny_untied, monkeypatch):
     assert calls["updates"] > 3 and batcher.largest >= 2
 
 
+def test_a_packed_call_failing_between_a_prompts_layers_fails_no_session(tiny_untied, monkeypatch):
+    """Two sessions decode while a third's second-turn prompt runs layer by layer; a packed call of the decode steps run
+    between its layer calls fails once. It is rolled back and those sessions finish one by one: all three get their
+    tokens alone."""
+    import time
+
+    import src.serve.batching as batching
+
+    folder, _ = tiny_untied
+    config = load_config(folder)
+    schedule = SplitSchedule((1,), (3,), config.num_hidden_layers)  # the cloud runs layers 1 and 2
+    turns = [[(PROMPTS[0], 16)], [([3, 4], 1), (list(range(5, 85)), 2)], [(PROMPTS[2], 16)]]
+    decoding, in_prompt = threading.Event(), threading.Event()  # the others are decoding; the prompt is under way
+
+    def slow_prompt_layer() -> None:
+        in_prompt.set()
+        time.sleep(0.1)
+
+    def run(edge, cloud, i: int, on_token=None) -> list:
+        sequence, results = [], []
+        for n, (prompt, new) in enumerate(turns[i]):
+            if n == 1 and on_token is None and cloud.batcher is not None:
+                decoding.wait(10)
+                cloud.on_layer = slow_prompt_layer
+            sequence += prompt
+            result = (edge.generate if n == 0 else edge.continue_with)(sequence, new, keep_logits=True, on_token=on_token)
+            sequence += result.token_ids
+            results.append(result)
+        return results
+
+    part = build_cloud(folder, config, schedule).part
+    enable_packing(part)
+    alone = []
+    for i in range(3):
+        cloud = Cloud(schedule, part)
+        alone.append(run(build_edge(folder, config, dataclasses.replace(schedule, seed=i), "none", link=LocalLink(cloud)), cloud, i))
+
+    batcher = Batcher(window=0.05)
+    clouds = [Cloud(schedule, part) for _ in range(3)]
+    for cloud in clouds:
+        cloud.batcher = batcher
+    edges = [build_edge(folder, config, dataclasses.replace(schedule, seed=i), "none", link=LocalLink(clouds[i])) for i in range(3)]
+    real_update, failed = batching.PackedCache.update, []
+
+    def update_failing_once_in_the_prompt(self, *args, **kwargs):
+        out = real_update(self, *args, **kwargs)
+        if in_prompt.is_set() and not failed:
+            failed.append(batcher.between)
+            raise RuntimeError("injected")
+        return out
+
+    monkeypatch.setattr(batching.PackedCache, "update", update_failing_once_in_the_prompt)
+    results: list = [None] * 3
+
+    def session(i: int) -> None:
+        steps = [0]
+
+        def paced(token: int) -> None:  # the decoding sessions step every 20 ms; the prompt comes at their 4th token
+            time.sleep(0.02)
+            steps[0] += 1
+            if steps[0] == 4:
+                decoding.set()
+
+        try:
+            results[i] = run(edges[i], clouds[i], i, on_token=None if i == 1 else paced)
+        finally:
+            batcher.forget(clouds[i])
+
+    each_in_a_thread(session, 3)
+    assert failed and failed[0] >= 1, failed  # it failed in a batch run between the prompt's layer calls
+    for i in range(3):
+        for together, single in zip(results[i], alone[i]):
+            assert together.token_ids == single.token_ids, i
+            assert max((x - y).abs().max().item() for x, y in zip(together.logits, single.logits)) < 1e-4, i
+
+
 @pytest.mark.parametrize("model_type", ["qwen2", "gemma3_text", "granite", "diffllama"])
 def test_families_batch_to_their_tokens_alone_or_are_declared_unbatchable(model_type, tmp_path):
     """Sliding windows, a rotary per layer type, an attention multiplier: batched tokens equal each session's
