@@ -530,7 +530,7 @@ class Batcher:
         with self._cond:
             if any(job.first and not is_light(job) for job in self._pending):
                 return
-            steps = [job for job in self._pending if is_light(job)][: self.max_batch]
+            steps = [job for job in self._pending if is_light(job) and job.rows <= self.max_rows][: self.max_batch]
             if not steps:
                 return
             self.expected()  # drops the sessions not seen within the horizon
