@@ -265,23 +265,30 @@ class _Slow(_Alone):
                 self.fill[index] = stop
 
 
+def _waits_beside(batcher: Batcher, long: "_Slow", end: int, short: "_Slow", steps: int, delay: float) -> list[float]:
+    """Seconds each of `steps` one-position steps of `short` took, the first `delay` s after `long` set out (from its own
+    thread) to run all its layers up to `end`, which it has done when this returns."""
+    import time
+
+    thread = threading.Thread(target=batcher.run, args=(long, 0, len(long.fill) - 1, end))
+    thread.start()
+    time.sleep(delay)
+    waits = []
+    for _ in range(steps):
+        began = time.monotonic()
+        batcher.run(short, 0, len(short.fill) - 1, short.fill[0] + 1)
+        waits.append(time.monotonic() - began)
+    thread.join(timeout=10)
+    return waits
+
+
 def test_a_long_prefill_runs_a_layer_at_a_time_between_the_other_sessions_steps():
     """A step longer than a batch's rows does not hold the others back for its whole length: its layers run one at a
     time between their batches (an attack: a 1,024-position prefill, within every limit, stalled every other session's
     steps for 3 s, and got them refused past their deadline)."""
-    import time
-
     batcher = Batcher(window=0.05, max_rows=256)
     long, short = _Slow(10, 0.1), _Slow(10, 0.001)
-    prefill = threading.Thread(target=batcher.run, args=(long, 0, 10, 1000))
-    prefill.start()
-    time.sleep(0.15)  # its first layer is under way
-    waits = []
-    for end in range(1, 6):
-        began = time.monotonic()
-        batcher.run(short, 0, 10, end)
-        waits.append(time.monotonic() - began)
-    prefill.join(timeout=10)
+    waits = _waits_beside(batcher, long, 1000, short, 5, delay=0.15)  # from within its second layer
     assert max(waits) < 0.35, waits  # one layer of the prefill at most, then its own (the whole prefill: 1 s)
     assert long.calls == [(index, 1000) for index in range(10)]  # every layer once, in order, to the end
     assert len(short.calls) == 50 and long.calls[-1] and batcher.steps == 6
@@ -298,18 +305,8 @@ def test_a_catch_up_of_many_calls_runs_a_call_at_a_time_between_the_other_sessio
     """60 positions under the row cap, but a call each in each of 3 layers (1.8 s): one call at a time between the
     others' batches. Packed, it held them for all its calls (an attack in bf16: 4.7 s per honest step; in the long
     lane a layer at a time, 10 s per layer of 4,000 calls)."""
-    import time
-
     batcher, long, short = Batcher(window=0.05), _Pieces(3, 0.01), _Slow(3, 0.0)
-    catch_up = threading.Thread(target=batcher.run, args=(long, 0, 3, 60))
-    catch_up.start()
-    time.sleep(0.1)
-    waits = []
-    for end in range(1, 6):
-        began = time.monotonic()
-        batcher.run(short, 0, 3, end)
-        waits.append(time.monotonic() - began)
-    catch_up.join(timeout=10)
+    waits = _waits_beside(batcher, long, 60, short, 5, delay=0.1)
     assert max(waits) < 0.1, waits
     assert long.calls == [(index, position) for index in range(3) for position in range(1, 61)]
 
@@ -381,18 +378,8 @@ def test_a_decode_step_runs_between_the_layer_calls_of_another_sessions_prompt()
     another session runs between two of its layer calls, not after all of them (0.5 s; beside 3 clients looping prompts
     of the cap's 128 rows an honest step waited 0.40 s, now 0.06 s). Not while a new session's first step is under way
     (so that a burst of new sessions stays in step): then the decode step waits for it."""
-    import time
-
     def waits_beside(prompt: _Slow, batcher: Batcher) -> list[float]:
-        long = threading.Thread(target=batcher.run, args=(prompt, 0, 10, 100))
-        long.start()
-        time.sleep(0.12)  # its third layer is under way
-        waits = []
-        for _ in range(3):
-            began = time.monotonic()
-            batcher.run(decode, 0, 10, decode.fill[0] + 1)
-            waits.append(time.monotonic() - began)
-        long.join(timeout=10)
+        waits = _waits_beside(batcher, prompt, 100, decode, 3, delay=0.12)  # from within its third layer
         assert prompt.calls == [(index, 100) for index in range(10)], prompt.calls  # every layer once, in order
         return waits
 

@@ -497,11 +497,11 @@ class Batcher:
         # under way and then ran beside the next prompt: 0.76 s.
         between = None
         if sum(job.evals for job in batch) > FAST_ROWS * (max(job.hi for job in batch) - min(job.lo for job in batch)):
-            light = [job for job in batch if is_light(job)]
-            if light and len(light) < len(batch):
-                self._run(light)
-                batch = [job for job in batch if not is_light(job)]
-            if not all(is_light(job) for job in batch):  # not for a heavy batch of decode steps alone
+            prompts = [job for job in batch if not is_light(job)]
+            if prompts:  # not for a heavy batch of decode steps alone
+                if len(prompts) < len(batch):
+                    self._run([job for job in batch if is_light(job)])
+                    batch = prompts
                 between = functools.partial(self._between, batch, [0.0])
         try:
             with torch.inference_mode():  # as every entry point (Party)
