@@ -131,8 +131,8 @@ class Job:
     error: BaseException | None = None  # set when this job failed; the others go on
     rows: int = 0  # the most positions one of its layers runs (`job_rows`): its share of a packed call
     evals: int = 0  # positions times layers it runs (`job_evals`): what it costs
-    first: bool = False  # its session's first step (a new session's prompt): no step runs between its batch's layers.
-    # A session started again on its stream is not new: a client sending START before each prompt held the others back.
+    first: bool = False  # its session's first step (a new session's prompt): only sessions born a horizon before step
+    # between its batch's layers. A session started again on its stream is not new (START before each prompt held all).
     piecewise: bool = False  # a lagging layer catches up in several calls (`Party.segments`): but for a decode step's few,
     # it runs with the long steps
     arrived: float = field(default_factory=time.monotonic)
@@ -350,10 +350,10 @@ class Batcher:
 
     Prompts before decode steps: where a batch holds prompts (more than FAST_ROWS rows per layer), its decode
     steps run first, on their own, and those that arrive while the prompts run go between two of their layer
-    calls (`_between`), but for a new session's first step. So a decode step waits for a window, a layer
-    call and one call of a long step, not for other sessions' prompts (beside clients looping prompts of
-    the cap's 128 rows it waited 0.76 s; now 0.06 s); after a burst of new sessions it waits with the
-    others, and the sessions stay in step.
+    calls (`_between`); beside a new session's first step, only if born a horizon before it. So a decode step
+    waits for a window, a layer call and one call of a long step, not for other sessions' prompts (beside
+    clients looping prompts of the cap's 128 rows it waited 0.76 s; now 0.06 s); in a burst of new sessions
+    it waits with the others, and the sessions stay in step.
     """
 
     def __init__(self, window: float, horizon: float = 2.0, max_batch: int = 64, max_rows: int = 128) -> None:
@@ -366,6 +366,7 @@ class Batcher:
         self._left_over = False  # the last batch left pending steps behind: the next one runs without waiting
         self._seen: dict[int, float] = {}  # id(party) -> when it last sent a step
         self._light: dict[int, bool] = {}  # id(party) -> whether its last step was a decode step (`is_light`)
+        self._born: dict[int, float] = {}  # id(party) -> when its first step arrived (sessions of a burst are born together)
         self._started: set[int] = set()  # sessions `expect`-ed that have not stepped since: not waited for again
         self._cond = threading.Condition()
         self._worker: threading.Thread | None = None
@@ -383,7 +384,8 @@ class Batcher:
             if self._worker is None:
                 self._worker = threading.Thread(target=self._loop, name="cloud-batcher", daemon=True)
                 self._worker.start()
-            job.first = id(party) not in self._light
+            job.first = id(party) not in self._born
+            self._born.setdefault(id(party), job.arrived)
             self._light[id(party)] = is_light(job)
             self._pending.append(job)
             self._seen[id(party)] = job.arrived
@@ -417,6 +419,7 @@ class Batcher:
         with self._cond:
             self._seen.pop(id(party), None)
             self._light.pop(id(party), None)
+            self._born.pop(id(party), None)
             self._started.discard(id(party))
             self._cond.notify_all()
 
@@ -520,21 +523,29 @@ class Batcher:
         run for as long as the last such batch took (from `turn[0]`).
 
         So a decode step beside another session's prompt (a new turn, or a client looping prompts) waits for at most
-        a window and a layer call, not the prompt batch. Not while a new session's first step is pending or under
-        way: after a burst of new sessions, the first to finish their prompts would step during the later prompts
-        and fall out of step with them (8 edges' batches held 5.6-6.0 steps instead of 6.7-6.9). And not without the
-        turn: sessions stepping without pause would hold a prompt to a layer per step of theirs. The sessions are
-        distinct (a session has one step pending at most), so neither batch touches the other's states."""
-        if time.monotonic() < turn[0] or any(job.first for job in batch):
+        a window and a layer call, not the prompt batch. While a new session's first step is pending or under way,
+        only sessions born a horizon before it step: after a burst of new sessions, the first to finish their prompts
+        would step during the later prompts and fall out of step with them (8 edges' batches held 5.6-6.0 steps instead
+        of 6.7-6.9), but a session decoding long before is no part of that burst (a client opening a stream for each
+        prompt held every other session's steps back for its prompts: 0.4 s). And not without the turn: sessions
+        stepping without pause would hold a prompt to a layer per step of theirs. The sessions are distinct (a session
+        has one step pending at most), so neither batch touches the other's states."""
+        if time.monotonic() < turn[0]:
             return
         with self._cond:
-            if any(job.first and not is_light(job) for job in self._pending):
-                return
-            steps = [job for job in self._pending if is_light(job) and job.rows <= self.max_rows][: self.max_batch]
+            news = [job.arrived for job in batch if job.first] + [
+                job.arrived for job in self._pending if job.first and not is_light(job)]
+            born_before = min(news) - self.horizon if news else float("inf")  # a burst's sessions wait for it
+
+            def settled(key: int) -> bool:
+                return self._born.get(key, born_before) < born_before
+
+            steps = [job for job in self._pending
+                     if is_light(job) and job.rows <= self.max_rows and settled(id(job.party))][: self.max_batch]
             if not steps:
                 return
             self.expected()  # drops the sessions not seen within the horizon
-            others = sum(self._light.get(key, False) for key in self._seen)  # decoding (a prompt batch's are not)
+            others = sum(self._light.get(key, False) and settled(key) for key in self._seen)  # decoding, not a prompt's
             if len(steps) < others and time.monotonic() - steps[0].arrived < self.window:
                 return
             chosen = {id(job) for job in steps}
