@@ -397,17 +397,17 @@ def test_a_decode_step_runs_between_the_layer_calls_of_another_sessions_prompt()
 
 
 def test_a_session_decoding_since_before_a_new_sessions_prompt_runs_between_its_layer_calls():
-    """The guard for a burst of new sessions holds back only the sessions born with it: a session decoding a horizon
-    before a new session's first prompt runs between that prompt's layer calls. A client opening a stream for each
+    """The guard for a burst of new sessions holds back only the sessions born with it: a session decoding since
+    `burst` seconds before a new session's first prompt runs between that prompt's layer calls. A client opening a stream for each
     prompt made every prompt a new session's and held every other session's steps back for its prompts (0.4 s)."""
     import time
 
-    batcher, decode = Batcher(window=0.05, horizon=0.2), _Slow(10, 0.0)
+    batcher, decode = Batcher(window=0.05, burst=0.2), _Slow(10, 0.0)
     batcher.run(decode, 0, 10, 1)
-    time.sleep(0.25)  # decoding for a horizon before the new session came
+    time.sleep(0.25)  # decoding for longer than a burst before the new session came
     waits = _waits_beside(batcher, _Slow(10, 0.05), 100, decode, 3, delay=0.12)
     assert max(waits) < 0.2 and batcher.between == 3, waits
-    young = _Slow(10, 0.0)  # born within the horizon of the next new session: part of its burst, it waits
+    young = _Slow(10, 0.0)  # born within a burst of the next new session: part of it, it waits
     batcher.run(young, 0, 10, 1)
     waits = _waits_beside(batcher, _Slow(10, 0.05), 100, young, 1, delay=0.12)
     assert waits[0] > 0.3 and batcher.between == 3, waits

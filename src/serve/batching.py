@@ -131,7 +131,7 @@ class Job:
     error: BaseException | None = None  # set when this job failed; the others go on
     rows: int = 0  # the most positions one of its layers runs (`job_rows`): its share of a packed call
     evals: int = 0  # positions times layers it runs (`job_evals`): what it costs
-    first: bool = False  # its session's first step (a new session's prompt): only sessions born a horizon before step
+    first: bool = False  # its session's first step (a new session's prompt): only sessions born a burst before step
     # between its batch's layers. A session started again on its stream is not new (START before each prompt held all).
     piecewise: bool = False  # a lagging layer catches up in several calls (`Party.segments`): but for a decode step's few,
     # it runs with the long steps
@@ -350,15 +350,18 @@ class Batcher:
 
     Prompts before decode steps: where a batch holds prompts (more than FAST_ROWS rows per layer), its decode
     steps run first, on their own, and those that arrive while the prompts run go between two of their layer
-    calls (`_between`); beside a new session's first step, only if born a horizon before it. So a decode step
+    calls (`_between`); beside a new session's first step, only if born a burst before it. So a decode step
     waits for a window, a layer call and one call of a long step, not for other sessions' prompts (beside
     clients looping prompts of the cap's 128 rows it waited 0.76 s; now 0.06 s); in a burst of new sessions
     it waits with the others, and the sessions stay in step.
     """
 
-    def __init__(self, window: float, horizon: float = 2.0, max_batch: int = 64, max_rows: int = 128) -> None:
+    def __init__(self, window: float, horizon: float = 2.0, max_batch: int = 64, max_rows: int = 128,
+                 burst: float = 0.5) -> None:
         self.window = window  # seconds a step may wait for other sessions' steps
         self.horizon = horizon  # a session not seen for this long is no longer waited for
+        self.burst = burst  # sessions born (first step) this close together are one burst: they wait for each other's
+        # prompts (16 edges starting together here were born within 0.34 s)
         self.max_batch = max_batch  # steps per batch at most
         self.max_rows = max_rows  # rows per batch at most, decode steps aside; a longer step runs a call at a time between batches
         self._pending: list[Job] = []
@@ -524,7 +527,7 @@ class Batcher:
 
         So a decode step beside another session's prompt (a new turn, or a client looping prompts) waits for at most
         a window and a layer call, not the prompt batch. While a new session's first step is pending or under way,
-        only sessions born a horizon before it step: after a burst of new sessions, the first to finish their prompts
+        only sessions born `burst` seconds before it step: after a burst of new sessions, the first to finish their prompts
         would step during the later prompts and fall out of step with them (8 edges' batches held 5.6-6.0 steps instead
         of 6.7-6.9), but a session decoding long before is no part of that burst (a client opening a stream for each
         prompt held every other session's steps back for its prompts: 0.4 s). And not without the turn: sessions
@@ -535,7 +538,7 @@ class Batcher:
         with self._cond:
             news = [job.arrived for job in batch if job.first] + [
                 job.arrived for job in self._pending if job.first and not is_light(job)]
-            born_before = min(news) - self.horizon if news else float("inf")  # a burst's sessions wait for it
+            born_before = min(news) - self.burst if news else float("inf")  # a burst's sessions wait for it
 
             def settled(key: int) -> bool:
                 return self._born.get(key, born_before) < born_before
