@@ -6,20 +6,60 @@ Greedy decoding of 64 tokens after a 40-token prompt, one torch thread, each con
 (the second run counts). Times come from the sides' own per-session timers (`Party.timed`):
 encode and decode on both sides, per position carried per hop, against the mean step time of the
 same run.
+
+Then one message of one position, warm (in a loop) and cold (after streaming 64 MB through the caches, as a
+side's layers do between two messages): what a message costs in a step is mostly its operations starting cold.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from bench.common import machine
-from src.checkpoint import resolve_model_dir
+from src.checkpoint import load_config, resolve_model_dir
+from src.link import protocol
+from src.link.codec import get_codec
 from src.pipeline import build_pipeline
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "codec_time.md"
 SETTINGS = [("(1,29)", {1}, {29}), ("{1..6},{24..29}", set(range(1, 7)), set(range(24, 30)))]
+
+
+def warm_and_cold(work: Callable[[], object], repeats: int = 60) -> tuple[float, float]:
+    """Median seconds of `work`: in a loop, and each time after 64 MB streamed through the caches."""
+    flood = torch.empty(16 * 1024 * 1024)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(10):
+        work()
+    for cold in (False, True):
+        for _ in range(repeats):
+            if cold:
+                flood.add_(1.0)
+            began = time.perf_counter()
+            work()
+            times[cold].append(time.perf_counter() - began)
+    return statistics.median(times[False]), statistics.median(times[True])
+
+
+def message_lines(hidden: int) -> list[str]:
+    """A table row per codec: one position's message encoded and decoded, warm and cold."""
+    lines = ["", f"One message of one position at hidden {hidden}, median of 60, warm and after 64 MB streamed (cold):", "",
+             "| codec | encode warm (us) | encode cold (us) | decode warm (us) | decode cold (us) |", "|---|---|---|---|---|"]
+    states = torch.randn(1, hidden) * 3
+    for name in ("int8-fixed", "int8"):
+        codec = get_codec(name)
+        codec.prepare()
+        message = protocol.encode_hidden(0, 0, states, codec)
+        encode = warm_and_cold(lambda: protocol.encode_hidden(0, 0, states, codec))
+        decode = warm_and_cold(lambda: protocol.decode(message, hidden))
+        lines.append(f"| {name} | " + " | ".join(f"{1e6 * t:.0f}" for t in (*encode, *decode)) + " |")
+        print(lines[-1], flush=True)
+    return lines
 
 
 def main() -> None:
@@ -46,6 +86,7 @@ def main() -> None:
             per_step = codec_seconds / len(result.step_seconds)
             lines.append(f"| {label} | {codec} | {1e3 * step:.1f} | {1e3 * per_position:.3f} | {100 * per_position / step:.2f}% | {1e3 * per_step:.2f} |")
             print(lines[-1], flush=True)
+    lines += message_lines(load_config(model_dir).hidden_size)
     OUT.write_text("\n".join(lines) + "\n")
 
 
