@@ -714,16 +714,17 @@ print(party.added)
 def test_threads_a_server_computes_in_keep_its_torch_thread_count():
     """`--threads 1` holds in every thread that computes: MKL in a fresh thread would otherwise run on every core.
 
-    Each case in a fresh process (OpenMP's workers, once started, stay for the process), without the
-    environment's own thread limits (with OMP_NUM_THREADS=1 no thread would add workers anyway)."""
+    Each case in a fresh process (OpenMP's workers, once started, stay for the process), the three at once (each
+    counts only its own threads), without the environment's own thread limits (with OMP_NUM_THREADS=1 no thread
+    would add workers anyway)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-
-    def adds_threads(case: str) -> bool:
-        result = subprocess.run([sys.executable, "-c", THREADS_SCRIPT, case], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr[-2000:]
-        return result.stdout.split()[-1] == "True"
-
-    if not adds_threads("control"):
+    cases = {case: subprocess.Popen([sys.executable, "-c", THREADS_SCRIPT, case], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for case in ("control", "adopted", "batcher")}
+    added = {}
+    for case, process in cases.items():
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err[-2000:]
+        added[case] = out.split()[-1] == "True"
+    if not added["control"]:
         pytest.skip("here a fresh thread's product starts no OpenMP worker: nothing to guard against")
-    assert not adds_threads("adopted")
-    assert not adds_threads("batcher")
+    assert not added["adopted"] and not added["batcher"], added
