@@ -398,8 +398,8 @@ def test_a_decode_step_runs_between_the_layer_calls_of_another_sessions_prompt()
 
 def test_a_session_decoding_since_before_a_new_sessions_prompt_runs_between_its_layer_calls():
     """The guard for a burst of new sessions holds back only the sessions born with it: a session decoding since
-    `burst` seconds before a new session's first prompt runs between that prompt's layer calls. A client opening a stream for each
-    prompt made every prompt a new session's and held every other session's steps back for its prompts (0.4 s)."""
+    `burst` seconds before a new session's first prompt runs between that prompt's layer calls. A client opening a
+    stream for each prompt made every prompt a new session's and held every other session's steps back (0.4 s)."""
     import time
 
     batcher, decode = Batcher(window=0.05, burst=0.2), _Slow(10, 0.0)
@@ -721,10 +721,14 @@ def test_threads_a_server_computes_in_keep_its_torch_thread_count():
     cases = {case: subprocess.Popen([sys.executable, "-c", THREADS_SCRIPT, case], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True) for case in ("control", "adopted", "batcher")}
     added = {}
-    for case, process in cases.items():
-        out, err = process.communicate(timeout=120)
-        assert process.returncode == 0, err[-2000:]
-        added[case] = out.split()[-1] == "True"
+    try:
+        for case, process in cases.items():
+            out, err = process.communicate(timeout=120)
+            assert process.returncode == 0, err[-2000:]
+            added[case] = out.split()[-1] == "True"
+    finally:
+        for process in cases.values():
+            process.kill()  # none left behind where one failed (a no-op on those that ended)
     if not added["control"]:
         pytest.skip("here a fresh thread's product starts no OpenMP worker: nothing to guard against")
     assert not added["adopted"] and not added["batcher"], added
