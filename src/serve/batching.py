@@ -459,9 +459,9 @@ class Batcher:
         """The next batch (call with the lock held), up to `max_batch` steps: the step pending longest, every decode
         step (`is_light`), then the others smallest first while the rows stay within `max_rows`; a step longer than
         `max_rows`, or piecewise beyond a decode step's few calls, goes to the long steps instead."""
-        for job in [job for job in self._pending if job.rows > self.max_rows or (job.piecewise and not is_light(job))]:
+        for job in [job for job in self._pending if self._is_long(job)]:
             self._long.append((job, job.lo))
-        waiting = [job for job in self._pending if job.rows <= self.max_rows and (is_light(job) or not job.piecewise)]
+        waiting = [job for job in self._pending if not self._is_long(job)]
         batch: list[Job] = []
         rest: list[Job] = []
         rows = 0
@@ -474,6 +474,11 @@ class Batcher:
         self._pending = sorted(rest, key=lambda job: job.arrived)
         self._left_over = bool(rest)
         return batch
+
+    def _is_long(self, job: Job) -> bool:
+        """Whether the step runs a call at a time between batches: longer than `max_rows`, or piecewise beyond a
+        decode step's few calls."""
+        return job.rows > self.max_rows or (job.piecewise and not is_light(job))
 
     def _run_long_call(self) -> None:
         """One call of the long step whose turn it is: its layer's next piece (`Party.segments`; the whole chunk but
@@ -544,7 +549,7 @@ class Batcher:
                 return self._born.get(key, born_before) < born_before
 
             steps = [job for job in self._pending
-                     if is_light(job) and job.rows <= self.max_rows and settled(id(job.party))][: self.max_batch]
+                     if is_light(job) and not self._is_long(job) and settled(id(job.party))][: self.max_batch]
             if not steps:
                 return
             self.expected()  # drops the sessions not seen within the horizon
