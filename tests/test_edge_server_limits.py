@@ -165,3 +165,38 @@ def test_connections_past_the_limit_get_503(limited_server):
                 break
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_detokenizing_never_waits_for_a_prompt_being_tokenized(embedded):
+    """The decoding thread detokenizes every token; a handler may meanwhile tokenize a 1 MiB message (0.4 s, then refused
+    as too long). With one tokenizer behind one lock, an admitted stream's tokens came 0.4-1.2 s apart beside clients
+    posting such messages; now each side has its own tokenizer, and the encodings one lock."""
+    import threading
+
+    from src.serve.engine import ChatTokenizer
+
+    chat = ChatTokenizer(embedded[2])
+    big = [{"role": "user", "content": "hello world " * 85_000}]
+    started, stop, encoded = threading.Event(), threading.Event(), []
+
+    def encode_in_a_loop() -> None:
+        while not stop.is_set():
+            started.set()
+            encoded.append(len(chat.encode(big)))
+
+    thread = threading.Thread(target=encode_in_a_loop)
+    thread.start()
+    try:
+        started.wait(10)
+        time.sleep(0.05)  # inside its first encoding
+        waits = []
+        while len(encoded) < 2:  # decodes throughout two whole encodings
+            began = time.perf_counter()
+            assert chat.decode([28, 1345, 314, 260]) != ""
+            waits.append(time.perf_counter() - began)
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert encoded[0] > 150_000 and len(waits) > 20, (encoded, len(waits))
+    assert max(waits) < 0.05, sorted(waits)[-3:]  # one encoding alone takes 0.4 s here
