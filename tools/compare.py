@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -103,21 +104,21 @@ def parse_settings(text: str, num_layers: int) -> list[Setting]:
 
 
 def _parse_set(text: str, item: str, num_layers: int) -> set[int]:
+    """'1-6+8+L' as {1, ..., 6, 8, L}: ASCII digits only, every index within 0..L before a range is expanded (a typo such as
+    1-99999999999 once filled the machine's memory before the indices were checked)."""
     values: set[int] = set()
     for piece in text.split("+"):
         piece = piece.strip()
-        try:
-            if piece == "L":
-                values.add(num_layers)
-            elif "-" in piece.strip("-"):
-                lo, hi = (int(x) for x in piece.split("-"))
-                if lo > hi:
-                    raise ValueError
-                values.update(range(lo, hi + 1))
-            else:
-                values.add(int(piece))
-        except ValueError:
-            raise TriadicError(f"--settings {item}: {piece!r} is not a layer index or range (e.g. 4, 1-6, L)") from None
+        found = re.fullmatch(r"([0-9]{1,18})(?:-([0-9]{1,18}))?", piece)
+        if piece == "L":
+            lo = hi = num_layers
+        elif found is not None and int(found[1]) <= int(found[2] or found[1]):
+            lo, hi = int(found[1]), int(found[2] or found[1])
+        else:
+            raise TriadicError(f"--settings {item}: {piece!r} is not a layer index or range (e.g. 4, 1-6, L)")
+        if hi > num_layers:
+            raise TriadicError(f"--settings {item}: layer {hi} is beyond this model's {num_layers} layers (0 to {num_layers})")
+        values.update(range(lo, hi + 1))
     return values
 
 
