@@ -61,7 +61,7 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens; 0: off; default 50")
     group.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; default 1.0")
     group.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability, in [0, 1]")
-    group.add_argument("--repetition-penalty", type=float, default=None, help="> 0, 1.0 is off (CTRL's penalty)")
+    group.add_argument("--repetition-penalty", type=float, default=None, help="in [0.01, 100], 1.0 is off (CTRL's penalty)")
     group.add_argument("--sampling-seed", type=int, default=0, help="seed of the sampler (torch.manual_seed before generate); not the split schedule's --seed")
     group.add_argument("--stop", action="append", default=[], metavar="STRING", help="end when the text contains STRING (trimmed from the output); repeatable")
 

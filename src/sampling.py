@@ -23,6 +23,9 @@ SEED_LIMIT = 1 << 64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1; the wi
 # The logits are divided by the temperature in float32: below this they may overflow to inf (and a
 # temperature under 1.4e-45 is 0 there), and sampling fails. vLLM treats temperatures below 1e-5 as greedy.
 MIN_TEMPERATURE = 1e-5
+# The repetition penalty divides positive logits and multiplies negative ones, in float32: a penalty near 0 (1e-40 is
+# subnormal there, 1e-45 is 0) or past float32's range gave inf or NaN logits, and sampling failed. CTRL used 1.2.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 # The five options a request may set, as GenerationConfig names them.
 OPTION_NAMES = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
@@ -36,7 +39,8 @@ class SamplingConfig:
     top_k: int | None = None  # keep the k most likely tokens; 0 turns it off; transformers' default 50
     top_p: float | None = None  # nucleus: the smallest set holding this much probability, in (0, 1]; default 1.0 (off)
     min_p: float | None = None  # drop tokens below min_p x the top probability, in [0, 1]; None or 0: off
-    repetition_penalty: float | None = None  # > 0; penalizes tokens already in the sequence (CTRL), also when greedy; 1.0: off
+    repetition_penalty: float | None = None  # in REPETITION_PENALTY_RANGE; penalizes tokens already in the sequence (CTRL),
+    # also when greedy; 1.0: off
     seed: int = 0  # the sampling seed, as torch.manual_seed(seed) before generate; not the split schedule's --seed
 
     def __post_init__(self) -> None:
@@ -50,8 +54,9 @@ class SamplingConfig:
             raise TriadicError(f"--top-p {p}: must be in (0, 1]")
         if m is not None and not 0 <= m <= 1:
             raise TriadicError(f"--min-p {m}: must be in [0, 1]")
-        if r is not None and not (math.isfinite(r) and r > 0):
-            raise TriadicError(f"--repetition-penalty {r}: must be > 0 (1 turns it off)")
+        low, high = REPETITION_PENALTY_RANGE
+        if r is not None and not low <= r <= high:
+            raise TriadicError(f"--repetition-penalty {r}: must be in [{low:g}, {high:g}] (1 turns it off)")
         if not is_unsigned(self.seed, 64):
             raise TriadicError(f"--sampling-seed {self.seed}: must be an integer in [0, 2**64)")
 

@@ -44,7 +44,7 @@ THREE = ({1}, {29})
         (["--cloud", "grpc://127.0.0.1:1", "--cloud-timeout", "inf"], "--cloud-timeout inf: must be > 0 and at most 2147483 seconds"),
         (["--prompt", "hi \udcff\udcfe"], "the prompt is not valid UTF-8 text (at character 3)"),
         (["--min-p", "2"], "--min-p 2.0: must be in [0, 1]"),
-        (["--repetition-penalty", "0"], "--repetition-penalty 0.0: must be > 0"),
+        (["--repetition-penalty", "0"], "--repetition-penalty 0.0: must be in [0.01, 100]"),
         (["--stop", ""], "--stop: a stop string must not be empty"),
         (["--stop", "end\udcff"], "--stop: a stop string is not valid UTF-8 text (at character 3)"),  # undecodable argv bytes
         (["--lora-weights", "/tmp"], "--lora-weights /tmp: cannot load a PEFT LoRA adapter"),

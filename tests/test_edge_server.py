@@ -226,6 +226,7 @@ def test_bad_requests_get_400_with_openai_error_shape(tiny_server, client):
         ({**good, "top_k": 1.5}, "top_k"),
         ({**good, "min_p": 2}, "min_p"),
         ({**good, "repetition_penalty": 0}, "repetition_penalty"),
+        ({**good, "repetition_penalty": 1e-45}, "repetition_penalty"),  # was accepted, then a 500 from torch.multinomial
         ({**good, "seed": 2**64 + 5}, "seed"),  # was taken mod 2**64: the answer of seed 5
         ({**good, "seed": -1}, "seed"),
     ]

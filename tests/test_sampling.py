@@ -81,7 +81,9 @@ def test_sampling_seed_is_not_the_schedule_seed(tiny_tied):
         (dict(top_k=-3), "--top-k -3: must be an integer in [0, 2**32)"),
         (dict(top_k=2**32), "--top-k 4294967296: must be an integer in [0, 2**32)"),
         (dict(min_p=1.5), "--min-p 1.5: must be in [0, 1]"),
-        (dict(repetition_penalty=0.0), "--repetition-penalty 0.0: must be > 0"),
+        (dict(repetition_penalty=0.0), "--repetition-penalty 0.0: must be in [0.01, 100]"),
+        (dict(repetition_penalty=1e-40), "--repetition-penalty 1e-40: must be in"),  # subnormal in float32: inf logits
+        (dict(repetition_penalty=1e300), "--repetition-penalty 1e+300: must be in"),  # inf in float32: 0 * inf is NaN
         (dict(seed=-1), "--sampling-seed -1"),
     ],
 )

@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..sampling import REPETITION_PENALTY_RANGE
 from ..utils import TriadicError, check_text
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
@@ -202,7 +203,8 @@ def parse_chat_request(body, roles: tuple[str, ...]) -> ChatRequest:
     if top_k is not None and (not _is_int(top_k) or top_k < -1 or top_k >= 1 << 32):
         raise _bad(f"'top_k' must be an integer >= -1 (0 or -1: off), not {_shown(top_k)}", "top_k")
     min_p = _number(body, "min_p", lambda v: 0 <= v <= 1, "[0, 1]")
-    penalty = _number(body, "repetition_penalty", lambda v: 0 < v <= 100, "(0, 100] (1: off)")
+    low, high = REPETITION_PENALTY_RANGE
+    penalty = _number(body, "repetition_penalty", lambda v: low <= v <= high, f"[{low:g}, {high:g}] (1: off)")
 
     return ChatRequest(
         model=model, messages=tuple(messages), max_tokens=max_tokens, temperature=temperature, top_p=top_p,
