@@ -102,27 +102,42 @@ def convert_gguf(gguf_file: Path, target: Path) -> Path:
     """Dequantize a GGUF file once into a safetensors folder with its tokenizer (transformers' GGUF loader)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.warning("converting %s once -> %s", gguf_file, target)
+    staging = _staging_folder(target)  # before the conversion's seconds: a cache that cannot be written is one line now
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-    except (ValueError, KeyError, OSError, RuntimeError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise TriadicError(f"{gguf_file}: transformers cannot read this GGUF file ({message})") from None
-    family_for(model.config, str(gguf_file))  # refuse an unsupported model before writing anything
-    if not getattr(tokenizer, "chat_template", None) and model.config.model_type.startswith("gemma"):
-        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
-    # A GGUF-loaded model refuses save_pretrained while it still looks quantized.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)  # atomic: a half-written folder is never mistaken for a finished one
+        logger.warning("converting %s once -> %s", gguf_file, target)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+        except (ValueError, KeyError, OSError, RuntimeError) as error:
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise TriadicError(f"{gguf_file}: transformers cannot read this GGUF file ({message})") from None
+        family_for(model.config, str(gguf_file))  # refuse an unsupported model before writing anything
+        if not getattr(tokenizer, "chat_template", None) and model.config.model_type.startswith("gemma"):
+            tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+        # A GGUF-loaded model refuses save_pretrained while it still looks quantized.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)  # atomic: a half-written folder is never mistaken for a finished one
+        except OSError as error:  # e.g. the disk filled up
+            raise TriadicError(f"cannot write the converted model to {target} ({error.strerror or error})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already where the rename succeeded
     return target
+
+
+def _staging_folder(target: Path) -> Path:
+    """An empty folder beside `target` to convert into; one line where the cache cannot hold it ($TRIADIC_CACHE)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    except OSError as error:
+        raise TriadicError(f"cannot write the converted model under {target.parent} ({error.strerror or error}); "
+                           "set TRIADIC_CACHE to a writable folder") from None
 
 
 def resolve_model_dir(base_model: str | None) -> Path:
