@@ -42,6 +42,8 @@ THREE = ({1}, {29})
         (["--edge-device", "meta"], "--edge-device meta: not a device this process can use (the meta device holds shapes"),
         (["--cloud", "grpc://[::1"], "--cloud grpc://[::1: Invalid IPv6 URL"),
         (["--cloud", "grpc://127.0.0.1:1", "--cloud-timeout", "inf"], "--cloud-timeout inf: must be > 0 and at most 2147483 seconds"),
+        (["--cloud", "grpc://127.0.0.1:1", "--tls-server-name", "cloud.example"],
+         "--tls-server-name cloud.example: the link to 127.0.0.1:1 is not TLS"),  # was silently plaintext
         (["--prompt", "hi \udcff\udcfe"], "the prompt is not valid UTF-8 text (at character 3)"),
         (["--min-p", "2"], "--min-p 2.0: must be in [0, 1]"),
         (["--repetition-penalty", "0"], "--repetition-penalty 0.0: must be in [0.01, 100]"),

@@ -227,6 +227,10 @@ class GrpcLink:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
         credentials = grpc.ssl_channel_credentials(root_certificates=tls_ca) if tls_ca is not None else None
         self._endpoints = [_Endpoint(u, credentials, options) for u in urls]
+        plain = [endpoint.target for endpoint in self._endpoints if not endpoint.tls]
+        if tls_server_name and plain:  # a name to check, on a link that checks none: refuse rather than mislead
+            raise TriadicError(f"--tls-server-name {tls_server_name}: the link to {plain[0]} is not TLS; "
+                               "it goes with --tls-ca or a grpcs:// URL")
         self._current = 0
         self._stream: _Stream | None = None
         self._lock = threading.Lock()
