@@ -474,6 +474,22 @@ def test_server_killed_and_restarted(servers, tiny_tied):
     assert "SIGTERM: stopping (1 open sessions cancelled)" in log and "Traceback" not in log, log
 
 
+def test_tls_credentials_that_cannot_serve_are_one_line_naming_them(tiny_tied, tmp_path, capsys):
+    """A key of another certificate, or a PEM that holds none, is refused before the weights load, by what is wrong
+    with it: gRPC found it only when the port opened, printed its own lines and said it could not bind the address."""
+    from src.serve.cloud_server import main
+
+    folder, _ = tiny_tied
+    certs = make_certs(tmp_path / "certs")
+    fake = tmp_path / "fake.pem"
+    fake.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    for cert, key, expected in [(certs["server.pem"], certs["ca.pem"].with_suffix(".key"), "the key does not belong to the certificate"),
+                                (fake, fake, "OpenSSL cannot read them as a certificate chain and its key")]:
+        assert main(["--base-model", str(folder), "--port", "0", "--tls-cert", str(cert), "--tls-key", str(key)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"cloud_server: error: --tls-cert {cert} / --tls-key {key}: {expected}"), err
+
+
 def test_bad_command_line(tiny_tied, capsys):
     from src.serve.cloud_server import main
 

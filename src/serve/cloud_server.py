@@ -651,6 +651,23 @@ class Loaded:
     options: list[tuple[str, int]]
 
 
+def _check_tls_pair(cert_path: str, key_path: str) -> None:
+    """The certificate and key as a TLS server would use them (Python's OpenSSL), before the weights load: gRPC finds a
+    key that is not the certificate's, or a PEM that holds no certificate, only when the port opens, and then says it
+    cannot bind to the address."""
+    import ssl
+
+    def no_password() -> bytes:  # gRPC takes no encrypted key: a password prompt would hang a server
+        raise TriadicError(f"--tls-key {key_path}: the key is encrypted; gRPC needs it unencrypted")
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_path, key_path, password=no_password)
+    except ssl.SSLError as error:
+        reason = {"KEY_VALUES_MISMATCH": "the key does not belong to the certificate"}.get(error.reason or "") or \
+            f"OpenSSL cannot read them as a certificate chain and its key ({error.reason or error.args[-1]})"
+        raise TriadicError(f"--tls-cert {cert_path} / --tls-key {key_path}: {reason}") from None
+
+
 def load(args) -> Loaded:
     """Check the flags, load the cloud part. Raises TriadicError on bad input."""
     from ..checkpoint import load_config, resolve_model_dir
@@ -670,6 +687,7 @@ def load(args) -> Loaded:
         cert, key = read_file(args.tls_cert, "--tls-cert"), read_file(args.tls_key, "--tls-key")
         if b"-----BEGIN" not in cert or b"-----BEGIN" not in key:
             raise TriadicError("--tls-cert/--tls-key: expected PEM files")
+        _check_tls_pair(args.tls_cert, args.tls_key)
         credentials = grpc.ssl_server_credentials([(key, cert)])
 
     model_dir = resolve_model_dir(args.base_model)
