@@ -79,7 +79,8 @@ class Cloud(Party):
             raise ProtocolError("the edge's split sets or model differ from the cloud's (schedule fingerprint mismatch)")
         self._check_sampling(message.sampling)
         self.schedule = dataclasses.replace(self.schedule, seed=message.seed, resplit_every=message.resplit_every)
-        self.reset()
+        if self.session or self.end or self.last_step >= 0:  # not the fresh Cloud a server makes for each stream
+            self.reset()
         self.session = True
         self.sampler = Sampler(message.sampling, self.device) if self.with_head else None
         if self.batcher is not None:
