@@ -28,6 +28,16 @@ from .schedule import SplitSchedule
 from .utils import ProtocolError, TriadicError
 
 
+# A session's uplink is replayed whole when a cloud fails over or drops the session (GrpcLink.replay), and an edge
+# server's one session serves conversation after conversation, each a TURN cutting the last one back: it kept 571
+# messages (16 MB) after 30 requests, and a pause past the cloud's idle timeout replayed them all (33 s before the next
+# answer). So a request starts a new session where it keeps less than half of the cached sequence (another
+# conversation: re-prefilling what it keeps costs less than what was cut away), or where more than REPLAY_BOUND
+# positions per position of its sequence went up since START (edits and regenerations that each cut back less):
+# moving cuts {1..6}/{24..29} send 2.48 per position over one conversation.
+REPLAY_BOUND = 8
+
+
 @dataclass
 class Generation:
     prompt_token_ids: list[int]  # the whole sequence the request continued (a session: the conversation so far)
@@ -85,6 +95,7 @@ class Edge(Party):
         self.tokens: list[int] = []  # the token ids of positions 0 .. end-1, as in the caches
         self.next_step = 0  # steps count on across the requests of a session (the schedule's t)
         self.started = False  # whether the cloud has this session (START sent)
+        self.sent_positions = 0  # positions sent up since START: what a failover or reopen would replay (GrpcLink.replay)
 
     @torch.inference_mode()  # see the Party docstring
     def generate(
@@ -179,8 +190,10 @@ class Edge(Party):
     def _begin(self, token_ids: list[int], sampling: SamplingConfig) -> None:
         """Keep the longest cached prefix of `token_ids` and tell the cloud."""
         keep = self.reusable_prefix(token_ids)
-        if keep < self.end and not self.can_truncate():
-            self.reset()  # a sliding-window cache has dropped what truncation would need: start over
+        dropped = keep < self.end and not self.can_truncate()  # a sliding-window cache has dropped what truncating needs
+        if dropped or 2 * keep < self.end or self.sent_positions > REPLAY_BOUND * len(token_ids):  # see REPLAY_BOUND
+            self.reset()
+            keep = 0
         if self.link is not None:
             if not self.started:
                 plain = not (sampling.do_sample or sampling.needs_token_ids)  # a greedy START stays as it was
@@ -266,6 +279,7 @@ class Edge(Party):
         result.bytes_up += len(request)
         result.bytes_down += len(raw_reply)
         result.positions_up += len(states)
+        self.sent_positions += len(states)
         result.messages_up += 1
         result.messages_down += 1
         if reply.step != step:

@@ -128,7 +128,8 @@ def servers(tiny_tied, tmp_path_factory):
 
 
 def test_sessions_over_grpc_keep_one_stream(servers, tiny_tied):
-    """Three turns (and an edit) over gRPC equal HF generate; the whole conversation is one cloud session."""
+    """Three turns (and an edit) over gRPC equal HF generate; each conversation is one cloud session, on one stream (the
+    second keeps 7 of the first's 39 positions: it starts a session of its own, `REPLAY_BOUND`)."""
     from src.link.grpc_link import GrpcLink
 
     folder, model = tiny_tied
@@ -146,7 +147,7 @@ def test_sessions_over_grpc_keep_one_stream(servers, tiny_tied):
             assert (remote.cached_positions, remote.layer_evals, remote.bytes_up) == (here.cached_positions, here.layer_evals, here.bytes_up)
         assert [r.cached_positions for _, r in remote_turns][1:3] == [len(TURNS[0]) + NEW - 1, len(TURNS[0]) + len(TURNS[1]) + 2 * NEW - 1]
         with GrpcLink(url, timeout=30) as probe:
-            assert probe.stats()["sessions_total"] == before + 1, name
+            assert probe.stats()["sessions_total"] == before + 2, name
         pipeline.edge.link.close()
 
 
@@ -187,3 +188,35 @@ def test_a_failed_turn_leaves_no_half_updated_session(tiny_tied):
             chat.generate(conversation, NEW)
         again = chat.generate(conversation, NEW)  # starts over: START and a full prefill
         assert again.cached_positions == 0 and again.token_ids == hf_greedy(model, conversation, NEW)[0]
+
+
+def test_a_session_of_unrelated_conversations_starts_over_before_its_uplink_grows_without_bound(tiny_tied):
+    """An edge server's one session serves conversation after conversation, each a TURN cutting the last one back, and
+    the link keeps every message since START for a failover or reopen to replay (an edge server held 571 messages,
+    16 MB, after 30 requests, and replayed them all after an idle pause). Now a request that keeps less than half of
+    the cached sequence starts a new session, and so does one after more than REPLAY_BOUND positions per position of
+    its sequence went up (regenerating an answer again and again); the answers stay HF's, and a growing conversation
+    keeps its session."""
+    from src.edge import REPLAY_BOUND
+    from src.link.protocol import Kind, decode
+
+    folder, model = tiny_tied
+    pipeline = build_pipeline(str(folder), *MOVING, "none", with_tokenizer=False)
+    edge = pipeline.edge
+    send, kinds = edge.link.request, []
+    edge.link.request = lambda data: kinds.append(decode(data, edge.hidden_size).kind) or send(data)
+    with edge.session() as chat:
+        for n in range(4):  # unrelated conversations sharing their first token: each a session of its own
+            prompt = [1] + [(7 * n + i) % 90 + 2 for i in range(6)]
+            assert chat.generate(prompt, NEW).token_ids == reference(model, prompt, None), n
+        assert kinds.count(Kind.START) == 4 and Kind.TURN not in kinds
+        kinds.clear()
+        prompt = [1, 5, 9, 33, 17, 80, 3, 41, 7, 7, 60, 2]
+        for n in range(20):  # the same question again: each request keeps all but its last position
+            assert chat.generate(prompt, NEW).token_ids == reference(model, prompt, None), n
+            assert edge.sent_positions <= REPLAY_BOUND * len(prompt) + len(prompt) + 3 * NEW, n  # one request past it at most
+        assert 2 <= kinds.count(Kind.START) <= 6 and kinds.count(Kind.TURN) == 20 - kinds.count(Kind.START)
+        chat.reset()
+        kinds.clear()
+        converse(chat, model, TURNS * 3)  # one conversation, nine turns: HF's tokens at each
+    assert kinds.count(Kind.START) == 1 and kinds.count(Kind.TURN) == 8
