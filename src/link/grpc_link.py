@@ -37,7 +37,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import grpc  # noqa: E402
 
 from ..utils import ProtocolError, TriadicError, check_seconds, log, read_file, read_token
-from .protocol import MAGIC, Kind
+from .protocol import MAGIC, PAST_LIFETIME, Kind
 
 SESSION_METHOD = "/triadic.Cloud/Session"
 BATCHING_METADATA = "triadic-batching"  # the cloud batches sessions together (src/serve/cloud_server.py)
@@ -155,10 +155,13 @@ class ReplayLog:
 # Failures after which another cloud may serve the session: the cloud is gone, hung, full (at START)
 # or broke. Not INVALID_ARGUMENT or a message over a limit (another cloud would refuse them too), nor
 # auth and method errors.
-FAILOVER_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "INTERNAL", "RESOURCE_EXHAUSTED", "ABORTED", None})
+PAST_LIFETIME_CODE = "SESSION_LIFETIME"  # our code for a cloud's DEADLINE_EXCEEDED that says the session outlived its lifetime
+FAILOVER_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "INTERNAL", "RESOURCE_EXHAUSTED", "ABORTED",
+                            PAST_LIFETIME_CODE, None})
 # Of those, the ones after which the same cloud may serve the session again at once: it restarted, or it
-# dropped the session (idle timeout, a stop) and is up. Not a hung cloud, one past its lifetime or a full one.
-REOPEN_CODES = frozenset({"UNAVAILABLE", "CANCELLED", "UNKNOWN", "INTERNAL", "ABORTED", None})
+# dropped the session (idle timeout, a stop, its lifetime: an edge server's one session outlives it) and is up.
+# Not a hung cloud or a full one.
+REOPEN_CODES = frozenset({"UNAVAILABLE", "CANCELLED", "UNKNOWN", "INTERNAL", "ABORTED", PAST_LIFETIME_CODE, None})
 
 
 class _Endpoint:
@@ -432,6 +435,8 @@ class GrpcLink:
         if code is grpc.StatusCode.CANCELLED:
             return LinkError(f"cloud session at {self.target} was cancelled (idle timeout, server shutdown or client cancel)", name)
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            if details.startswith(PAST_LIFETIME):  # the cloud's own refusal, not this link's timeout
+                return LinkError(f"cloud at {self.target} ended the session: {details}", PAST_LIFETIME_CODE)
             return LinkError(f"cloud at {self.target} did not reply in time", name)
         return LinkError(f"cloud at {self.target} failed ({name}): {details}", name)
 

@@ -53,6 +53,9 @@ TOKEN_PAYLOAD = struct.Struct("<I")
 SAMPLING_PAYLOAD = struct.Struct("<B3xIddddQ")
 TURN_PAYLOAD = struct.Struct("<I")
 MAX_POSITIONS = 1 << 20
+# How a cloud's refusal of a session past its --session-lifetime begins (gRPC DEADLINE_EXCEEDED): an edge's link then
+# opens a new session there and replays this one (GrpcLink), where a hung cloud's DEADLINE_EXCEEDED is not retried.
+PAST_LIFETIME = "the session is past its lifetime"
 
 
 class Kind(IntEnum):

@@ -314,8 +314,11 @@ class CloudService:
                 return await context.read()
         except TimeoutError:
             if time.monotonic() >= session.expires:
-                raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, f"the session is past its lifetime of {self.limits.session_lifetime:g} s") from None
+                raise self._past_lifetime() from None
             raise Refusal(grpc.StatusCode.CANCELLED, f"idle for {self.limits.idle_timeout:g} s") from None
+
+    def _past_lifetime(self) -> Refusal:
+        return Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, f"{protocol.PAST_LIFETIME} of {self.limits.session_lifetime:g} s")
 
     async def _write(self, session: _Session, context: aio.ServicerContext, reply: bytes) -> None:
         await self._send(session, context.write(reply), "its reply")
@@ -385,6 +388,8 @@ class CloudService:
         except Stopped as stopped:
             if stopped.reason == "cancelled":
                 raise Refusal(grpc.StatusCode.CANCELLED, "cancelled") from None
+            if time.monotonic() >= session.expires:  # the deadline was the session's end, not the message's
+                raise self._past_lifetime() from None
             raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, f"the message did not finish within its deadline ({self.limits.request_timeout:g} s per message)") from None
         except Refusal:
             raise
