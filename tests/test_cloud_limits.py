@@ -566,6 +566,33 @@ def test_command_line_fails_over_and_reports_it(servers, talking_model, capsys):
     assert local["failovers"] == 0
 
 
+def test_a_cloud_that_refuses_the_session_is_passed_over_for_the_next(servers, talking_model):
+    """--cloud dead,other-sets,right: the session fails over past the cloud whose split sets differ (it refuses the
+    START) to the one that can serve it, whether that START is the session's first or a failover's replay; only
+    when every cloud refuses does the error come, naming the last. It stopped at the first refusal, naming no cloud."""
+    dead = __import__("socket").socket()
+    dead.bind(("127.0.0.1", 0))
+    port = dead.getsockname()[1]
+    dead.close()
+    other, right = servers["fixed", "B"].url, servers["moving", "B"].url
+    local = build_pipeline(str(talking_model), set(MOVING[0]), set(MOVING[1]), "int8", seed=3, with_tokenizer=False)
+    expected = local.edge.generate(PROMPT, 8).token_ids
+    for urls, failovers in ((f"grpc://127.0.0.1:{port},{other},{right}", 1), (f"{other},{right}", 1)):
+        remote = build_pipeline(str(talking_model), set(MOVING[0]), set(MOVING[1]), "int8", seed=3, with_tokenizer=False,
+                                remote=RemoteCloud(urls))
+        try:
+            assert remote.edge.generate(PROMPT, 8).token_ids == expected, urls
+            assert remote.edge.link.target == right.removeprefix("grpc://") and remote.edge.link.failovers == failovers, urls
+        finally:
+            remote.edge.link.close()
+    remote = build_pipeline(str(talking_model), set(MOVING[0]), set(MOVING[1]), "int8", seed=3, with_tokenizer=False,
+                            remote=RemoteCloud(f"{other},grpc://127.0.0.1:{port}"))
+    with pytest.raises(LinkError) as caught:
+        remote.edge.generate(PROMPT, 8)
+    remote.edge.link.close()
+    assert "unreachable" in str(caught.value) or "fingerprint mismatch" in str(caught.value)
+
+
 def test_one_cloud_that_restarts_or_drops_the_session_serves_it_again(talking_model, tmp_path):
     """With one URL the link opens a lost session again at the same cloud and replays it: after a SIGKILL and a
     restart on the same port mid-generation, and after the cloud idled the session out between two turns.

@@ -258,7 +258,7 @@ def test_malformed_messages_get_invalid_argument_and_others_go_on(servers, tiny_
     for name, (_, reason) in cases.items():
         error = outcomes[name]
         assert isinstance(error, RejectedError) and error.code == "INVALID_ARGUMENT", (name, error)
-        assert str(error).startswith("cloud rejected the message:") and reason in str(error), (name, error)
+        assert str(error).startswith(f"cloud at {link.target} rejected the message:") and reason in str(error), (name, error)
         assert "\n" not in str(error)
     assert outcomes["oversized"].code in ("RESOURCE_EXHAUSTED", "INVALID_ARGUMENT"), outcomes["oversized"]
     with GrpcLink(server.url) as probe:

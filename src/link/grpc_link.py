@@ -58,6 +58,10 @@ class RejectedError(LinkError, ProtocolError):
     """The cloud refused a message (INVALID_ARGUMENT): the details are its one-line reason."""
 
 
+class SessionRefused(RejectedError):
+    """A cloud refused the session's START (other split sets, another model): the next cloud named may serve it."""
+
+
 def parse_url(url: str) -> tuple[str, bool]:
     """'grpc://host:port' -> ('host:port', tls_required). Raises TriadicError on anything else."""
     text = url.strip()
@@ -267,7 +271,9 @@ class GrpcLink:
             try:
                 reply = self._send(data, new_stream=_is_start(data) or self._stream is None)
             except LinkError as error:
-                if isinstance(error, RejectedError) or error.code not in FAILOVER_CODES:
+                if isinstance(error, RejectedError) and _is_start(data) and len(self._endpoints) > 1:
+                    error = SessionRefused(str(error), error.code)  # this cloud cannot serve the session: the next may
+                elif isinstance(error, RejectedError) or error.code not in FAILOVER_CODES:
                     raise
                 if error.code == "RESOURCE_EXHAUSTED" and not _is_start(data):
                     raise  # a limit on this message, not a full cloud: another cloud would refuse it too
@@ -310,6 +316,8 @@ class GrpcLink:
             log(f"note: {error}; failing over to {self.target}, replaying {len(self.replay)} messages ({self.replay.bytes} bytes)")
             try:
                 return self._replay_then_send(data, failed)
+            except SessionRefused as refused:
+                error = refused
             except RejectedError:
                 raise
             except LinkError as next_error:
@@ -338,10 +346,15 @@ class GrpcLink:
     def _replay_then_send(self, data: bytes, failed: str) -> bytes:
         """On a new stream to the current cloud: this session's messages again, then `data`; its reply."""
         mismatches = 0
-        for i, message in enumerate(self.replay.messages):
-            reply = self._send(message, new_stream=i == 0)
-            mismatches += zlib.crc32(reply) != self.replay.reply_crcs[i]
-        reply = self._send(data, new_stream=not self.replay.messages)
+        for i, message in enumerate([*self.replay.messages, data]):
+            try:
+                reply = self._send(message, new_stream=i == 0)
+            except RejectedError as error:
+                if i == 0 and _is_start(message):  # the session's START: this cloud has other split sets or another model
+                    raise SessionRefused(str(error), error.code) from None
+                raise
+            if i < len(self.replay):
+                mismatches += zlib.crc32(reply) != self.replay.reply_crcs[i]
         if mismatches:
             self.replay_mismatches += mismatches
             why = ("expected: it batched this session with others, which changes the last bits"
@@ -410,7 +423,7 @@ class GrpcLink:
         details = details[0] if details else ""
         name = code.name if code is not None else "UNKNOWN"
         if code is grpc.StatusCode.INVALID_ARGUMENT:
-            return RejectedError(f"cloud rejected the message: {details}", name)
+            return RejectedError(f"cloud at {self.target} rejected the message: {details}", name)
         if code is grpc.StatusCode.UNAVAILABLE:
             lowered = details.lower()
             if "hostname verification" in lowered:
