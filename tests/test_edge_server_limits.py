@@ -170,7 +170,8 @@ def test_connections_past_the_limit_get_503(limited_server):
 def test_detokenizing_never_waits_for_a_prompt_being_tokenized(embedded):
     """The decoding thread detokenizes every token; a handler may meanwhile tokenize a 1 MiB message (0.4 s, then refused
     as too long). With one tokenizer behind one lock, an admitted stream's tokens came 0.4-1.2 s apart beside clients
-    posting such messages; now each side has its own tokenizer, and the encodings one lock."""
+    posting such messages; now the encodings have a lock of their own, and the one tokenizer serves both at once (a
+    fast tokenizer's "Already borrowed" would fail a decode here)."""
     import threading
 
     from src.serve.engine import ChatTokenizer

@@ -26,7 +26,6 @@ schedule's pure function `schedule.cuts(t)`, and the bytes are counted where the
 """
 from __future__ import annotations
 
-import copy
 import logging
 import secrets
 import threading
@@ -162,20 +161,22 @@ def _header(message: bytes) -> tuple[int, int]:
 class ChatTokenizer:
     """Messages to token ids with the tokenizer's chat template, and text back.
 
-    Two instances of the tokenizer, each behind its own lock: fast tokenizers refuse concurrent use
-    ("Already borrowed"), and the request handlers encode while the decoding thread detokenizes. With
-    one lock for both, a client posting 1 MiB messages (0.5 s each to tokenize, then refused as too
-    long) held it nearly all the time, and an admitted stream's tokens came 0.4-1.2 s apart instead of
-    0.05 s. Now the decoding thread never waits on an encoding (the Rust tokenizer releases the GIL),
-    and encodings run one at a time, so refused requests cost at most one core.
+    Encodings run one at a time (`encoding`), and never hold back the decoding thread's detokenizing
+    (`decoding`): with one lock for both, a client posting 1 MiB messages (0.5 s each to tokenize, then
+    refused as too long) held it nearly all the time, and an admitted stream's tokens came 0.4-1.2 s
+    apart instead of 0.05 s. Both may use the one tokenizer at once: a fast tokenizer refuses that
+    ("Already borrowed") only beside a call that changes it, and the only such calls, its truncation
+    and padding settings, are made by an encoding whose settings differ from the tokenizer's, which
+    never happens after the first (made here, before any decoding thread runs). A second tokenizer
+    would cost 257 MB for Gemma 3's vocabulary.
     """
 
     def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer  # encodes, one request at a time (`encoding`)
-        self.detokenizer = copy.deepcopy(tokenizer)  # the decoding thread's own (`decoding`)
-        self.encoding = threading.Lock()
-        self.decoding = threading.Lock()
+        self.tokenizer = tokenizer
+        self.encoding = threading.Lock()  # one encoding at a time: refused requests cost at most one core
+        self.decoding = threading.Lock()  # the decoding thread's (one at a time too: the server has one)
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        tokenizer("Hi.")  # settles its truncation and padding (none) before anything decodes
 
     def encode(self, messages: Sequence[dict]) -> list[int]:
         """Chat template with the generation prompt; without a template, one user message in the Alpaca template."""
@@ -190,7 +191,7 @@ class ChatTokenizer:
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         with self.decoding:
-            return self.detokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+            return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
 
 class Cancelled(Exception):
