@@ -330,7 +330,8 @@ class GrpcLink:
         """With one cloud: open the session there again, once, replay it and send `data`; else raise `error`.
 
         A cloud that restarted, or that dropped the session while it stayed up (its idle timeout, between
-        two requests of a conversation), then serves it again as a second cloud would. Only a session that
+        two requests of a conversation; its lifetime, under an edge server's one session), then serves it
+        again as a second cloud would. Only a session that
         was open: a START that failed (nothing listening, a certificate refused) would fail the same way
         again. Where the cloud is still down the cause stays the first failure's, which says what happened."""
         if _is_start(data) or error.code not in REOPEN_CODES:
