@@ -201,3 +201,54 @@ def test_detokenizing_never_waits_for_a_prompt_being_tokenized(embedded):
         thread.join(30)
     assert encoded[0] > 150_000 and len(waits) > 20, (encoded, len(waits))
     assert max(waits) < 0.05, sorted(waits)[-3:]  # one encoding alone takes 0.4 s here
+
+
+def test_encodings_run_one_at_a_time_the_shortest_waiting_first():
+    """Tokenizing comes before admission, so anyone may queue 1 MiB messages for it (0.5 s each, then refused). In
+    arrival order an honest request's first token came 0.9 s late beside three clients posting them and 2.4 s beside
+    eight; shortest first it waits for the encoding under way at most. A request cancelled while it waits gives up
+    its place; one cancelled while it runs keeps the turn until its thread is done."""
+    import asyncio
+    import threading
+
+    from src.serve.app import ShortestFirst
+
+    async def scenario() -> tuple[list, int]:
+        gate, order, running, most = ShortestFirst(), [], [0], [0]
+        release = {name: threading.Event() for name in "ABCDEF"}
+
+        def encode(name: str) -> str:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            order.append(name)
+            release[name].wait(10)
+            running[0] -= 1
+            return name
+
+        async def settle() -> None:
+            await asyncio.sleep(0.05)
+
+        first = asyncio.create_task(gate.run(1_000_000, encode, "A"))  # a long message, under way
+        await settle()
+        waiting = {name: asyncio.create_task(gate.run(length, encode, name))
+                   for name, length in (("B", 900_000), ("C", 20), ("D", 500), ("E", 10))}
+        await settle()
+        waiting["E"].cancel()  # gone while it waits: C goes first
+        first.cancel()  # gone while its thread runs: the turn stays with it until the thread is done
+        await settle()
+        assert order == ["A"]
+        release["A"].set()
+        for name in "CDB":
+            await settle()
+            assert order[-1] == name, order
+            release[name].set()
+        assert [await waiting[name] for name in "CDB"] == ["C", "D", "B"]
+        for task in (first, waiting["E"]):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        release["F"].set()
+        assert await asyncio.wait_for(gate.run(5, encode, "F"), 1) == "F"  # the turn is free again
+        return order, most[0]
+
+    order, most = asyncio.run(scenario())
+    assert order == ["A", "C", "D", "B", "F"] and most == 1
