@@ -252,3 +252,36 @@ def test_encodings_run_one_at_a_time_the_shortest_waiting_first():
 
     order, most = asyncio.run(scenario())
     assert order == ["A", "C", "D", "B", "F"] and most == 1
+
+
+@pytest.mark.parametrize("patience, expected", [(0.2, "A S0 L S1 S2"), (60.0, "A S0 S1 S2 L")])
+def test_a_long_encoding_that_waited_past_the_patience_gets_every_other_turn(patience, expected):
+    """Short requests posted without pause would otherwise hold a long one back for as long as they keep coming."""
+    import asyncio
+    import collections
+    import threading
+
+    from src.serve.app import ShortestFirst
+
+    async def scenario() -> list[str]:
+        gate, order = ShortestFirst(patience=patience), []
+        release: collections.defaultdict[str, threading.Event] = collections.defaultdict(threading.Event)
+
+        def encode(name: str) -> str:
+            order.append(name)
+            release[name].wait(10)
+            return name
+
+        tasks = [asyncio.create_task(gate.run(100, encode, "A"))]
+        await asyncio.sleep(0.05)
+        tasks.append(asyncio.create_task(gate.run(1_000_000, encode, "L")))
+        tasks += [asyncio.create_task(gate.run(10 + i, encode, f"S{i}")) for i in range(3)]
+        await asyncio.sleep(0.3)  # past the patience of 0.2 s
+        for name in expected.split():
+            assert order[-1] == name, (order, name)
+            release[name].set()
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*tasks)
+        return order
+
+    assert asyncio.run(scenario()) == expected.split()

@@ -15,6 +15,7 @@ the queue's length times that.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import heapq
 import hmac
@@ -112,19 +113,25 @@ class Admission:
 
 
 class ShortestFirst:
-    """Encodings one at a time, the shortest waiting one next; all on the event loop's thread.
+    """Encodings one at a time, the shortest waiting one next, but every other turn to one that waited past `patience`;
+    all on the event loop's thread.
 
     Tokenizing comes before admission (a request's length in tokens decides whether it is admitted),
     so anyone may ask for it, and a 1 MiB message takes the tokenizer 0.5 s before it is refused as
     too long. In arrival order, an honest request waited behind every such message queued before it:
     its first token came 0.9 s late beside three clients posting them, 2.4 s beside eight. Shortest
-    first, it waits for the one encoding under way at most. Waiting costs no thread (the encoding
-    runs in one); the connection limit bounds how many wait."""
+    first, it waits for the one encoding under way, and one that waited long. That one is there so that
+    short requests posted without pause cannot hold a long one back for ever: once it has waited
+    `patience` seconds, it gets every other turn, the oldest first. Waiting costs no thread (the
+    encoding runs in one); the connection limit bounds how many wait."""
 
-    def __init__(self) -> None:
+    def __init__(self, patience: float = 1.0) -> None:
+        self.patience = patience  # seconds after which a waiting encoding gets every other turn
         self._busy = False
-        self._waiting: list[tuple[int, int, asyncio.Future]] = []  # a heap of (length, arrival, its turn)
+        self._by_length: list[tuple[int, int, float, asyncio.Future]] = []  # a heap of (length, arrival number, since, turn)
+        self._by_arrival: collections.deque[tuple[int, int, float, asyncio.Future]] = collections.deque()  # the same
         self._arrivals = itertools.count()
+        self._last_to_shortest = False
 
     async def run(self, length: int, function: Callable[..., T], *args) -> T:
         """`function(*args)` in a thread, in its turn; `length` orders the waiting ones. A request cancelled meanwhile
@@ -141,7 +148,9 @@ class ShortestFirst:
     async def _turn(self, length: int) -> AsyncIterator[None]:
         if self._busy:
             turn = asyncio.get_running_loop().create_future()
-            heapq.heappush(self._waiting, (length, next(self._arrivals), turn))
+            entry = (length, next(self._arrivals), time.monotonic(), turn)
+            heapq.heappush(self._by_length, entry)
+            self._by_arrival.append(entry)
             try:
                 await turn
             except asyncio.CancelledError:  # its client went away: pass the turn on if it had been given it
@@ -155,12 +164,18 @@ class ShortestFirst:
             self._pass_on()
 
     def _pass_on(self) -> None:
-        while self._waiting:
-            turn = heapq.heappop(self._waiting)[2]
-            if not turn.done():  # not cancelled meanwhile
-                turn.set_result(None)  # busy stays set: the turn goes to it
-                return
-        self._busy = False
+        """The turn to the next waiting encoding (one given its turn or cancelled leaves both queues when met)."""
+        while self._by_length and self._by_length[0][3].done():
+            heapq.heappop(self._by_length)
+        while self._by_arrival and self._by_arrival[0][3].done():
+            self._by_arrival.popleft()
+        if not self._by_length:
+            self._busy = False
+            return
+        oldest = self._by_arrival[0]
+        aged = time.monotonic() - oldest[2] > self.patience
+        self._last_to_shortest = not (aged and self._last_to_shortest)
+        (self._by_length[0] if self._last_to_shortest else oldest)[3].set_result(None)  # busy stays set: the turn is its
 
 
 class DecodeThread:
