@@ -6,8 +6,9 @@ The edge server tokenizes a request's messages before admitting it, so anyone ma
 flooder posts 1 MiB of text in a loop (about 0.5 s to tokenize here, then refused as too long, 400). For
 each number of flooders, an honest streaming request ("Tell me about Japan.", greedy) is sent `--runs`
 times once they are under way: its time to the first token's chunk, and the median gap between its
-tokens. Encodings run one at a time, the shortest waiting one next (`src/serve/app.py: ShortestFirst`),
-so the honest request waits for the one encoding under way at most, not for every flooder's.
+tokens. Encodings run one at a time, the shortest waiting one next but every other turn to one that waited
+a second (`src/serve/app.py: ShortestFirst`), so the honest request waits for the encoding under way and at most
+one more, not for every flooder's.
 """
 from __future__ import annotations
 

@@ -206,8 +206,8 @@ def test_detokenizing_never_waits_for_a_prompt_being_tokenized(embedded):
 def test_encodings_run_one_at_a_time_the_shortest_waiting_first():
     """Tokenizing comes before admission, so anyone may queue 1 MiB messages for it (0.5 s each, then refused). In
     arrival order an honest request's first token came 0.9 s late beside three clients posting them and 2.4 s beside
-    eight; shortest first it waits for the encoding under way at most. A request cancelled while it waits gives up
-    its place; one cancelled while it runs keeps the turn until its thread is done."""
+    eight; shortest first it waits for the encoding under way (and, past the patience, one that waited long). A request
+    cancelled while it waits gives up its place; one cancelled while it runs keeps the turn until its thread is done."""
     import asyncio
     import threading
 
