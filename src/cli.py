@@ -154,6 +154,10 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
     if pipeline.edge.third is None and sampling.needs_token_ids:
         raise TriadicError("--repetition-penalty: in the two-part split the cloud chooses the token and never sees the prompt's tokens")
     sampling = sampling.resolved(model_generation_defaults(pipeline.model_dir))
+    if pipeline.edge.third is None and sampling.needs_token_ids:  # not asked for: the model's generation_config.json's
+        raise TriadicError(f"{pipeline.model_dir}/generation_config.json sets repetition_penalty {sampling.repetition_penalty:g}, which "
+                           "the two-part split cannot apply (the cloud chooses the token and never sees the prompt's tokens); "
+                           "pass --repetition-penalty 1 to run without it")
     prompt_format = args.prompt_format
     if prompt_format == "auto":  # an embedded base model is prompted with raw text, not a chat template
         prompt_format = default_prompt_format(pipeline.model_dir) or "auto"
@@ -180,7 +184,7 @@ def _answer(mode: str, args, pipeline, chat, token_ids: list[int], sampling: Sam
     """One request through the session: stream the text, report, return the (stop-trimmed) text."""
     out = sys.stderr if args.json else sys.stdout
     stream = TextStream(pipeline.tokenizer, args.stop, write=lambda text: (out.write(text), out.flush()))
-    eos = eos_token_ids(pipeline.tokenizer, pipeline.config)
+    eos = eos_token_ids(pipeline.tokenizer, pipeline.config, model_generation_defaults(pipeline.model_dir))
     try:
         result = chat.generate(token_ids, args.max_new_tokens, eos, on_token=stream.add, sampling=sampling)
     except BaseException:
@@ -278,10 +282,13 @@ def describe_dtypes(args, pipeline: Pipeline) -> tuple[dict[str, str | None], st
     return dtypes, "; ".join(sorted({edge_reason} | ({cloud_reason} if in_process_cloud else set())))
 
 
-def eos_token_ids(tokenizer, config) -> list[int]:
-    """The ids that end a generation: the config's and the tokenizer's."""
-    ids = config.eos_token_id
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
+def eos_token_ids(tokenizer, config, generation=None) -> list[int]:
+    """The ids that end a generation: generation_config.json's (`generation`, from `model_generation_defaults`: what
+    `generate` stops on; Llama 3 Instruct lists <|eot_id|> there, not in config.json), the config's and the tokenizer's."""
+    ids: list[int] = []
+    for more in (getattr(generation, "eos_token_id", None), config.eos_token_id,
+                 tokenizer.eos_token_id if tokenizer is not None else None):
+        for id_ in [more] if isinstance(more, int) else list(more or []):
+            if id_ not in ids:
+                ids.append(int(id_))
     return ids

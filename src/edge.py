@@ -137,6 +137,8 @@ class Edge(Party):
         `on_logits(step, logits)` sees the edge's logits at every step.
         """
         context = self.config.max_position_embeddings
+        if max_new_tokens < 1:  # else the cloud would mirror positions the edge never ran, and the session's next request fail
+            raise TriadicError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
         if not token_ids:
             raise TriadicError("empty prompt")
         if len(token_ids) + max_new_tokens > context:

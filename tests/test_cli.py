@@ -145,3 +145,32 @@ def test_the_unsplit_baseline_computes_as_a_lossless_run_whatever_the_codec(tiny
     assert run("one", {2}, {2}, argv) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["codec"] == "none" and "codec=none" in captured.err
+
+
+def test_generation_config_decides_like_generate_or_is_named(tiny_with_tokenizer, tmp_path, capsys):
+    """generation_config.json's end-of-sequence ids end a generation as they end `generate`'s (Llama 3 Instruct lists
+    <|eot_id|> there only: the split ran past it); a repetition penalty set there, which the two-part split cannot
+    apply, is named as the file's, not as a flag the user never passed."""
+    import json
+    import shutil
+
+    import torch
+    from transformers import GenerationConfig
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_with_tokenizer[0], folder)
+    model, prompt = tiny_with_tokenizer[1], [504, 2988, 314]  # "The answer is" in SmolLM2's vocabulary
+    free = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 3, dtype=torch.long), max_new_tokens=8,
+                          do_sample=False, eos_token_id=None, pad_token_id=2)[0, 3:].tolist()
+    GenerationConfig(eos_token_id=[2, free[3]]).save_pretrained(folder)  # the 4th token ends it; config.json says 2
+    argv = ["--base-model", str(folder), "--prompt-format", "raw", "--prompt", "The answer is", "--max-new-tokens", "8",
+            "--codec", "none", "--dtype", "float32", "--json"]
+    assert run("three", {1}, {3}, argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["prompt_token_ids"] == prompt and report["token_ids"] == free[:4], (report["token_ids"], free)
+
+    GenerationConfig(repetition_penalty=1.05).save_pretrained(folder)
+    assert run("two", {1}, None, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "generation_config.json sets repetition_penalty 1.05" in err[0], err
+    assert run("two", {1}, None, [*argv, "--repetition-penalty", "1"]) == 0

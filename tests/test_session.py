@@ -220,3 +220,19 @@ def test_a_session_of_unrelated_conversations_starts_over_before_its_uplink_grow
         kinds.clear()
         converse(chat, model, TURNS * 3)  # one conversation, nine turns: HF's tokens at each
     assert kinds.count(Kind.START) == 1 and kinds.count(Kind.TURN) == 8
+
+
+def test_a_request_for_no_tokens_is_refused_and_the_session_goes_on(tiny_tied):
+    """With 0 new tokens the edge told the cloud of the new positions and never ran them: the next request failed with
+    "the edge says it processed 11 positions; the cloud's mirror says 14" and the conversation was lost."""
+    from src.utils import TriadicError
+
+    folder, model = tiny_tied
+    pipeline = build_pipeline(str(folder), *MOVING, "none", seed=4, with_tokenizer=False)
+    with pipeline.edge.session() as chat:
+        first = chat.generate(TURNS[0], NEW)
+        conversation = TURNS[0] + first.token_ids + TURNS[1]
+        with pytest.raises(TriadicError, match="at least 1, not 0"):
+            chat.generate(conversation, 0)
+        again = chat.generate(conversation, NEW)
+        assert again.cached_positions == len(TURNS[0]) + NEW - 1 and again.token_ids == hf_greedy(model, conversation, NEW)[0]

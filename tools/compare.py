@@ -161,7 +161,7 @@ def compare(config: CompareConfig, progress: bool = True) -> list[Run]:
     tokenizer = load_tokenizer(Path(config.model_dir))
     model = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     sampling = config.sampling.resolved(model_generation_defaults(config.model_dir))
-    eos = _required_eos_ids(tokenizer, model.config)
+    eos = _required_eos_ids(tokenizer, model.config, model_generation_defaults(config.model_dir))
     prompt_ids = [format_prompt(tokenizer, prompt, config.prompt_format) for prompt in config.prompts]
     jobs = [(s, c) for s in config.settings for c in (config.codecs if s.needs_cloud() else ("-",))]
     bar = tqdm(total=len(prompt_ids) * (1 + len(jobs)), desc="runs", unit="run", disable=not progress, file=sys.stderr)
@@ -220,10 +220,10 @@ def _first_difference(tokens: list[int], reference: list[int]) -> int | None:
     return None if len(tokens) == len(reference) else min(len(tokens), len(reference))
 
 
-def _required_eos_ids(tokenizer, config) -> list[int]:
+def _required_eos_ids(tokenizer, config, generation) -> list[int]:
     from src.cli import eos_token_ids
 
-    ids = eos_token_ids(tokenizer, config)
+    ids = eos_token_ids(tokenizer, config, generation)
     if not ids:
         raise TriadicError("the model names no EOS token")
     return ids

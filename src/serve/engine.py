@@ -210,12 +210,12 @@ class EdgeEngine:
         self.edge = pipeline.edge
         self.schedule = pipeline.schedule
         self.context_length = int(pipeline.config.max_position_embeddings)
-        self.eos = eos_token_ids(chat.tokenizer, pipeline.config)
         self.link = TracingLink(self.edge.link) if self.edge.link is not None else None
         if self.link is not None:
             self.edge.link = self.link
         self.session = self.edge.session()  # one conversation's caches, kept between requests, on both sides
         self.generation_defaults = model_generation_defaults(pipeline.model_dir)
+        self.eos = eos_token_ids(chat.tokenizer, pipeline.config, self.generation_defaults)
 
     def describe(self) -> dict:
         """The trace fields that do not change from token to token."""
