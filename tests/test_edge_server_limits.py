@@ -203,6 +203,16 @@ def test_detokenizing_never_waits_for_a_prompt_being_tokenized(embedded):
     assert max(waits) < 0.05, sorted(waits)[-3:]  # one encoding alone takes 0.4 s here
 
 
+async def started(order: list, count: int) -> None:
+    """Until `count` encodings have started (their threads may take a moment on a loaded machine), 10 s at most."""
+    import asyncio
+
+    for _ in range(1000):
+        if len(order) >= count:
+            return
+        await asyncio.sleep(0.01)
+
+
 def test_encodings_run_one_at_a_time_the_shortest_waiting_first():
     """Tokenizing comes before admission, so anyone may queue 1 MiB messages for it (0.5 s each, then refused). In
     arrival order an honest request's first token came 0.9 s late beside three clients posting them and 2.4 s beside
@@ -238,8 +248,8 @@ def test_encodings_run_one_at_a_time_the_shortest_waiting_first():
         await settle()
         assert order == ["A"]
         release["A"].set()
-        for name in "CDB":
-            await settle()
+        for count, name in enumerate("CDB", start=2):
+            await started(order, count)
             assert order[-1] == name, order
             release[name].set()
         assert [await waiting[name] for name in "CDB"] == ["C", "D", "B"]
@@ -277,10 +287,10 @@ def test_a_long_encoding_that_waited_past_the_patience_gets_every_other_turn(pat
         tasks.append(asyncio.create_task(gate.run(1_000_000, encode, "L")))
         tasks += [asyncio.create_task(gate.run(10 + i, encode, f"S{i}")) for i in range(3)]
         await asyncio.sleep(0.3)  # past the patience of 0.2 s
-        for name in expected.split():
+        for count, name in enumerate(expected.split(), start=1):
+            await started(order, count)
             assert order[-1] == name, (order, name)
             release[name].set()
-            await asyncio.sleep(0.05)
         await asyncio.gather(*tasks)
         return order
 
