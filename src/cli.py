@@ -151,13 +151,15 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
     sampling = sampling_from_args(args)
     TextStream(None, args.stop)  # refuses an empty stop string before any weights load
     pipeline = build_from_args(mode, args, first, second)
+    generation = model_generation_defaults(pipeline.model_dir)
+    asked, sampling = sampling, sampling.resolved(generation)
     if pipeline.edge.third is None and sampling.needs_token_ids:
-        raise TriadicError("--repetition-penalty: in the two-part split the cloud chooses the token and never sees the prompt's tokens")
-    sampling = sampling.resolved(model_generation_defaults(pipeline.model_dir))
-    if pipeline.edge.third is None and sampling.needs_token_ids:  # not asked for: the model's generation_config.json's
+        why = "the cloud chooses the token and never sees the prompt's tokens"
+        if asked.needs_token_ids:
+            raise TriadicError(f"--repetition-penalty: in the two-part split {why}")
         raise TriadicError(f"{pipeline.model_dir}/generation_config.json sets repetition_penalty {sampling.repetition_penalty:g}, which "
-                           "the two-part split cannot apply (the cloud chooses the token and never sees the prompt's tokens); "
-                           "pass --repetition-penalty 1 to run without it")
+                           f"the two-part split cannot apply ({why}); pass --repetition-penalty 1 to run without it")
+    eos = eos_token_ids(pipeline.tokenizer, pipeline.config, generation)
     prompt_format = args.prompt_format
     if prompt_format == "auto":  # an embedded base model is prompted with raw text, not a chat template
         prompt_format = default_prompt_format(pipeline.model_dir) or "auto"
@@ -169,10 +171,10 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
     try:
         with pipeline.edge.session() as chat:
             if args.interactive:
-                _chat_loop(mode, args, pipeline, chat, sampling, prompt_format)
+                _chat_loop(mode, args, pipeline, chat, sampling, eos, prompt_format)
             else:
                 prompt_ids = format_prompt(pipeline.tokenizer, args.prompt, prompt_format)
-                _answer(mode, args, pipeline, chat, prompt_ids, sampling)
+                _answer(mode, args, pipeline, chat, prompt_ids, sampling, eos)
     finally:
         close = getattr(pipeline.edge.link, "close", None)
         if close is not None:  # the channel goes with the process
@@ -180,11 +182,10 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
     return 0
 
 
-def _answer(mode: str, args, pipeline, chat, token_ids: list[int], sampling: SamplingConfig) -> str:
+def _answer(mode: str, args, pipeline, chat, token_ids: list[int], sampling: SamplingConfig, eos: list[int]) -> str:
     """One request through the session: stream the text, report, return the (stop-trimmed) text."""
     out = sys.stderr if args.json else sys.stdout
     stream = TextStream(pipeline.tokenizer, args.stop, write=lambda text: (out.write(text), out.flush()))
-    eos = eos_token_ids(pipeline.tokenizer, pipeline.config, model_generation_defaults(pipeline.model_dir))
     try:
         result = chat.generate(token_ids, args.max_new_tokens, eos, on_token=stream.add, sampling=sampling)
     except BaseException:
@@ -206,7 +207,7 @@ def _answer(mode: str, args, pipeline, chat, token_ids: list[int], sampling: Sam
     return text
 
 
-def _chat_loop(mode: str, args, pipeline, chat, sampling: SamplingConfig, prompt_format: str) -> None:
+def _chat_loop(mode: str, args, pipeline, chat, sampling: SamplingConfig, eos: list[int], prompt_format: str) -> None:
     """--interactive: each line is a user turn; the session keeps both sides' caches between turns."""
     messages: list[dict[str, str]] = []
     log("interactive: type a message; /reset starts a new conversation, /exit (or end of input) quits")
@@ -226,7 +227,7 @@ def _chat_loop(mode: str, args, pipeline, chat, sampling: SamplingConfig, prompt
         messages.append({"role": "user", "content": line.rstrip("\n")})
         try:
             ids = conversation_ids(pipeline.tokenizer, messages, prompt_format)
-            text = _answer(mode, args, pipeline, chat, ids, sampling)
+            text = _answer(mode, args, pipeline, chat, ids, sampling, eos)
         except TriadicError as error:  # say so and go on with a fresh session: no state half-updated
             log(f"error: {error}")
             messages.pop()

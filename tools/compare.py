@@ -160,8 +160,9 @@ def compare(config: CompareConfig, progress: bool = True) -> list[Run]:
 
     tokenizer = load_tokenizer(Path(config.model_dir))
     model = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
-    sampling = config.sampling.resolved(model_generation_defaults(config.model_dir))
-    eos = _required_eos_ids(tokenizer, model.config, model_generation_defaults(config.model_dir))
+    generation = model_generation_defaults(config.model_dir)
+    sampling = config.sampling.resolved(generation)
+    eos = _required_eos_ids(tokenizer, model.config, generation)
     prompt_ids = [format_prompt(tokenizer, prompt, config.prompt_format) for prompt in config.prompts]
     jobs = [(s, c) for s in config.settings for c in (config.codecs if s.needs_cloud() else ("-",))]
     bar = tqdm(total=len(prompt_ids) * (1 + len(jobs)), desc="runs", unit="run", disable=not progress, file=sys.stderr)
