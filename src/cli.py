@@ -11,7 +11,7 @@ import torch
 
 from .pipeline import Pipeline, RemoteCloud, SideOptions, build_pipeline
 from .precision import check_device, dtype_name, resolve_dtype
-from .sampling import SamplingConfig, TextStream, model_generation_defaults
+from .sampling import SamplingConfig, TextStream, model_generation_defaults, two_part_refusal
 from .utils import OneLineParser, TriadicError, conversation_ids, format_prompt, log, parse_layer_set
 
 MODES = {"one": "unsplit baseline", "two": "two-part split (edge -> cloud with head)", "three": "triadic split (edge -> cloud -> edge)"}
@@ -154,11 +154,7 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
     generation = model_generation_defaults(pipeline.model_dir)
     asked, sampling = sampling, sampling.resolved(generation)
     if pipeline.edge.third is None and sampling.needs_token_ids:
-        why = "the cloud chooses the token and never sees the prompt's tokens"
-        if asked.needs_token_ids:
-            raise TriadicError(f"--repetition-penalty: in the two-part split {why}")
-        raise TriadicError(f"{pipeline.model_dir}/generation_config.json sets repetition_penalty {sampling.repetition_penalty:g}, which "
-                           f"the two-part split cannot apply ({why}); pass --repetition-penalty 1 to run without it")
+        raise TriadicError(two_part_refusal(sampling, asked, f"{pipeline.model_dir}/generation_config.json"))
     eos = eos_token_ids(pipeline.tokenizer, pipeline.config, generation)
     prompt_format = args.prompt_format
     if prompt_format == "auto":  # an embedded base model is prompted with raw text, not a chat template

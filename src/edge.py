@@ -23,7 +23,7 @@ from .link.codec import Codec
 from .link.local import Link
 from .link.protocol import Kind
 from .models import FirstLlamaForCausalLM, ThirdLlamaForCausalLM
-from .sampling import Sampler, SamplingConfig
+from .sampling import Sampler, SamplingConfig, two_part_refusal
 from .schedule import SplitSchedule
 from .utils import ProtocolError, TriadicError
 
@@ -147,7 +147,7 @@ class Edge(Party):
             )
         sampling = sampling if sampling is not None else SamplingConfig().resolved()
         if self.third is None and sampling.needs_token_ids:
-            raise TriadicError("--repetition-penalty: in the two-part split the cloud chooses the token and never sees the prompt's tokens")
+            raise TriadicError(two_part_refusal(sampling))
         try:
             return self._decode(list(token_ids), max_new_tokens, set(eos_token_ids), on_token, keep_logits, forced_tokens, on_logits, sampling)
         except BaseException:
@@ -159,7 +159,7 @@ class Edge(Party):
         self._begin(tokens, sampling)
         self.layer_evals = self.peer_layer_evals = 0
         result = Generation(prompt_token_ids=list(tokens), cached_positions=self.end)
-        sampler = Sampler(sampling, self.device) if self.third is not None else None
+        sampler = Sampler(sampling, self.device, len(tokens), max_new_tokens, eos) if self.third is not None else None
         for _ in range(max_new_tokens):
             step, self.next_step = self.next_step, self.next_step + 1
             began = time.perf_counter()

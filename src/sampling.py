@@ -28,6 +28,16 @@ MIN_TEMPERATURE = 1e-5
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
 # The five options a request may set, as GenerationConfig names them.
 OPTION_NAMES = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+# generation_config.json's other entries that decide which token `generate` picks: a model's file sets them, a
+# request cannot. They are applied as `generate` applies them, by the processors `_get_logits_processor` builds.
+MODEL_ENTRY_NAMES = (
+    "no_repeat_ngram_size", "bad_words_ids", "sequence_bias", "min_length", "min_new_tokens", "suppress_tokens",
+    "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
+    "remove_invalid_values", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h", "renormalize_logits",
+)
+# Entries `generate` applies that the split cannot: classifier-free guidance runs the whole model a second time, and
+# a watermark's processor is built from the model object. A file that sets one is refused by name.
+UNSUPPORTED_ENTRY_NAMES = ("guidance_scale", "watermarking_config", "stop_strings")
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,9 @@ class SamplingConfig:
     repetition_penalty: float | None = None  # in REPETITION_PENALTY_RANGE; penalizes tokens already in the sequence (CTRL),
     # also when greedy; 1.0: off
     seed: int = 0  # the sampling seed, as torch.manual_seed(seed) before generate; not the split schedule's --seed
+    # The model file's MODEL_ENTRY_NAMES entries that are set, as (name, value) pairs with lists made tuples
+    # (`resolved` fills it; the two-part split refuses them: the cloud chooses the token there and never sees the ids)
+    model_entries: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self) -> None:
         """Refuse out-of-range values with one line (transformers would raise deep inside generate)."""
@@ -63,12 +76,24 @@ class SamplingConfig:
     def resolved(self, model_defaults=None) -> SamplingConfig:
         """Every option explicit: unset ones from the model's GenerationConfig, else transformers' global defaults.
 
-        This is the order `GenerationMixin._prepare_generation_config` applies; only the five options
-        above are taken from the model's file (its other entries, e.g. no_repeat_ngram_size, are not used).
+        This is the order `GenerationMixin._prepare_generation_config` applies. The file's other entries that
+        decide the token (MODEL_ENTRY_NAMES: no_repeat_ngram_size, suppress_tokens, min_new_tokens, ...) are kept
+        in `model_entries`; one that the split cannot apply (UNSUPPORTED_ENTRY_NAMES) is refused in one line.
         """
         from transformers import GenerationConfig
 
         global_defaults = GenerationConfig()._get_default_generation_params()
+        entries: list[tuple[str, object]] = []
+        if model_defaults is not None:
+            for name in UNSUPPORTED_ENTRY_NAMES:
+                value = getattr(model_defaults, name, None)
+                if value is not None and not (name == "guidance_scale" and value == 1):
+                    raise TriadicError(f"the model's generation_config.json sets {name}, which generate applies and the "
+                                       "split does not; remove it from the file to run without it")
+            for name in MODEL_ENTRY_NAMES:
+                value = getattr(model_defaults, name, None)
+                if value is not None and value != global_defaults.get(name):
+                    entries.append((name, _frozen(value)))
         values = {}
         for name in OPTION_NAMES:
             value = getattr(self, name)
@@ -80,18 +105,47 @@ class SamplingConfig:
         if values["min_p"] == 0:
             values["min_p"] = None  # min-p 0 keeps every token: transformers' warper would be a no-op
         values = {name: float(v) if name != "top_k" and v is not None else v for name, v in values.items()}
-        return dataclasses.replace(self, **values)
+        return dataclasses.replace(self, **values, model_entries=tuple(entries))
 
     def generation_config(self):
         """The transformers GenerationConfig of these options (resolve first: None means transformers' default)."""
         from transformers import GenerationConfig
 
-        return GenerationConfig(do_sample=self.do_sample, **{name: getattr(self, name) for name in OPTION_NAMES})
+        entries = {name: _thawed(value) for name, value in self.model_entries}
+        return GenerationConfig(do_sample=self.do_sample, **{name: getattr(self, name) for name in OPTION_NAMES}, **entries)
 
     @property
     def needs_token_ids(self) -> bool:
-        """The repetition penalty looks at the sequence's token ids; the other options see only the logits."""
-        return self.repetition_penalty is not None and self.repetition_penalty != 1.0
+        """Whether the choice reads the sequence: the repetition penalty and the model file's entries (n-grams, bad
+        words, lengths) do; the five options alone otherwise see only the logits."""
+        return bool(self.model_entries) or (self.repetition_penalty is not None and self.repetition_penalty != 1.0)
+
+
+def two_part_refusal(config: SamplingConfig, asked: SamplingConfig | None = None,
+                     source: str = "the model's generation_config.json") -> str:
+    """The line that refuses `config` (resolved) in the two-part split, naming the flag or the file's entries.
+
+    `asked` is the request before resolving: a penalty there is the user's flag, else it came from `source`."""
+    why = "the cloud chooses the token and never sees the prompt's tokens"
+    if asked is None and not config.model_entries or asked is not None and asked.needs_token_ids:
+        return f"--repetition-penalty: in the two-part split {why}"
+    if config.model_entries:
+        names = ", ".join(name for name, _ in config.model_entries)
+        return f"{source} sets {names}, which the two-part split cannot apply ({why})"
+    return (f"{source} sets repetition_penalty {config.repetition_penalty:g}, which the two-part split cannot apply "
+            f"({why}); pass --repetition-penalty 1 to run without it")
+
+
+def _frozen(value):
+    """A generation_config value with its lists as tuples, so that a SamplingConfig stays immutable and comparable."""
+    if isinstance(value, dict):
+        return tuple((_frozen(k), _frozen(v)) for k, v in value.items())
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
+
+
+def _thawed(value):
+    """`_frozen` undone, as transformers takes the value (its checks want lists)."""
+    return [_thawed(v) for v in value] if isinstance(value, tuple) else value
 
 
 class _ProcessorFactory:
@@ -103,23 +157,32 @@ class _ProcessorFactory:
         self.config = PretrainedConfig(is_encoder_decoder=False)
 
 
-def logits_processors(config: SamplingConfig, device: torch.device | str = "cpu"):
-    """transformers' own LogitsProcessorList for these options, built by transformers' own code and in its order."""
+def logits_processors(config: SamplingConfig, device: torch.device | str = "cpu", prompt_length: int = 1,
+                      max_new_tokens: int = 1, eos_token_ids=()):
+    """transformers' own LogitsProcessorList for these options, built by transformers' own code and in its order.
+
+    The request's prompt length, new-token budget and end-of-sequence ids are what `generate` gives the
+    processors that read them (min_new_tokens, forced_eos_token_id, ...) after preparing its GenerationConfig."""
     from transformers.generation.utils import GenerationMixin
 
+    generation = config.generation_config()
+    generation.max_length = prompt_length + max_new_tokens  # as generate sets it from max_new_tokens
+    eos = sorted(set(eos_token_ids))
+    generation._eos_token_tensor = torch.tensor(eos, device=device) if eos else None
     factory = type("ProcessorFactory", (_ProcessorFactory, GenerationMixin), {})()
-    return factory._get_logits_processor(config.generation_config(), input_ids_seq_length=1, device=str(device))
+    return factory._get_logits_processor(generation, input_ids_seq_length=prompt_length, device=str(device))
 
 
 class Sampler:
     """One request's token choice: processors built once, a generator seeded once (at the request's start)."""
 
-    def __init__(self, config: SamplingConfig, device: torch.device | str = "cpu") -> None:
+    def __init__(self, config: SamplingConfig, device: torch.device | str = "cpu", prompt_length: int = 1,
+                 max_new_tokens: int = 1, eos_token_ids=()) -> None:
         """`config` must be resolved (every option explicit): both sides of a two-part split then agree exactly."""
         if any(getattr(config, name) is None for name in OPTION_NAMES if name != "min_p"):
             raise ValueError("Sampler needs a resolved SamplingConfig (SamplingConfig.resolved)")
         self.config = config
-        self.processors = logits_processors(config, device)
+        self.processors = logits_processors(config, device, prompt_length, max_new_tokens, eos_token_ids)
         self.generator = torch.Generator(device=device).manual_seed(config.seed) if config.do_sample else None
 
     @property
@@ -133,7 +196,7 @@ class Sampler:
         scores = logits.reshape(1, -1).to(dtype=torch.float32, copy=True)
         if len(self.processors):
             if self.config.needs_token_ids and token_ids is None:
-                raise ValueError("the repetition penalty needs the sequence's token ids")
+                raise ValueError("the repetition penalty and the model's generation_config entries need the sequence's token ids")
             ids = torch.tensor([token_ids or []], dtype=torch.long, device=scores.device)
             scores = self.processors(ids, scores)
         if not self.config.do_sample:

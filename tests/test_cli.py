@@ -174,3 +174,8 @@ def test_generation_config_decides_like_generate_or_is_named(tiny_with_tokenizer
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "generation_config.json sets repetition_penalty 1.05" in err[0], err
     assert run("two", {1}, None, [*argv, "--repetition-penalty", "1"]) == 0
+    capsys.readouterr()
+    GenerationConfig(no_repeat_ngram_size=2).save_pretrained(folder)  # needs the ids too, and no flag turns it off
+    assert run("two", {1}, None, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "generation_config.json sets no_repeat_ngram_size, which the two-part split cannot apply" in err[0], err

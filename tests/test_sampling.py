@@ -60,6 +60,68 @@ def test_two_part_split_samples_in_the_cloud(tiny_tied):
         pipeline.edge.generate(PROMPT, NEW, sampling=sampling(folder, seed, repetition_penalty=1.2))
 
 
+# generation_config.json entries besides the five options, as a model's file may set them, each with the index of the
+# greedy token that serves as end-of-sequence id (so that the entries which read that id change the tokens); "FIRST"
+# stands for the token greedy decoding gives first. The tiny model's greedy tokens: [90, 52, 90, 52, 29, ...].
+MODEL_ENTRIES = [
+    (dict(no_repeat_ngram_size=2), -1),
+    (dict(suppress_tokens="FIRST"), -1),
+    (dict(bad_words_ids="FIRST"), -1),
+    (dict(min_new_tokens=10), 4),
+    (dict(forced_eos_token_id=7), -1),
+    (dict(exponential_decay_length_penalty=(2, 3.0)), -1),
+    (dict(sequence_bias=[[[7], 9.0]]), -1),
+]
+
+
+@pytest.mark.parametrize("index", range(len(MODEL_ENTRIES)))
+def test_the_model_files_other_entries_decide_as_in_generate(tiny_tied, tmp_path, index):
+    """The split applies generation_config.json's n-gram, suppression, bad-word, length and bias entries as
+    `generate` does (it ignored them: no_repeat_ngram_size=2 gave [90, 52, 90, 52, ...] where generate gave
+    [90, 52, 90, 73, ...]); the two-part split, whose cloud never sees the ids, refuses them by name."""
+    import shutil
+
+    import torch
+    from transformers import GenerationConfig
+
+    folder, model = tiny_tied
+    free, _ = hf_greedy(model, PROMPT, NEW)
+    spec, eos_index = MODEL_ENTRIES[index]
+    eos = [free[eos_index]]
+    assert free.index(eos[0]) == eos_index % NEW  # its first occurrence
+    first = [free[0]] if "suppress_tokens" in spec else [[free[0]]]
+    entries = {name: first if value == "FIRST" else value for name, value in spec.items()}
+    ids = torch.tensor([PROMPT])
+    reference = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                               eos_token_id=eos, pad_token_id=0, **entries)[0, len(PROMPT):].tolist()
+    plain = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                           eos_token_id=eos, pad_token_id=0)[0, len(PROMPT):].tolist()
+    assert reference != plain, entries  # the entry changes generate's tokens
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    GenerationConfig(**entries).save_pretrained(copy)
+    config = SamplingConfig().resolved(model_generation_defaults(copy))
+    assert [name for name, _ in config.model_entries] == list(entries)
+    for first, second in [({1}, {3}), ({0, 1}, {2, 3, 4})]:
+        pipeline = build_pipeline(str(copy), first, second, "none", seed=3, with_tokenizer=False)
+        assert pipeline.edge.generate(PROMPT, NEW, eos, sampling=config).token_ids == reference, (entries, first, second)
+    two_part = build_pipeline(str(copy), {1}, {4}, "none", two_part=True, with_tokenizer=False)
+    with pytest.raises(TriadicError, match=f"sets {list(entries)[0]}, which the two-part split cannot apply"):
+        two_part.edge.generate(PROMPT, NEW, eos, sampling=config)
+
+
+def test_an_entry_the_split_cannot_apply_is_refused_by_name(tiny_tied, tmp_path):
+    import shutil
+
+    from transformers import GenerationConfig
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_tied[0], copy)
+    GenerationConfig(guidance_scale=1.5).save_pretrained(copy)
+    with pytest.raises(TriadicError, match="generation_config.json sets guidance_scale, which generate applies and the split does not"):
+        SamplingConfig().resolved(model_generation_defaults(copy))
+
+
 def test_sampling_seed_is_not_the_schedule_seed(tiny_tied):
     folder, _ = tiny_tied
     runs = {}

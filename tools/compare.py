@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from src.sampling import SamplingConfig, TextStream, model_generation_defaults
+from src.sampling import SamplingConfig, TextStream, model_generation_defaults, two_part_refusal
 from src.utils import OneLineParser, TriadicError, format_prompt, read_file
 
 PROG = "tools.compare"
@@ -322,8 +322,9 @@ def config_from_args(args) -> CompareConfig:
     TextStream(None, args.stop)
     model_dir = resolve_model_dir(args.base_model)
     settings = parse_settings(args.settings, load_config(model_dir).num_hidden_layers)
-    if sampling.needs_token_ids and any(s.two_part for s in settings):
-        raise TriadicError("--repetition-penalty: the two-part split's cloud never sees the prompt's tokens")
+    resolved = sampling.resolved(model_generation_defaults(model_dir))  # refuses what the split cannot apply, before any run
+    if resolved.needs_token_ids and any(s.two_part for s in settings):
+        raise TriadicError(two_part_refusal(resolved, sampling, f"{model_dir}/generation_config.json"))
     prompt_format = args.prompt_format
     if prompt_format == "auto":  # an embedded base model is prompted with raw text
         prompt_format = default_prompt_format(model_dir) or "auto"

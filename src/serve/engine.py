@@ -215,6 +215,7 @@ class EdgeEngine:
             self.edge.link = self.link
         self.session = self.edge.session()  # one conversation's caches, kept between requests, on both sides
         self.generation_defaults = model_generation_defaults(pipeline.model_dir)
+        SamplingConfig().resolved(self.generation_defaults)  # an entry the split cannot apply is refused at start
         self.eos = eos_token_ids(chat.tokenizer, pipeline.config, self.generation_defaults)
 
     def describe(self) -> dict:
