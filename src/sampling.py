@@ -92,7 +92,8 @@ class SamplingConfig:
                                        "split does not; remove it from the file to run without it")
             for name in MODEL_ENTRY_NAMES:
                 value = getattr(model_defaults, name, None)
-                if value is not None and value != global_defaults.get(name):
+                off = value in ([], {}) or (value == 0 and not name.endswith("_token_id"))  # 0 is a token id there
+                if value is not None and value != global_defaults.get(name) and not off:
                     entries.append((name, _frozen(value)))
         values = {}
         for name in OPTION_NAMES:
