@@ -219,7 +219,8 @@ def model_generation_defaults(model_dir):
 class TextStream:
     """Generated tokens as text, decoded incrementally, with stop strings (`--stop`).
 
-    Call `add(token)` per generated token: it returns True once the text contains a stop string,
+    Call `add(token)` per generated token: it returns True once the text contains a stop string (the answer's
+    text, special tokens skipped, as vLLM matches; transformers' stop_strings also match across the prompt's end),
     which ends the generation (the tokens up to there stay in the result; the text is trimmed at the
     stop string's first occurrence, as vLLM and llama.cpp do). `write` receives the text that is
     final: a character is held back while it could still begin a stop string, and a multi-byte

@@ -34,6 +34,37 @@ def test_compare_rows_equal_generate(tiny_with_tokenizer, tmp_path, monkeypatch)
         assert markdown.count("| HF generate | - |") == 3
 
 
+def test_stop_strings_end_the_baseline_by_the_splits_rule(tiny_with_tokenizer, tmp_path):
+    """--stop ends the baseline as it ends the split: in the answer's text. transformers' stop_strings also match
+    across the prompt's end, so with them the baseline stopped after one token where the split ran on, and the
+    table reported a difference that was the two stop rules', not the split's."""
+    import torch
+
+    folder, model = tiny_with_tokenizer
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(folder)
+    prompt = "The answer is"
+    ids = tokenizer(prompt)["input_ids"]
+    free = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=12,
+                          do_sample=False, eos_token_id=None, pad_token_id=2)[0, len(ids):].tolist()
+    answer = tokenizer.decode(free, skip_special_tokens=True)
+    across = prompt[-2:] + answer[:2]  # spans the prompt's end: not in the answer's text
+    assert across not in answer
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(prompt + "\n")
+    out = tmp_path / "stop"
+    argv = ["--prompts", str(prompts), "--base-model", str(folder), "--prompt-format", "raw", "--settings", "1/3,0-1/2-4",
+            "--codecs", "none", "--max-new-tokens", "12", "--stop", across, "--out", str(out)]
+    assert compare.main(argv) == 0
+    runs = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [run["token_ids"] for run in runs] == [free] * 3 and all(run["same"] for run in runs[1:]), runs
+
+    inside = answer[len(answer) // 2:][:3]  # in the answer's text: the baseline and the split stop at the same token
+    assert compare.main([*argv[:-4], "--stop", inside, "--out", str(out)]) == 0
+    runs = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert len(runs[0]["token_ids"]) < 12 and inside not in runs[0]["text"], runs[0]
+    assert all(run["token_ids"] == runs[0]["token_ids"] and run["text"] == runs[0]["text"] for run in runs[1:]), runs
+
+
 @pytest.mark.parametrize(
     "argv,expected",
     [

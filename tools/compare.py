@@ -197,21 +197,35 @@ def _baseline(model, tokenizer, ids: list[int], config: CompareConfig, eos: list
     """Unsplit transformers generate, with only the options the user set (generate resolves the rest itself)."""
     options = {name: getattr(config.sampling, name) for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")}
     options = {name: value for name, value in options.items() if value is not None}
-    if config.stop:
-        options.update(stop_strings=list(config.stop), tokenizer=tokenizer)
+    stream = TextStream(tokenizer, config.stop)  # the answer's text, and --stop by the split's rule
     tensor = torch.tensor([ids])
     began = time.perf_counter()
     if config.sampling.do_sample:
         torch.manual_seed(config.sampling.seed)
     with torch.no_grad():  # an all-ones mask: generate would otherwise mask prompt tokens equal to the pad id
         out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=config.max_new_tokens,
-                             do_sample=config.sampling.do_sample, eos_token_id=eos, pad_token_id=eos[0], **options)
-    tokens = out[0, len(ids):].tolist()
-    stream = TextStream(tokenizer, config.stop)
-    for token in tokens:
-        if stream.add(token):
-            break
-    return Run(index, BASELINE, "-", tokens, stream.finish(), time.perf_counter() - began)
+                             do_sample=config.sampling.do_sample, eos_token_id=eos, pad_token_id=eos[0],
+                             stopping_criteria=_splits_stop_rule(stream, len(ids)), **options)
+    return Run(index, BASELINE, "-", out[0, len(ids):].tolist(), stream.finish(), time.perf_counter() - began)
+
+
+def _splits_stop_rule(stream: TextStream, prompt_length: int):
+    """`--stop` for generate by the split's own rule (`TextStream`: the answer's text, special tokens skipped, as
+    vLLM matches), so that a difference in the table is the split's, not the two stop rules'. transformers'
+    `stop_strings` also match across the prompt's end and in special tokens' text."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class SplitsStopRule(StoppingCriteria):
+        def __init__(self) -> None:
+            self.seen = prompt_length
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+            for token in input_ids[0, self.seen:].tolist():
+                stream.add(token)
+            self.seen = input_ids.shape[1]
+            return torch.full((input_ids.shape[0],), stream.stopped, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([SplitsStopRule()])
 
 
 def _first_difference(tokens: list[int], reference: list[int]) -> int | None:
