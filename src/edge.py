@@ -148,6 +148,7 @@ class Edge(Party):
         sampling = sampling if sampling is not None else SamplingConfig().resolved()
         if self.third is None and sampling.needs_token_ids:
             raise TriadicError(two_part_refusal(sampling))
+        sampling.check_vocabulary(self.config.vocab_size)
         try:
             return self._decode(list(token_ids), max_new_tokens, set(eos_token_ids), on_token, keep_logits, forced_tokens, on_logits, sampling)
         except BaseException:

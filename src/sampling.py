@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -35,6 +36,9 @@ MODEL_ENTRY_NAMES = (
     "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
     "remove_invalid_values", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h", "renormalize_logits",
 )
+# Those of them that hold token ids.
+TOKEN_ID_ENTRY_NAMES = ("bad_words_ids", "sequence_bias", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
+                        "forced_eos_token_id")
 # Entries `generate` applies that the split cannot: classifier-free guidance runs the whole model a second time, and
 # a watermark's processor is built from the model object. A file that sets one is refused by name.
 UNSUPPORTED_ENTRY_NAMES = ("guidance_scale", "watermarking_config", "stop_strings")
@@ -106,7 +110,14 @@ class SamplingConfig:
         if values["min_p"] == 0:
             values["min_p"] = None  # min-p 0 keeps every token: transformers' warper would be a no-op
         values = {name: float(v) if name != "top_k" and v is not None else v for name, v in values.items()}
-        return dataclasses.replace(self, **values, model_entries=tuple(entries))
+        config = dataclasses.replace(self, **values, model_entries=tuple(entries))
+        if entries:  # transformers checks the entries' shapes and types as it builds the processors: one line here
+            try:
+                logits_processors(config, eos_token_ids=(0,))
+            except (TypeError, ValueError, IndexError) as error:
+                names = ", ".join(name for name, _ in entries)
+                raise TriadicError(f"the model's generation_config.json ({names}): {str(error).splitlines()[0]}") from None
+        return config
 
     def generation_config(self):
         """The transformers GenerationConfig of these options (resolve first: None means transformers' default)."""
@@ -114,6 +125,18 @@ class SamplingConfig:
 
         entries = {name: _thawed(value) for name, value in self.model_entries}
         return GenerationConfig(do_sample=self.do_sample, **{name: getattr(self, name) for name in OPTION_NAMES}, **entries)
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """The token ids in the model file's entries are the model's: one line where one is not (transformers
+        would fail at the first step, or index from the end of the vocabulary)."""
+        for name, value in self.model_entries:
+            if name in TOKEN_ID_ENTRY_NAMES:
+                held: Any = value
+                ids = tuple(pair[0] for pair in held) if name == "sequence_bias" else held  # ((ids), bias) pairs
+                bad = [i for i in _flattened(ids) if not 0 <= i < vocab_size]
+                if bad:
+                    raise TriadicError(f"the model's generation_config.json: {name} holds token id {bad[0]}, outside the "
+                                       f"model's vocabulary of {vocab_size}")
 
     @property
     def needs_token_ids(self) -> bool:
@@ -135,6 +158,10 @@ def two_part_refusal(config: SamplingConfig, asked: SamplingConfig | None = None
         return f"{source} sets {names}, which the two-part split cannot apply ({why})"
     return (f"{source} sets repetition_penalty {config.repetition_penalty:g}, which the two-part split cannot apply "
             f"({why}); pass --repetition-penalty 1 to run without it")
+
+
+def _flattened(value) -> list[int]:
+    return [i for item in value for i in _flattened(item)] if isinstance(value, tuple) else [value]
 
 
 def _frozen(value):

@@ -110,16 +110,30 @@ def test_the_model_files_other_entries_decide_as_in_generate(tiny_tied, tmp_path
         two_part.edge.generate(PROMPT, NEW, eos, sampling=config)
 
 
-def test_an_entry_the_split_cannot_apply_is_refused_by_name(tiny_tied, tmp_path):
+@pytest.mark.parametrize(
+    "entry,expected",
+    [
+        (dict(guidance_scale=1.5), "sets guidance_scale, which generate applies and the split does not"),
+        (dict(bad_words_ids=[[-1]]), "(bad_words_ids): Each list in `bad_words_ids` has to be a list of positive integers"),
+        (dict(min_new_tokens="x"), "(min_new_tokens): '>' not supported"),  # transformers' own checks, as one line
+        (dict(exponential_decay_length_penalty=[1]), "(exponential_decay_length_penalty): list index out of range"),
+        (dict(bad_words_ids=[[5, 99999]]), "bad_words_ids holds token id 99999, outside the model's vocabulary of 97"),
+        (dict(forced_eos_token_id=97), "forced_eos_token_id holds token id 97"),  # transformers: an IndexError at the last step
+        (dict(sequence_bias=[[[3, 500], 1.0]]), "sequence_bias holds token id 500"),
+    ],
+)
+def test_an_entry_the_split_cannot_apply_is_refused_in_one_line(tiny_tied, tmp_path, entry, expected):
+    import json
     import shutil
-
-    from transformers import GenerationConfig
 
     copy = tmp_path / "model"
     shutil.copytree(tiny_tied[0], copy)
-    GenerationConfig(guidance_scale=1.5).save_pretrained(copy)
-    with pytest.raises(TriadicError, match="generation_config.json sets guidance_scale, which generate applies and the split does not"):
-        SamplingConfig().resolved(model_generation_defaults(copy))
+    path = copy / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **entry}))  # as a hand-edited file says it
+    with pytest.raises(TriadicError) as caught:
+        config = SamplingConfig().resolved(model_generation_defaults(copy))
+        build_pipeline(str(copy), {1}, {3}, "none", with_tokenizer=False).edge.generate(PROMPT, 4, [2], sampling=config)
+    assert "generation_config.json" in str(caught.value) and expected in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_sampling_seed_is_not_the_schedule_seed(tiny_tied):

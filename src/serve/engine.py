@@ -215,7 +215,8 @@ class EdgeEngine:
             self.edge.link = self.link
         self.session = self.edge.session()  # one conversation's caches, kept between requests, on both sides
         self.generation_defaults = model_generation_defaults(pipeline.model_dir)
-        SamplingConfig().resolved(self.generation_defaults)  # an entry the split cannot apply is refused at start
+        # an entry the split cannot apply, or a malformed one, is refused at start, not in every request
+        SamplingConfig().resolved(self.generation_defaults).check_vocabulary(int(pipeline.config.vocab_size))
         self.eos = eos_token_ids(chat.tokenizer, pipeline.config, self.generation_defaults)
 
     def describe(self) -> dict:
