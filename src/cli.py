@@ -283,9 +283,10 @@ def eos_token_ids(tokenizer, config, generation=None) -> list[int]:
     """The ids that end a generation: generation_config.json's (`generation`, from `model_generation_defaults`: what
     `generate` stops on; Llama 3 Instruct lists <|eot_id|> there, not in config.json), the config's and the tokenizer's."""
     ids: list[int] = []
-    for more in (getattr(generation, "eos_token_id", None), config.eos_token_id,
-                 tokenizer.eos_token_id if tokenizer is not None else None):
-        for id_ in [more] if isinstance(more, int) else list(more or []):
-            if id_ not in ids:
-                ids.append(int(id_))
+    for source, more in (("generation_config.json", getattr(generation, "eos_token_id", None)),
+                         ("config.json", config.eos_token_id), ("tokenizer", tokenizer.eos_token_id if tokenizer is not None else None)):
+        listed = [more] if more is None or isinstance(more, int) else more
+        if not isinstance(listed, list) or not all(i is None or (isinstance(i, int) and not isinstance(i, bool)) for i in listed):
+            raise TriadicError(f"the model's {source}: eos_token_id must be a token id or a list of token ids, not {more!r:.60}")
+        ids += [i for i in listed if i is not None and i not in ids]
     return ids

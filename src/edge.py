@@ -160,7 +160,7 @@ class Edge(Party):
         self._begin(tokens, sampling)
         self.layer_evals = self.peer_layer_evals = 0
         result = Generation(prompt_token_ids=list(tokens), cached_positions=self.end)
-        sampler = Sampler(sampling, self.device, len(tokens), max_new_tokens, eos) if self.third is not None else None
+        sampler = Sampler(sampling, self.device, tokens, max_new_tokens, eos) if self.third is not None else None
         for _ in range(max_new_tokens):
             step, self.next_step = self.next_step, self.next_step + 1
             began = time.perf_counter()

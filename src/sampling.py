@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,19 +31,52 @@ MIN_TEMPERATURE = 1e-5
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
 # The five options a request may set, as GenerationConfig names them.
 OPTION_NAMES = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
-# generation_config.json's other entries that decide which token `generate` picks: a model's file sets them, a
-# request cannot. They are applied as `generate` applies them, by the processors `_get_logits_processor` builds.
-MODEL_ENTRY_NAMES = (
-    "no_repeat_ngram_size", "bad_words_ids", "sequence_bias", "min_length", "min_new_tokens", "suppress_tokens",
-    "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
-    "remove_invalid_values", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h", "renormalize_logits",
-)
-# Those of them that hold token ids.
-TOKEN_ID_ENTRY_NAMES = ("bad_words_ids", "sequence_bias", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
-                        "forced_eos_token_id")
+# generation_config.json's other entries that decide which token `generate` picks, each with the kind of JSON value
+# it must hold (checked here: transformers fails on a wrong one inside its processors, some only at the last step).
+# A model's file sets them, a request cannot; the split applies them as `generate` does, through the processors
+# `_get_logits_processor` builds. A decoder-only model's "encoder" input is its prompt.
+MODEL_ENTRY_KINDS = {
+    "no_repeat_ngram_size": "count", "encoder_no_repeat_ngram_size": "count", "min_length": "count",
+    "min_new_tokens": "count", "encoder_repetition_penalty": "number", "typical_p": "number", "epsilon_cutoff": "number",
+    "eta_cutoff": "number", "top_h": "number", "remove_invalid_values": "flag", "renormalize_logits": "flag",
+    "forced_bos_token_id": "token id", "forced_eos_token_id": "token ids", "suppress_tokens": "token id list",
+    "begin_suppress_tokens": "token id list", "bad_words_ids": "token id lists", "sequence_bias": "biases",
+    "exponential_decay_length_penalty": "decay",
+}
+SAMPLING_ONLY_ENTRY_NAMES = ("typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")  # warpers: applied when sampling
 # Entries `generate` applies that the split cannot: classifier-free guidance runs the whole model a second time, and
-# a watermark's processor is built from the model object. A file that sets one is refused by name.
+# a watermark's processor is built from the model object. A file that sets one is refused by name (and so is one
+# that makes generate search beams, look up prompts or contrast: `GenerationConfig.get_generation_mode`).
 UNSUPPORTED_ENTRY_NAMES = ("guidance_scale", "watermarking_config", "stop_strings")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _is_ids(value) -> bool:
+    return isinstance(value, list) and all(_is_int(i) for i in value)
+
+
+# What each kind of entry must hold: its description, and the check.
+_KINDS = {
+    "count": ("an integer", _is_int),
+    "number": ("a finite number", _is_number),
+    "flag": ("true or false", lambda v: isinstance(v, bool)),
+    "token id": ("a token id", _is_int),
+    "token ids": ("a token id or a list of token ids", lambda v: _is_int(v) or _is_ids(v)),
+    "token id list": ("a list of token ids", _is_ids),
+    "token id lists": ("a list of lists of token ids", lambda v: isinstance(v, list) and all(_is_ids(ids) for ids in v)),
+    "biases": ("a list of [token ids, bias] pairs",  # a bias of -inf bans a sequence
+               lambda v: isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 and _is_ids(p[0])
+                                                     and (_is_number(p[1]) or p[1] in (math.inf, -math.inf)) for p in v)),
+    "decay": ("a pair [start index, decay factor]",
+              lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and _is_int(v[0]) and _is_number(v[1])),
+}
 
 
 @dataclass(frozen=True)
@@ -56,7 +91,7 @@ class SamplingConfig:
     repetition_penalty: float | None = None  # in REPETITION_PENALTY_RANGE; penalizes tokens already in the sequence (CTRL),
     # also when greedy; 1.0: off
     seed: int = 0  # the sampling seed, as torch.manual_seed(seed) before generate; not the split schedule's --seed
-    # The model file's MODEL_ENTRY_NAMES entries that are set, as (name, value) pairs with lists made tuples
+    # The model file's MODEL_ENTRY_KINDS entries that are set, as (name, value) pairs with lists made tuples
     # (`resolved` fills it; the two-part split refuses them: the cloud chooses the token there and never sees the ids)
     model_entries: tuple[tuple[str, object], ...] = ()
 
@@ -81,42 +116,34 @@ class SamplingConfig:
         """Every option explicit: unset ones from the model's GenerationConfig, else transformers' global defaults.
 
         This is the order `GenerationMixin._prepare_generation_config` applies. The file's other entries that
-        decide the token (MODEL_ENTRY_NAMES: no_repeat_ngram_size, suppress_tokens, min_new_tokens, ...) are kept
+        decide the token (MODEL_ENTRY_KINDS: no_repeat_ngram_size, suppress_tokens, min_new_tokens, ...) are kept
         in `model_entries`; one that the split cannot apply (UNSUPPORTED_ENTRY_NAMES) is refused in one line.
         """
         from transformers import GenerationConfig
 
         global_defaults = GenerationConfig()._get_default_generation_params()
-        entries: list[tuple[str, object]] = []
-        if model_defaults is not None:
-            for name in UNSUPPORTED_ENTRY_NAMES:
-                value = getattr(model_defaults, name, None)
-                if value is not None and not (name == "guidance_scale" and value == 1):
-                    raise TriadicError(f"the model's generation_config.json sets {name}, which generate applies and the "
-                                       "split does not; remove it from the file to run without it")
-            for name in MODEL_ENTRY_NAMES:
-                value = getattr(model_defaults, name, None)
-                off = value in ([], {}) or (value == 0 and not name.endswith("_token_id"))  # 0 is a token id there
-                if value is not None and value != global_defaults.get(name) and not off:
-                    entries.append((name, _frozen(value)))
+        entries = _model_entries(model_defaults, self.do_sample) if model_defaults is not None else ()
         values = {}
         for name in OPTION_NAMES:
             value = getattr(self, name)
             if value is None and model_defaults is not None:
                 value = getattr(model_defaults, name, None)
+                kind = "count" if name == "top_k" else "number"
+                if value is not None and not _KINDS[kind][1](value):
+                    raise TriadicError(f"the model's generation_config.json: {name} must be {_KINDS[kind][0]}, not {value!r:.60}")
             if value is None:
                 value = global_defaults.get(name)
             values[name] = value
         if values["min_p"] == 0:
             values["min_p"] = None  # min-p 0 keeps every token: transformers' warper would be a no-op
         values = {name: float(v) if name != "top_k" and v is not None else v for name, v in values.items()}
-        config = dataclasses.replace(self, **values, model_entries=tuple(entries))
-        if entries:  # transformers checks the entries' shapes and types as it builds the processors: one line here
+        config = dataclasses.replace(self, **values, model_entries=entries)
+        if model_defaults is not None:  # transformers' own checks of the values, as it builds the processors: one line
+            trial = dataclasses.replace(config, do_sample=True, model_entries=_model_entries(model_defaults, True))
             try:
-                logits_processors(config, eos_token_ids=(0,))
+                logits_processors(trial, eos_token_ids=(0,))
             except (TypeError, ValueError, IndexError) as error:
-                names = ", ".join(name for name, _ in entries)
-                raise TriadicError(f"the model's generation_config.json ({names}): {str(error).splitlines()[0]}") from None
+                raise TriadicError(f"the model's generation_config.json: {str(error).splitlines()[0]}") from None
         return config
 
     def generation_config(self):
@@ -124,13 +151,15 @@ class SamplingConfig:
         from transformers import GenerationConfig
 
         entries = {name: _thawed(value) for name, value in self.model_entries}
-        return GenerationConfig(do_sample=self.do_sample, **{name: getattr(self, name) for name in OPTION_NAMES}, **entries)
+        with warnings.catch_warnings():  # its notes on options that greedy decoding ignores: the CLI's stderr stays clean
+            warnings.simplefilter("ignore")
+            return GenerationConfig(do_sample=self.do_sample, **{name: getattr(self, name) for name in OPTION_NAMES}, **entries)
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """The token ids in the model file's entries are the model's: one line where one is not (transformers
         would fail at the first step, or index from the end of the vocabulary)."""
         for name, value in self.model_entries:
-            if name in TOKEN_ID_ENTRY_NAMES:
+            if MODEL_ENTRY_KINDS[name].startswith("token id") or name == "sequence_bias":
                 held: Any = value
                 ids = tuple(pair[0] for pair in held) if name == "sequence_bias" else held  # ((ids), bias) pairs
                 bad = [i for i in _flattened(ids) if not 0 <= i < vocab_size]
@@ -145,6 +174,39 @@ class SamplingConfig:
         return bool(self.model_entries) or (self.repetition_penalty is not None and self.repetition_penalty != 1.0)
 
 
+def _model_entries(model_defaults, do_sample: bool) -> tuple[tuple[str, object], ...]:
+    """The model file's MODEL_ENTRY_KINDS entries that it sets, checked, for a request that samples or not; one line
+    for an entry of the wrong kind, for one the split cannot apply, and for a file that makes generate do other than
+    greedy decoding or sampling."""
+    import copy
+
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import GenerationMode
+
+    for name in UNSUPPORTED_ENTRY_NAMES:
+        value = getattr(model_defaults, name, None)
+        if value is not None and not (name == "guidance_scale" and value == 1):
+            raise TriadicError(f"the model's generation_config.json sets {name}, which generate applies and the split "
+                               "does not; remove it from the file to run without it")
+    as_generate = copy.deepcopy(model_defaults)
+    as_generate.do_sample = do_sample
+    mode = as_generate.get_generation_mode()
+    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+        raise TriadicError(f"the model's generation_config.json makes generate use {mode.value} (num_beams, "
+                           "penalty_alpha, prompt_lookup_num_tokens or constraints), which the split does not do")
+    global_defaults = GenerationConfig()._get_default_generation_params()
+    entries = []
+    for name, kind in MODEL_ENTRY_KINDS.items():
+        value = getattr(model_defaults, name, None)
+        if value is None or value == global_defaults.get(name) or (name in SAMPLING_ONLY_ENTRY_NAMES and not do_sample):
+            continue
+        described, holds = _KINDS[kind]
+        if not holds(value):
+            raise TriadicError(f"the model's generation_config.json: {name} must be {described}, not {value!r:.60}")
+        entries.append((name, _frozen(value)))
+    return tuple(entries)
+
+
 def two_part_refusal(config: SamplingConfig, asked: SamplingConfig | None = None,
                      source: str = "the model's generation_config.json") -> str:
     """The line that refuses `config` (resolved) in the two-part split, naming the flag or the file's entries.
@@ -155,7 +217,8 @@ def two_part_refusal(config: SamplingConfig, asked: SamplingConfig | None = None
         return f"--repetition-penalty: in the two-part split {why}"
     if config.model_entries:
         names = ", ".join(name for name, _ in config.model_entries)
-        return f"{source} sets {names}, which the two-part split cannot apply ({why})"
+        return (f"{source} sets {names}, which the two-part split cannot apply (its cloud chooses the token, is sent "
+                "the five options only and never sees the prompt's tokens)")
     return (f"{source} sets repetition_penalty {config.repetition_penalty:g}, which the two-part split cannot apply "
             f"({why}); pass --repetition-penalty 1 to run without it")
 
@@ -185,32 +248,38 @@ class _ProcessorFactory:
         self.config = PretrainedConfig(is_encoder_decoder=False)
 
 
-def logits_processors(config: SamplingConfig, device: torch.device | str = "cpu", prompt_length: int = 1,
-                      max_new_tokens: int = 1, eos_token_ids=()):
+def logits_processors(config: SamplingConfig, device: torch.device | str = "cpu", prompt_ids: Sequence[int] = (0,),
+                      max_new_tokens: int = 1, eos_token_ids: Iterable[int] = ()):
     """transformers' own LogitsProcessorList for these options, built by transformers' own code and in its order.
 
-    The request's prompt length, new-token budget and end-of-sequence ids are what `generate` gives the
-    processors that read them (min_new_tokens, forced_eos_token_id, ...) after preparing its GenerationConfig."""
+    The request's prompt, new-token budget and end-of-sequence ids are what `generate` gives the processors that
+    read them (min_new_tokens, forced_eos_token_id, the encoder_* entries, ...), and its lengths are prepared by
+    `generate`'s own `_prepare_generated_length` (min_new_tokens, even 0, replaces min_length)."""
     from transformers.generation.utils import GenerationMixin
 
     generation = config.generation_config()
-    generation.max_length = prompt_length + max_new_tokens  # as generate sets it from max_new_tokens
+    generation.max_new_tokens = max_new_tokens
     eos = sorted(set(eos_token_ids))
     generation._eos_token_tensor = torch.tensor(eos, device=device) if eos else None
     factory = type("ProcessorFactory", (_ProcessorFactory, GenerationMixin), {})()
-    return factory._get_logits_processor(generation, input_ids_seq_length=prompt_length, device=str(device))
+    factory._prepare_generated_length(generation, True, True, "input_ids", len(prompt_ids), None)
+    prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    with warnings.catch_warnings():  # as above
+        warnings.simplefilter("ignore")
+        return factory._get_logits_processor(generation, input_ids_seq_length=len(prompt_ids), encoder_input_ids=prompt,
+                                             device=str(device))
 
 
 class Sampler:
     """One request's token choice: processors built once, a generator seeded once (at the request's start)."""
 
-    def __init__(self, config: SamplingConfig, device: torch.device | str = "cpu", prompt_length: int = 1,
-                 max_new_tokens: int = 1, eos_token_ids=()) -> None:
+    def __init__(self, config: SamplingConfig, device: torch.device | str = "cpu", prompt_ids: Sequence[int] = (0,),
+                 max_new_tokens: int = 1, eos_token_ids: Iterable[int] = ()) -> None:
         """`config` must be resolved (every option explicit): both sides of a two-part split then agree exactly."""
         if any(getattr(config, name) is None for name in OPTION_NAMES if name != "min_p"):
             raise ValueError("Sampler needs a resolved SamplingConfig (SamplingConfig.resolved)")
         self.config = config
-        self.processors = logits_processors(config, device, prompt_length, max_new_tokens, eos_token_ids)
+        self.processors = logits_processors(config, device, prompt_ids, max_new_tokens, eos_token_ids)
         self.generator = torch.Generator(device=device).manual_seed(config.seed) if config.do_sample else None
 
     @property
@@ -234,13 +303,22 @@ class Sampler:
 
 
 def model_generation_defaults(model_dir):
-    """The model folder's generation_config.json, as `from_pretrained` gives it to `generate` (None where absent)."""
+    """The model folder's generation_config.json, as `from_pretrained` gives it to `generate` (None where absent);
+    one line for a file transformers refuses (it ignored the whole file, end-of-sequence ids included)."""
     from transformers import GenerationConfig
 
+    from transformers.utils import logging as transformers_logging
+
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its note on a flag of the wrong kind: refused below in one line of ours
     try:
         return GenerationConfig.from_pretrained(model_dir)
-    except (OSError, ValueError):
+    except OSError:  # absent, unreadable or not JSON: transformers' from_pretrained goes on without it too
         return None
+    except (ValueError, TypeError, RecursionError) as error:  # JSON that transformers refuses, as it refuses the model
+        raise TriadicError(f"{model_dir}/generation_config.json: {str(error).strip().splitlines()[0]}") from None
+    finally:
+        transformers_logging.set_verbosity(level)
 
 
 class TextStream:

@@ -179,3 +179,7 @@ def test_generation_config_decides_like_generate_or_is_named(tiny_with_tokenizer
     assert run("two", {1}, None, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "generation_config.json sets no_repeat_ngram_size, which the two-part split cannot apply" in err[0], err
+    (folder / "generation_config.json").write_text('{"eos_token_id": "12"}')  # was read as the ids [1, 2]
+    assert run("three", {1}, {3}, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "generation_config.json: eos_token_id must be a token id or a list of token ids, not '12'" in err[0], err

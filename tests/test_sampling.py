@@ -1,4 +1,6 @@
 """Sampling at the edge (or, in the two-part split, in the cloud) equals HF generate(do_sample=True) token for token."""
+import re
+
 import pytest
 
 from src.pipeline import build_pipeline
@@ -68,9 +70,13 @@ MODEL_ENTRIES = [
     (dict(suppress_tokens="FIRST"), -1),
     (dict(bad_words_ids="FIRST"), -1),
     (dict(min_new_tokens=10), 4),
+    (dict(min_length=20), 4),
+    (dict(min_length=20, min_new_tokens=0), 4),  # generate: min_new_tokens, even 0, replaces min_length (no change)
     (dict(forced_eos_token_id=7), -1),
     (dict(exponential_decay_length_penalty=(2, 3.0)), -1),
     (dict(sequence_bias=[[[7], 9.0]]), -1),
+    (dict(encoder_repetition_penalty=3.0), -1),  # a decoder-only model's "encoder" input is its prompt
+    (dict(typical_p=0.5, do_sample=True), -1),  # sampled, with the seed below
 ]
 
 
@@ -90,23 +96,27 @@ def test_the_model_files_other_entries_decide_as_in_generate(tiny_tied, tmp_path
     eos = [free[eos_index]]
     assert free.index(eos[0]) == eos_index % NEW  # its first occurrence
     first = [free[0]] if "suppress_tokens" in spec else [[free[0]]]
-    entries = {name: first if value == "FIRST" else value for name, value in spec.items()}
-    ids = torch.tensor([PROMPT])
-    reference = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
-                               eos_token_id=eos, pad_token_id=0, **entries)[0, len(PROMPT):].tolist()
-    plain = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
-                           eos_token_id=eos, pad_token_id=0)[0, len(PROMPT):].tolist()
-    assert reference != plain, entries  # the entry changes generate's tokens
+    entries = {name: first if value == "FIRST" else value for name, value in spec.items() if name != "do_sample"}
+    sample = spec.get("do_sample", False)
+
+    def generate(**options) -> list[int]:
+        ids = torch.tensor([PROMPT])
+        torch.manual_seed(5)
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=sample,
+                              eos_token_id=eos, pad_token_id=0, **options)[0, len(PROMPT):].tolist()
+
+    reference, plain = generate(**entries), generate()
+    assert (reference != plain) == ("min_new_tokens" not in entries or entries["min_new_tokens"] > 0), entries
     copy = tmp_path / "model"
     shutil.copytree(folder, copy)
-    GenerationConfig(**entries).save_pretrained(copy)
-    config = SamplingConfig().resolved(model_generation_defaults(copy))
+    GenerationConfig(**entries, do_sample=sample).save_pretrained(copy)  # transformers saves typical_p only with it
+    config = SamplingConfig(do_sample=sample, seed=5).resolved(model_generation_defaults(copy))
     assert [name for name, _ in config.model_entries] == list(entries)
     for first, second in [({1}, {3}), ({0, 1}, {2, 3, 4})]:
         pipeline = build_pipeline(str(copy), first, second, "none", seed=3, with_tokenizer=False)
         assert pipeline.edge.generate(PROMPT, NEW, eos, sampling=config).token_ids == reference, (entries, first, second)
     two_part = build_pipeline(str(copy), {1}, {4}, "none", two_part=True, with_tokenizer=False)
-    with pytest.raises(TriadicError, match=f"sets {list(entries)[0]}, which the two-part split cannot apply"):
+    with pytest.raises(TriadicError, match=re.escape(f"sets {', '.join(entries)}, which the two-part split cannot apply")):
         two_part.edge.generate(PROMPT, NEW, eos, sampling=config)
 
 
@@ -114,9 +124,16 @@ def test_the_model_files_other_entries_decide_as_in_generate(tiny_tied, tmp_path
     "entry,expected",
     [
         (dict(guidance_scale=1.5), "sets guidance_scale, which generate applies and the split does not"),
-        (dict(bad_words_ids=[[-1]]), "(bad_words_ids): Each list in `bad_words_ids` has to be a list of positive integers"),
-        (dict(min_new_tokens="x"), "(min_new_tokens): '>' not supported"),  # transformers' own checks, as one line
-        (dict(exponential_decay_length_penalty=[1]), "(exponential_decay_length_penalty): list index out of range"),
+        (dict(num_beams=3), "makes generate use beam_search"),
+        (dict(max_new_tokens=0), "generation_config.json: `max_new_tokens` must be greater than 0"),  # the split ignored it whole
+        (dict(bad_words_ids=[[-1]]), ": Each list in `bad_words_ids` has to be a list of positive integers"),  # transformers'
+        (dict(typical_p=0), "`typical_p` has to be a float > 0 and < 1"),  # checked for sampling, also when greedy
+        (dict(min_new_tokens="x"), "min_new_tokens must be an integer, not 'x'"),  # the kinds: transformers raised inside
+        (dict(no_repeat_ngram_size=True), "no_repeat_ngram_size must be an integer, not True"),
+        (dict(exponential_decay_length_penalty=[1, "x"]), "exponential_decay_length_penalty must be a pair"),
+        (dict(suppress_tokens=[None]), "suppress_tokens must be a list of token ids, not [None]"),
+        (dict(forced_bos_token_id="5"), "forced_bos_token_id must be a token id, not '5'"),
+        (dict(temperature="hot"), "temperature must be a finite number, not 'hot'"),
         (dict(bad_words_ids=[[5, 99999]]), "bad_words_ids holds token id 99999, outside the model's vocabulary of 97"),
         (dict(forced_eos_token_id=97), "forced_eos_token_id holds token id 97"),  # transformers: an IndexError at the last step
         (dict(sequence_bias=[[[3, 500], 1.0]]), "sequence_bias holds token id 500"),
