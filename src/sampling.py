@@ -123,23 +123,32 @@ class SamplingConfig:
 
         global_defaults = GenerationConfig()._get_default_generation_params()
         entries = _model_entries(model_defaults, self.do_sample) if model_defaults is not None else ()
-        values = {}
+        values, from_file = {}, []
         for name in OPTION_NAMES:
             value = getattr(self, name)
-            if value is None and model_defaults is not None:
+            # greedy decoding ignores the file's sampling options, as generate does (a file may say temperature 0)
+            if value is None and model_defaults is not None and (self.do_sample or name == "repetition_penalty"):
                 value = getattr(model_defaults, name, None)
                 kind = "count" if name == "top_k" else "number"
                 if value is not None and not _KINDS[kind][1](value):
                     raise TriadicError(f"the model's generation_config.json: {name} must be {_KINDS[kind][0]}, not {value!r:.60}")
+                from_file += [name] if value is not None else []
             if value is None:
                 value = global_defaults.get(name)
             values[name] = value
         if values["min_p"] == 0:
             values["min_p"] = None  # min-p 0 keeps every token: transformers' warper would be a no-op
         values = {name: float(v) if name != "top_k" and v is not None else v for name, v in values.items()}
-        config = dataclasses.replace(self, **values, model_entries=entries)
-        if model_defaults is not None:  # transformers' own checks of the values, as it builds the processors: one line
-            trial = dataclasses.replace(config, do_sample=True, model_entries=_model_entries(model_defaults, True))
+        try:
+            config = dataclasses.replace(self, **values, model_entries=entries)
+        except TriadicError as error:  # a range refused: name the file where the value came from it, not a flag
+            message = str(error)
+            for name in from_file:
+                message = message.replace(f"--{name.replace('_', '-')} {values[name]}:",
+                                          f"the model's generation_config.json sets {name} {values[name]}:")
+            raise TriadicError(message) from None
+        if model_defaults is not None:  # transformers' own checks of the entries, as it builds the processors: one line
+            trial = SamplingConfig(True, 1.0, 0, 1.0, None, 1.0, model_entries=_model_entries(model_defaults, True))
             try:
                 logits_processors(trial, eos_token_ids=(0,))
             except (TypeError, ValueError, IndexError) as error:
@@ -188,6 +197,9 @@ def _model_entries(model_defaults, do_sample: bool) -> tuple[tuple[str, object],
         if value is not None and not (name == "guidance_scale" and value == 1):
             raise TriadicError(f"the model's generation_config.json sets {name}, which generate applies and the split "
                                "does not; remove it from the file to run without it")
+    if getattr(model_defaults, "num_return_sequences", None) not in (None, 1):
+        raise TriadicError(f"the model's generation_config.json sets num_return_sequences "
+                           f"{model_defaults.num_return_sequences!r:.20}: generate returns that many answers, the split one")
     as_generate = copy.deepcopy(model_defaults)
     as_generate.do_sample = do_sample
     mode = as_generate.get_generation_mode()
@@ -203,8 +215,21 @@ def _model_entries(model_defaults, do_sample: bool) -> tuple[tuple[str, object],
         described, holds = _KINDS[kind]
         if not holds(value):
             raise TriadicError(f"the model's generation_config.json: {name} must be {described}, not {value!r:.60}")
+        if not _has_effect(name, value, model_defaults):
+            continue
         entries.append((name, _frozen(value)))
     return tuple(entries)
+
+
+def _has_effect(name: str, value, model_defaults) -> bool:
+    """False for an entry that changes no token: a false flag, an empty suppression, min_new_tokens 0, and min_length
+    where min_new_tokens is set (generate's `_prepare_generated_length` replaces it). So that a two-part split, which
+    refuses the entries, does not refuse a file that spells out every field at its no-op."""
+    if name == "min_length":
+        return getattr(model_defaults, "min_new_tokens", None) is None
+    if name in ("remove_invalid_values", "renormalize_logits", "suppress_tokens", "begin_suppress_tokens", "min_new_tokens"):
+        return bool(value)
+    return True
 
 
 def two_part_refusal(config: SamplingConfig, asked: SamplingConfig | None = None,
@@ -291,32 +316,41 @@ class Sampler:
         if self.is_plain_greedy:
             return int(logits.argmax())
         scores = logits.reshape(1, -1).to(dtype=torch.float32, copy=True)
-        if len(self.processors):
-            if self.config.needs_token_ids and token_ids is None:
-                raise ValueError("the repetition penalty and the model's generation_config entries need the sequence's token ids")
-            ids = torch.tensor([token_ids or []], dtype=torch.long, device=scores.device)
-            scores = self.processors(ids, scores)
-        if not self.config.do_sample:
-            return int(scores.argmax(dim=-1))
-        probs = torch.nn.functional.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, num_samples=1, generator=self.generator))
+        if self.config.needs_token_ids and token_ids is None:
+            raise ValueError("the repetition penalty and the model's generation_config entries need the sequence's token ids")
+        try:  # values that pass every check and still fail here (a decay that overflows, an infinite bias when
+            # sampling, an eos id past the vocabulary) fail generate too: one line, and the request ends
+            if len(self.processors):
+                scores = self.processors(torch.tensor([token_ids or []], dtype=torch.long, device=scores.device), scores)
+            if not self.config.do_sample:
+                return int(scores.argmax(dim=-1))
+            probs = torch.nn.functional.softmax(scores, dim=-1)
+            return int(torch.multinomial(probs, num_samples=1, generator=self.generator))
+        except (ArithmeticError, IndexError, RuntimeError, ValueError) as error:
+            raise TriadicError(f"choosing the token failed with these options and the model's generation_config.json "
+                               f"entries: {(str(error).strip() or type(error).__name__).splitlines()[0]}") from None
 
 
 def model_generation_defaults(model_dir):
-    """The model folder's generation_config.json, as `from_pretrained` gives it to `generate` (None where absent);
-    one line for a file transformers refuses (it ignored the whole file, end-of-sequence ids included)."""
+    """The model folder's generation options as `from_pretrained` gives them to `generate`: generation_config.json,
+    else the generation entries of config.json (None where neither is there). One line for a file transformers
+    refuses, as it refuses the model (such a file used to be ignored whole, end-of-sequence ids included)."""
     from transformers import GenerationConfig
-
     from transformers.utils import logging as transformers_logging
 
     level = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()  # its note on a flag of the wrong kind: refused below in one line of ours
+    transformers_logging.set_verbosity_error()  # its note on a flag of the wrong kind: refused in one line of ours
+    name = "generation_config.json"
     try:
-        return GenerationConfig.from_pretrained(model_dir)
-    except OSError:  # absent, unreadable or not JSON: transformers' from_pretrained goes on without it too
+        try:
+            return GenerationConfig.from_pretrained(model_dir)
+        except OSError:  # absent, unreadable or not JSON: transformers' from_pretrained then reads config.json's entries
+            name = "config.json"
+            return GenerationConfig.from_pretrained(model_dir, config_file_name=name, _from_model_config=True)
+    except OSError:
         return None
-    except (ValueError, TypeError, RecursionError) as error:  # JSON that transformers refuses, as it refuses the model
-        raise TriadicError(f"{model_dir}/generation_config.json: {str(error).strip().splitlines()[0]}") from None
+    except Exception as error:  # noqa: BLE001 - untrusted JSON: transformers raises ValueError, TypeError, AttributeError...
+        raise TriadicError(f"{model_dir}/{name}: {(str(error).strip() or type(error).__name__).splitlines()[0]}") from None
     finally:
         transformers_logging.set_verbosity(level)
 

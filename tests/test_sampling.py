@@ -111,11 +111,15 @@ def test_the_model_files_other_entries_decide_as_in_generate(tiny_tied, tmp_path
     shutil.copytree(folder, copy)
     GenerationConfig(**entries, do_sample=sample).save_pretrained(copy)  # transformers saves typical_p only with it
     config = SamplingConfig(do_sample=sample, seed=5).resolved(model_generation_defaults(copy))
-    assert [name for name, _ in config.model_entries] == list(entries)
+    applied = [] if entries.get("min_new_tokens") == 0 else list(entries)  # that pair changes nothing: none applied
+    assert [name for name, _ in config.model_entries] == applied
     for first, second in [({1}, {3}), ({0, 1}, {2, 3, 4})]:
         pipeline = build_pipeline(str(copy), first, second, "none", seed=3, with_tokenizer=False)
         assert pipeline.edge.generate(PROMPT, NEW, eos, sampling=config).token_ids == reference, (entries, first, second)
     two_part = build_pipeline(str(copy), {1}, {4}, "none", two_part=True, with_tokenizer=False)
+    if not applied:  # and the two-part split, which cannot apply entries, runs it
+        assert two_part.edge.generate(PROMPT, NEW, eos, sampling=config).token_ids == reference
+        return
     with pytest.raises(TriadicError, match=re.escape(f"sets {', '.join(entries)}, which the two-part split cannot apply")):
         two_part.edge.generate(PROMPT, NEW, eos, sampling=config)
 
@@ -126,6 +130,7 @@ def test_the_model_files_other_entries_decide_as_in_generate(tiny_tied, tmp_path
         (dict(guidance_scale=1.5), "sets guidance_scale, which generate applies and the split does not"),
         (dict(num_beams=3), "makes generate use beam_search"),
         (dict(max_new_tokens=0), "generation_config.json: `max_new_tokens` must be greater than 0"),  # the split ignored it whole
+        (dict(num_return_sequences=3, do_sample=True), "sets num_return_sequences 3: generate returns that many answers"),
         (dict(bad_words_ids=[[-1]]), ": Each list in `bad_words_ids` has to be a list of positive integers"),  # transformers'
         (dict(typical_p=0), "`typical_p` has to be a float > 0 and < 1"),  # checked for sampling, also when greedy
         (dict(min_new_tokens="x"), "min_new_tokens must be an integer, not 'x'"),  # the kinds: transformers raised inside
@@ -133,7 +138,7 @@ def test_the_model_files_other_entries_decide_as_in_generate(tiny_tied, tmp_path
         (dict(exponential_decay_length_penalty=[1, "x"]), "exponential_decay_length_penalty must be a pair"),
         (dict(suppress_tokens=[None]), "suppress_tokens must be a list of token ids, not [None]"),
         (dict(forced_bos_token_id="5"), "forced_bos_token_id must be a token id, not '5'"),
-        (dict(temperature="hot"), "temperature must be a finite number, not 'hot'"),
+        (dict(repetition_penalty="hot"), "repetition_penalty must be a finite number, not 'hot'"),  # greedy reads it
         (dict(bad_words_ids=[[5, 99999]]), "bad_words_ids holds token id 99999, outside the model's vocabulary of 97"),
         (dict(forced_eos_token_id=97), "forced_eos_token_id holds token id 97"),  # transformers: an IndexError at the last step
         (dict(sequence_bias=[[[3, 500], 1.0]]), "sequence_bias holds token id 500"),
@@ -151,6 +156,54 @@ def test_an_entry_the_split_cannot_apply_is_refused_in_one_line(tiny_tied, tmp_p
         config = SamplingConfig().resolved(model_generation_defaults(copy))
         build_pipeline(str(copy), {1}, {3}, "none", with_tokenizer=False).edge.generate(PROMPT, 4, [2], sampling=config)
     assert "generation_config.json" in str(caught.value) and expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_files_values_are_read_as_generate_reads_them(tiny_tied, tmp_path):
+    """Greedy decoding ignores the file's sampling options (a file saying temperature 0 refused every greedy run);
+    a sampled request refuses it naming the file, not a flag; without generation_config.json, config.json's
+    generation entries apply, as from_pretrained gives them to generate; entries at their no-op value do not make
+    the two-part split refuse the file."""
+    import json
+    import shutil
+
+    import torch
+
+    folder, model = tiny_tied
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    (copy / "generation_config.json").write_text('{"temperature": 0.0, "renormalize_logits": false, "suppress_tokens": [], '
+                                                 '"min_new_tokens": 0, "min_length": 30, "eos_token_id": 2}')
+    greedy = SamplingConfig().resolved(model_generation_defaults(copy))
+    assert greedy.model_entries == () and greedy.temperature == 1.0
+    two_part = build_pipeline(str(copy), {1}, {4}, "none", two_part=True, with_tokenizer=False)
+    assert two_part.edge.generate(PROMPT, NEW, sampling=greedy).token_ids == hf_greedy(model, PROMPT, NEW)[0]
+    with pytest.raises(TriadicError, match=re.escape("the model's generation_config.json sets temperature 0.0: must be at least")):
+        SamplingConfig(do_sample=True).resolved(model_generation_defaults(copy))
+
+    (copy / "generation_config.json").unlink()
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "no_repeat_ngram_size": 2}))
+    ids = torch.tensor([PROMPT])
+    reference = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                               pad_token_id=0, no_repeat_ngram_size=2)[0, len(PROMPT):].tolist()
+    resolved = SamplingConfig().resolved(model_generation_defaults(copy))
+    assert resolved.model_entries == (("no_repeat_ngram_size", 2),)
+    assert build_pipeline(str(copy), {1}, {3}, "none", with_tokenizer=False).edge.generate(PROMPT, NEW, sampling=resolved).token_ids == reference
+
+
+def test_an_entry_that_fails_at_a_step_ends_the_request_in_one_line(tiny_tied, tmp_path):
+    """An infinite sequence bias passes every check, then makes sampling's probabilities NaN (generate fails there too):
+    one line, and the edge's session is left for a fresh start, not half-way."""
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_tied[0], copy)
+    (copy / "generation_config.json").write_text('{"sequence_bias": [[[5], Infinity]]}')
+    config = SamplingConfig(do_sample=True).resolved(model_generation_defaults(copy))
+    edge = build_pipeline(str(copy), {1}, {3}, "none", with_tokenizer=False).edge
+    with pytest.raises(TriadicError, match="choosing the token failed with these options and the model's generation_config.json"):
+        edge.generate(PROMPT, 4, [2], sampling=config)
+    assert edge.generate(PROMPT, 4, [2]).token_ids == hf_greedy(tiny_tied[1], PROMPT, 4)[0]  # greedy: the bias is a warper's input
 
 
 def test_sampling_seed_is_not_the_schedule_seed(tiny_tied):

@@ -202,10 +202,14 @@ def _baseline(model, tokenizer, ids: list[int], config: CompareConfig, eos: list
     began = time.perf_counter()
     if config.sampling.do_sample:
         torch.manual_seed(config.sampling.seed)
-    with torch.no_grad():  # an all-ones mask: generate would otherwise mask prompt tokens equal to the pad id
-        out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=config.max_new_tokens,
-                             do_sample=config.sampling.do_sample, eos_token_id=eos, pad_token_id=eos[0],
-                             stopping_criteria=_splits_stop_rule(stream, len(ids)), **options)
+    try:
+        with torch.no_grad():  # an all-ones mask: generate would otherwise mask prompt tokens equal to the pad id
+            out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=config.max_new_tokens,
+                                 do_sample=config.sampling.do_sample, eos_token_id=eos, pad_token_id=eos[0],
+                                 stopping_criteria=_splits_stop_rule(stream, len(ids)), **options)
+    except (ValueError, TypeError, RuntimeError, ArithmeticError, IndexError) as error:  # e.g. a file's integer penalty
+        first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise TriadicError(f"the baseline, transformers' generate, refused this model's options: {first_line}") from None
     return Run(index, BASELINE, "-", out[0, len(ids):].tolist(), stream.finish(), time.perf_counter() - began)
 
 
