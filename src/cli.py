@@ -153,7 +153,7 @@ def _run(mode: str, args, first: set[int] | None, second: set[int] | None) -> in
     pipeline = build_from_args(mode, args, first, second)
     generation = model_generation_defaults(pipeline.model_dir)
     asked, sampling = sampling, sampling.resolved(generation)
-    if pipeline.edge.third is None and sampling.needs_token_ids:
+    if pipeline.edge.third is None and sampling.edge_only:
         raise TriadicError(two_part_refusal(sampling, asked, f"{pipeline.model_dir}/generation_config.json"))
     eos = eos_token_ids(pipeline.tokenizer, pipeline.config, generation)
     prompt_format = args.prompt_format
@@ -288,5 +288,7 @@ def eos_token_ids(tokenizer, config, generation=None) -> list[int]:
         listed = [more] if more is None or isinstance(more, int) else more
         if not isinstance(listed, list) or not all(i is None or (isinstance(i, int) and not isinstance(i, bool)) for i in listed):
             raise TriadicError(f"the model's {source}: eos_token_id must be a token id or a list of token ids, not {more!r:.60}")
-        ids += [i for i in listed if i is not None and i not in ids]
+        for id_ in listed:
+            if id_ is not None and id_ not in ids:
+                ids.append(id_)
     return ids

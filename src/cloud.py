@@ -88,7 +88,7 @@ class Cloud(Party):
         return protocol.encode_start(message.seed, message.resplit_every, message.fingerprint, self.hidden_size)
 
     def _check_sampling(self, sampling) -> None:
-        if self.with_head and sampling.needs_token_ids:
+        if self.with_head and sampling.edge_only:
             raise ProtocolError("the two-part cloud never sees the prompt's tokens: it cannot apply a repetition penalty")
 
     def _turn(self, message: protocol.Message) -> bytes:

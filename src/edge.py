@@ -146,7 +146,7 @@ class Edge(Party):
                 f"prompt of {len(token_ids)} tokens + {max_new_tokens} new tokens exceeds the model's context of {context}"
             )
         sampling = sampling if sampling is not None else SamplingConfig().resolved()
-        if self.third is None and sampling.needs_token_ids:
+        if self.third is None and sampling.edge_only:
             raise TriadicError(two_part_refusal(sampling))
         sampling.check_vocabulary(self.config.vocab_size)
         try:
@@ -199,7 +199,7 @@ class Edge(Party):
             keep = 0
         if self.link is not None:
             if not self.started:
-                plain = not (sampling.do_sample or sampling.needs_token_ids)  # a greedy START stays as it was
+                plain = not (sampling.do_sample or sampling.edge_only)  # a greedy START stays as it was
                 start = protocol.encode_start(
                     self.schedule.seed, self.schedule.resplit_every, self.schedule.fingerprint(), self.hidden_size,
                     None if plain else sampling,
@@ -249,7 +249,7 @@ class Edge(Party):
             self.run_layers(b, self.num_layers, end)
             with self.timed("compute"):
                 logits = self.third.head(self.store.get(self.num_layers, end - 1, end))[0]
-                token = sampler.choose(logits, tokens if sampler.config.needs_token_ids else None)
+                token = sampler.choose(logits, tokens if sampler.config.edge_only else None)
         self.prune()
         self.end = end
         self.tokens.extend(tokens[len(self.tokens) : end])

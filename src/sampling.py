@@ -16,11 +16,14 @@ import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from .utils import TriadicError, check_text, is_unsigned
+from .utils import TriadicError, check_text, first_line, is_unsigned
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, LogitsProcessorList
 
 SEED_LIMIT = 1 << 64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1; the wire carries a u64 (and top-k a u32)
 # The logits are divided by the temperature in float32: below this they may overflow to inf (and a
@@ -44,10 +47,11 @@ MODEL_ENTRY_KINDS = {
     "exponential_decay_length_penalty": "decay",
 }
 SAMPLING_ONLY_ENTRY_NAMES = ("typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")  # warpers: applied when sampling
-# Entries `generate` applies that the split cannot: classifier-free guidance runs the whole model a second time, and
-# a watermark's processor is built from the model object. A file that sets one is refused by name (and so is one
-# that makes generate search beams, look up prompts or contrast: `GenerationConfig.get_generation_mode`).
-UNSUPPORTED_ENTRY_NAMES = ("guidance_scale", "watermarking_config", "stop_strings")
+# Entries `generate` applies that the split cannot: classifier-free guidance runs the whole model a second time, a
+# watermark's processor is built from the model object, token healing rewrites the prompt, and stop strings and a
+# time limit are stopping criteria of generate's own. A file that sets one is refused by name (and so is one that
+# makes generate search beams, look up prompts or contrast: `GenerationConfig.get_generation_mode`).
+UNSUPPORTED_ENTRY_NAMES = ("guidance_scale", "watermarking_config", "stop_strings", "token_healing", "max_time")
 
 
 def _is_int(value) -> bool:
@@ -112,48 +116,39 @@ class SamplingConfig:
         if not is_unsigned(self.seed, 64):
             raise TriadicError(f"--sampling-seed {self.seed}: must be an integer in [0, 2**64)")
 
-    def resolved(self, model_defaults=None) -> SamplingConfig:
+    def resolved(self, model_defaults: GenerationConfig | None = None) -> SamplingConfig:
         """Every option explicit: unset ones from the model's GenerationConfig, else transformers' global defaults.
 
-        This is the order `GenerationMixin._prepare_generation_config` applies. The file's other entries that
-        decide the token (MODEL_ENTRY_KINDS: no_repeat_ngram_size, suppress_tokens, min_new_tokens, ...) are kept
-        in `model_entries`; one that the split cannot apply (UNSUPPORTED_ENTRY_NAMES) is refused in one line.
+        This is the order `GenerationMixin._prepare_generation_config` applies; greedy decoding takes only the
+        repetition penalty from the file, as generate ignores the others then. The file's other entries that decide
+        the token (MODEL_ENTRY_KINDS) are kept in `model_entries`; what the split cannot apply, and what transformers
+        itself refuses, is refused in one line. Without `model_defaults` the entries already resolved stay.
         """
         from transformers import GenerationConfig
 
+        if model_defaults is None:
+            entries, from_file = self.model_entries, {}
+        else:
+            entries = _model_entries(model_defaults, self.do_sample)
+            from_file = {name: getattr(model_defaults, name) for name in OPTION_NAMES if getattr(self, name) is None
+                         and getattr(model_defaults, name, None) is not None and (self.do_sample or name == "repetition_penalty")}
+            for name, value in from_file.items():
+                _check_file_option(name, value, self.do_sample, _named(model_defaults))
         global_defaults = GenerationConfig()._get_default_generation_params()
-        entries = _model_entries(model_defaults, self.do_sample) if model_defaults is not None else ()
-        values, from_file = {}, []
-        for name in OPTION_NAMES:
-            value = getattr(self, name)
-            # greedy decoding ignores the file's sampling options, as generate does (a file may say temperature 0)
-            if value is None and model_defaults is not None and (self.do_sample or name == "repetition_penalty"):
-                value = getattr(model_defaults, name, None)
-                kind = "count" if name == "top_k" else "number"
-                if value is not None and not _KINDS[kind][1](value):
-                    raise TriadicError(f"the model's generation_config.json: {name} must be {_KINDS[kind][0]}, not {value!r:.60}")
-                from_file += [name] if value is not None else []
-            if value is None:
-                value = global_defaults.get(name)
-            values[name] = value
+        values = {name: getattr(self, name) for name in OPTION_NAMES}
+        values.update(from_file)
+        values = {name: global_defaults.get(name) if value is None else value for name, value in values.items()}
         if values["min_p"] == 0:
             values["min_p"] = None  # min-p 0 keeps every token: transformers' warper would be a no-op
         values = {name: float(v) if name != "top_k" and v is not None else v for name, v in values.items()}
-        try:
-            config = dataclasses.replace(self, **values, model_entries=entries)
-        except TriadicError as error:  # a range refused: name the file where the value came from it, not a flag
-            message = str(error)
-            for name in from_file:
-                message = message.replace(f"--{name.replace('_', '-')} {values[name]}:",
-                                          f"the model's generation_config.json sets {name} {values[name]}:")
-            raise TriadicError(message) from None
-        if model_defaults is not None:  # transformers' own checks of the entries, as it builds the processors: one line
-            trial = SamplingConfig(True, 1.0, 0, 1.0, None, 1.0, model_entries=_model_entries(model_defaults, True))
+        if model_defaults is not None:  # transformers' own checks, as generate meets them: the file's values as written
+            trial = dataclasses.replace(self, **{**values, **from_file}, do_sample=True,
+                                        model_entries=_model_entries(model_defaults, do_sample=True))
             try:
-                logits_processors(trial, eos_token_ids=(0,))
-            except (TypeError, ValueError, IndexError) as error:
-                raise TriadicError(f"the model's generation_config.json: {str(error).splitlines()[0]}") from None
-        return config
+                logits_processors(trial, prompt_ids=(0,), eos_token_ids=(0,))
+            except (TypeError, ValueError, IndexError, RuntimeError) as error:
+                raise TriadicError(f"{_named(model_defaults)}: {first_line(error)}") from None
+        return dataclasses.replace(self, **values, model_entries=entries)
 
     def generation_config(self):
         """The transformers GenerationConfig of these options (resolve first: None means transformers' default)."""
@@ -168,45 +163,60 @@ class SamplingConfig:
         """The token ids in the model file's entries are the model's: one line where one is not (transformers
         would fail at the first step, or index from the end of the vocabulary)."""
         for name, value in self.model_entries:
-            if MODEL_ENTRY_KINDS[name].startswith("token id") or name == "sequence_bias":
-                held: Any = value
-                ids = tuple(pair[0] for pair in held) if name == "sequence_bias" else held  # ((ids), bias) pairs
-                bad = [i for i in _flattened(ids) if not 0 <= i < vocab_size]
-                if bad:
-                    raise TriadicError(f"the model's generation_config.json: {name} holds token id {bad[0]}, outside the "
-                                       f"model's vocabulary of {vocab_size}")
+            ids = _token_ids(name, value)
+            bad = [i for i in ids if not 0 <= i < vocab_size]
+            if bad:
+                raise TriadicError(f"the model's generation_config.json: {name} holds token id {bad[0]}, outside the "
+                                   f"model's vocabulary of {vocab_size}")
 
     @property
-    def needs_token_ids(self) -> bool:
-        """Whether the choice reads the sequence: the repetition penalty and the model file's entries (n-grams, bad
-        words, lengths) do; the five options alone otherwise see only the logits."""
+    def edge_only(self) -> bool:
+        """Whether only the edge can choose the token: the repetition penalty and the model file's entries read the
+        sequence (n-grams, bad words, lengths) or are not carried to a two-part cloud (START holds the five options)."""
         return bool(self.model_entries) or (self.repetition_penalty is not None and self.repetition_penalty != 1.0)
 
 
-def _model_entries(model_defaults, do_sample: bool) -> tuple[tuple[str, object], ...]:
-    """The model file's MODEL_ENTRY_KINDS entries that it sets, checked, for a request that samples or not; one line
-    for an entry of the wrong kind, for one the split cannot apply, and for a file that makes generate do other than
-    greedy decoding or sampling."""
+def _named(model_defaults) -> str:
+    """The file the model's generation options were read from, for a message."""
+    return f"the model's {getattr(model_defaults, 'triadic_source', 'generation_config.json')}"
+
+
+def _check_file_option(name: str, value, do_sample: bool, source: str) -> None:
+    """One of the five options as the model's file gives it: of its kind, and in the range a flag would be."""
+    kind = "count" if name == "top_k" else "number"
+    if not _KINDS[kind][1](value):
+        raise TriadicError(f"{source}: {name} must be {_KINDS[kind][0]}, not {value!r:.60}")
+    try:
+        SamplingConfig(do_sample=do_sample, **{name: value})
+    except TriadicError as error:  # its message names the flag ("--top-p 0: ..."); the value came from the file
+        raise TriadicError(f"{source} sets {name} {value}: {str(error).split(': ', 1)[-1]}") from None
+
+
+def _model_entries(model_defaults: GenerationConfig, do_sample: bool) -> tuple[tuple[str, object], ...]:
+    """The file's MODEL_ENTRY_KINDS entries that change a token, checked, for a request that samples or not; one
+    line for an entry of the wrong kind, for one the split cannot apply, and for a file that makes generate do other
+    than greedy decoding or sampling."""
     import copy
 
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import GenerationMode
 
+    source = _named(model_defaults)
     for name in UNSUPPORTED_ENTRY_NAMES:
         value = getattr(model_defaults, name, None)
-        if value is not None and not (name == "guidance_scale" and value == 1):
-            raise TriadicError(f"the model's generation_config.json sets {name}, which generate applies and the split "
-                               "does not; remove it from the file to run without it")
+        if value not in (None, False) and not (name == "guidance_scale" and value == 1):
+            raise TriadicError(f"{source} sets {name}, which generate applies and the split does not; remove it from the "
+                               "file to run without it")
     if getattr(model_defaults, "num_return_sequences", None) not in (None, 1):
-        raise TriadicError(f"the model's generation_config.json sets num_return_sequences "
-                           f"{model_defaults.num_return_sequences!r:.20}: generate returns that many answers, the split one")
-    as_generate = copy.deepcopy(model_defaults)
+        raise TriadicError(f"{source} sets num_return_sequences {model_defaults.num_return_sequences!r:.20}: generate "
+                           "returns that many answers, the split one")
+    global_defaults = GenerationConfig()._get_default_generation_params()
+    as_generate = copy.deepcopy(model_defaults)  # as generate prepares it: its defaults fill what the file leaves unset
+    as_generate.update(**global_defaults, defaults_only=True)
     as_generate.do_sample = do_sample
     mode = as_generate.get_generation_mode()
     if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
-        raise TriadicError(f"the model's generation_config.json makes generate use {mode.value} (num_beams, "
-                           "penalty_alpha, prompt_lookup_num_tokens or constraints), which the split does not do")
-    global_defaults = GenerationConfig()._get_default_generation_params()
+        raise TriadicError(f"{source} makes generate use {mode.value}, which the split does not do")
     entries = []
     for name, kind in MODEL_ENTRY_KINDS.items():
         value = getattr(model_defaults, name, None)
@@ -214,10 +224,9 @@ def _model_entries(model_defaults, do_sample: bool) -> tuple[tuple[str, object],
             continue
         described, holds = _KINDS[kind]
         if not holds(value):
-            raise TriadicError(f"the model's generation_config.json: {name} must be {described}, not {value!r:.60}")
-        if not _has_effect(name, value, model_defaults):
-            continue
-        entries.append((name, _frozen(value)))
+            raise TriadicError(f"{source}: {name} must be {described}, not {value!r:.60}")
+        if _has_effect(name, value, model_defaults):
+            entries.append((name, _frozen(value)))
     return tuple(entries)
 
 
@@ -237,25 +246,31 @@ def two_part_refusal(config: SamplingConfig, asked: SamplingConfig | None = None
     """The line that refuses `config` (resolved) in the two-part split, naming the flag or the file's entries.
 
     `asked` is the request before resolving: a penalty there is the user's flag, else it came from `source`."""
-    why = "the cloud chooses the token and never sees the prompt's tokens"
-    if asked is None and not config.model_entries or asked is not None and asked.needs_token_ids:
-        return f"--repetition-penalty: in the two-part split {why}"
-    if config.model_entries:
+    if config.model_entries and not (asked is not None and asked.edge_only):
         names = ", ".join(name for name, _ in config.model_entries)
-        return (f"{source} sets {names}, which the two-part split cannot apply (its cloud chooses the token, is sent "
-                "the five options only and never sees the prompt's tokens)")
+        return (f"{source} sets {names}, which the two-part split cannot apply (its cloud chooses the token and is "
+                "sent the five options only)")
+    why = "the cloud chooses the token and never sees the prompt's tokens"
+    if asked is None or asked.edge_only:
+        return f"--repetition-penalty: in the two-part split {why}"
     return (f"{source} sets repetition_penalty {config.repetition_penalty:g}, which the two-part split cannot apply "
             f"({why}); pass --repetition-penalty 1 to run without it")
 
 
-def _flattened(value) -> list[int]:
-    return [i for item in value for i in _flattened(item)] if isinstance(value, tuple) else [value]
+def _token_ids(name: str, value) -> list[int]:
+    """The token ids an entry holds (none for the entries of other kinds); `value` as `_frozen` keeps it."""
+    kind = MODEL_ENTRY_KINDS[name]
+    if kind == "biases":
+        return [i for ids, _ in value for i in ids]  # ((ids), bias) pairs
+    if kind == "token id lists":
+        return [i for ids in value for i in ids]
+    if kind in ("token id", "token ids", "token id list"):
+        return list(value) if isinstance(value, tuple) else [value]
+    return []
 
 
 def _frozen(value):
     """A generation_config value with its lists as tuples, so that a SamplingConfig stays immutable and comparable."""
-    if isinstance(value, dict):
-        return tuple((_frozen(k), _frozen(v)) for k, v in value.items())
     return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
 
 
@@ -274,12 +289,13 @@ class _ProcessorFactory:
 
 
 def logits_processors(config: SamplingConfig, device: torch.device | str = "cpu", prompt_ids: Sequence[int] = (0,),
-                      max_new_tokens: int = 1, eos_token_ids: Iterable[int] = ()):
+                      max_new_tokens: int = 1, eos_token_ids: Iterable[int] = ()) -> LogitsProcessorList:
     """transformers' own LogitsProcessorList for these options, built by transformers' own code and in its order.
 
     The request's prompt, new-token budget and end-of-sequence ids are what `generate` gives the processors that
     read them (min_new_tokens, forced_eos_token_id, the encoder_* entries, ...), and its lengths are prepared by
-    `generate`'s own `_prepare_generated_length` (min_new_tokens, even 0, replaces min_length)."""
+    `generate`'s own `_prepare_generated_length` (min_new_tokens, even 0, replaces min_length). The default prompt
+    stands in where no processor reads one (the five options alone, a two-part cloud's)."""
     from transformers.generation.utils import GenerationMixin
 
     generation = config.generation_config()
@@ -287,9 +303,10 @@ def logits_processors(config: SamplingConfig, device: torch.device | str = "cpu"
     eos = sorted(set(eos_token_ids))
     generation._eos_token_tensor = torch.tensor(eos, device=device) if eos else None
     factory = type("ProcessorFactory", (_ProcessorFactory, GenerationMixin), {})()
-    factory._prepare_generated_length(generation, True, True, "input_ids", len(prompt_ids), None)
+    factory._prepare_generated_length(generation, has_default_max_length=True, has_default_min_length=True,
+                                      model_input_name="input_ids", input_ids_length=len(prompt_ids), inputs_tensor=None)
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    with warnings.catch_warnings():  # as above
+    with warnings.catch_warnings():  # its notes on options it ignores, as in generation_config()
         warnings.simplefilter("ignore")
         return factory._get_logits_processor(generation, input_ids_seq_length=len(prompt_ids), encoder_input_ids=prompt,
                                              device=str(device))
@@ -304,7 +321,10 @@ class Sampler:
         if any(getattr(config, name) is None for name in OPTION_NAMES if name != "min_p"):
             raise ValueError("Sampler needs a resolved SamplingConfig (SamplingConfig.resolved)")
         self.config = config
-        self.processors = logits_processors(config, device, prompt_ids, max_new_tokens, eos_token_ids)
+        try:  # transformers refuses some entries only with this request's eos ids (none: a length decay needs one)
+            self.processors = logits_processors(config, device, prompt_ids, max_new_tokens, eos_token_ids)
+        except (TypeError, ValueError, IndexError, RuntimeError) as error:
+            raise TriadicError(f"the model's generation_config.json with this request: {first_line(error)}") from None
         self.generator = torch.Generator(device=device).manual_seed(config.seed) if config.do_sample else None
 
     @property
@@ -316,10 +336,10 @@ class Sampler:
         if self.is_plain_greedy:
             return int(logits.argmax())
         scores = logits.reshape(1, -1).to(dtype=torch.float32, copy=True)
-        if self.config.needs_token_ids and token_ids is None:
+        if self.config.edge_only and token_ids is None:
             raise ValueError("the repetition penalty and the model's generation_config entries need the sequence's token ids")
-        try:  # values that pass every check and still fail here (a decay that overflows, an infinite bias when
-            # sampling, an eos id past the vocabulary) fail generate too: one line, and the request ends
+        try:  # values that pass every check and still fail here fail generate too (a decay whose power overflows, an
+            # eos id past the vocabulary beside a decay, an infinite bias when sampling): one line, and the request ends
             if len(self.processors):
                 scores = self.processors(torch.tensor([token_ids or []], dtype=torch.long, device=scores.device), scores)
             if not self.config.do_sample:
@@ -328,10 +348,10 @@ class Sampler:
             return int(torch.multinomial(probs, num_samples=1, generator=self.generator))
         except (ArithmeticError, IndexError, RuntimeError, ValueError) as error:
             raise TriadicError(f"choosing the token failed with these options and the model's generation_config.json "
-                               f"entries: {(str(error).strip() or type(error).__name__).splitlines()[0]}") from None
+                               f"entries: {first_line(error)}") from None
 
 
-def model_generation_defaults(model_dir):
+def model_generation_defaults(model_dir) -> GenerationConfig | None:
     """The model folder's generation options as `from_pretrained` gives them to `generate`: generation_config.json,
     else the generation entries of config.json (None where neither is there). One line for a file transformers
     refuses, as it refuses the model (such a file used to be ignored whole, end-of-sequence ids included)."""
@@ -346,11 +366,13 @@ def model_generation_defaults(model_dir):
             return GenerationConfig.from_pretrained(model_dir)
         except OSError:  # absent, unreadable or not JSON: transformers' from_pretrained then reads config.json's entries
             name = "config.json"
-            return GenerationConfig.from_pretrained(model_dir, config_file_name=name, _from_model_config=True)
+            generation = GenerationConfig.from_pretrained(model_dir, config_file_name=name, _from_model_config=True)
+            generation.triadic_source = name  # for the messages (`_named`)
+            return generation
     except OSError:
         return None
     except Exception as error:  # noqa: BLE001 - untrusted JSON: transformers raises ValueError, TypeError, AttributeError...
-        raise TriadicError(f"{model_dir}/{name}: {(str(error).strip() or type(error).__name__).splitlines()[0]}") from None
+        raise TriadicError(f"{model_dir}/{name}: {first_line(error)}") from None
     finally:
         transformers_logging.set_verbosity(level)
 

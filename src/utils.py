@@ -18,6 +18,11 @@ class TriadicError(Exception):
     """
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message as one line (its name where it has none), for a TriadicError that wraps it."""
+    return (str(error).strip() or type(error).__name__).splitlines()[0]
+
+
 class ProtocolError(TriadicError):
     """A message that cannot be decoded or does not fit the receiver's state."""
 

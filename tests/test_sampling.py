@@ -111,6 +111,7 @@ def test_the_model_files_other_entries_decide_as_in_generate(tiny_tied, tmp_path
     shutil.copytree(folder, copy)
     GenerationConfig(**entries, do_sample=sample).save_pretrained(copy)  # transformers saves typical_p only with it
     config = SamplingConfig(do_sample=sample, seed=5).resolved(model_generation_defaults(copy))
+    assert config.resolved() == config  # resolving again without the file keeps its entries
     applied = [] if entries.get("min_new_tokens") == 0 else list(entries)  # that pair changes nothing: none applied
     assert [name for name, _ in config.model_entries] == applied
     for first, second in [({1}, {3}), ({0, 1}, {2, 3, 4})]:
@@ -129,6 +130,10 @@ def test_the_model_files_other_entries_decide_as_in_generate(tiny_tied, tmp_path
     [
         (dict(guidance_scale=1.5), "sets guidance_scale, which generate applies and the split does not"),
         (dict(num_beams=3), "makes generate use beam_search"),
+        (dict(penalty_alpha=0.6), "makes generate use contrastive_search"),  # with generate's default top_k filled in
+        (dict(repetition_penalty=2), "`penalty` has to be a strictly positive float"),  # generate refuses an integer
+        (dict(max_time=5.0), "sets max_time, which generate applies and the split does not"),
+        (dict(token_healing=True), "sets token_healing, which generate applies and the split does not"),
         (dict(max_new_tokens=0), "generation_config.json: `max_new_tokens` must be greater than 0"),  # the split ignored it whole
         (dict(num_return_sequences=3, do_sample=True), "sets num_return_sequences 3: generate returns that many answers"),
         (dict(bad_words_ids=[[-1]]), ": Each list in `bad_words_ids` has to be a list of positive integers"),  # transformers'
@@ -204,6 +209,10 @@ def test_an_entry_that_fails_at_a_step_ends_the_request_in_one_line(tiny_tied, t
     with pytest.raises(TriadicError, match="choosing the token failed with these options and the model's generation_config.json"):
         edge.generate(PROMPT, 4, [2], sampling=config)
     assert edge.generate(PROMPT, 4, [2]).token_ids == hf_greedy(tiny_tied[1], PROMPT, 4)[0]  # greedy: the bias is a warper's input
+    (copy / "generation_config.json").write_text('{"exponential_decay_length_penalty": [2, 1.5]}')
+    decay = SamplingConfig().resolved(model_generation_defaults(copy))
+    with pytest.raises(TriadicError, match="generation_config.json with this request"):  # the decay needs an eos id
+        edge.generate(PROMPT, 4, sampling=decay)
 
 
 def test_sampling_seed_is_not_the_schedule_seed(tiny_tied):

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from src.sampling import SamplingConfig, TextStream, model_generation_defaults, two_part_refusal
-from src.utils import OneLineParser, TriadicError, format_prompt, read_file
+from src.utils import OneLineParser, TriadicError, first_line, format_prompt, read_file
 
 PROG = "tools.compare"
 BASELINE = "HF generate"
@@ -208,8 +208,7 @@ def _baseline(model, tokenizer, ids: list[int], config: CompareConfig, eos: list
                                  do_sample=config.sampling.do_sample, eos_token_id=eos, pad_token_id=eos[0],
                                  stopping_criteria=_splits_stop_rule(stream, len(ids)), **options)
     except (ValueError, TypeError, RuntimeError, ArithmeticError, IndexError) as error:  # e.g. a file's integer penalty
-        first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
-        raise TriadicError(f"the baseline, transformers' generate, refused this model's options: {first_line}") from None
+        raise TriadicError(f"the baseline, transformers' generate, refused this model's options: {first_line(error)}") from None
     return Run(index, BASELINE, "-", out[0, len(ids):].tolist(), stream.finish(), time.perf_counter() - began)
 
 
@@ -341,7 +340,7 @@ def config_from_args(args) -> CompareConfig:
     model_dir = resolve_model_dir(args.base_model)
     settings = parse_settings(args.settings, load_config(model_dir).num_hidden_layers)
     resolved = sampling.resolved(model_generation_defaults(model_dir))  # refuses what the split cannot apply, before any run
-    if resolved.needs_token_ids and any(s.two_part for s in settings):
+    if resolved.edge_only and any(s.two_part for s in settings):
         raise TriadicError(two_part_refusal(resolved, sampling, f"{model_dir}/generation_config.json"))
     prompt_format = args.prompt_format
     if prompt_format == "auto":  # an embedded base model is prompted with raw text
