@@ -523,6 +523,35 @@ def test_engine_time_limit_and_cancel(tiny_server):
     assert after.cached_tokens == n - 1 and after.token_ids == fresh.token_ids  # a limit not reached changes nothing
 
 
+@pytest.mark.parametrize(
+    "entries,expected",
+    [
+        ({"eos_token_id": [2, -1], "exponential_decay_length_penalty": [1, 1.5]}, "with this request"),  # every request: 500
+        ({"exponential_decay_length_penalty": [-400, 10.0]}, "choosing the token failed"),  # overflows: every request 502
+        ({"top_p": 0}, "generation_config.json sets top_p 0: must be in (0, 1]"),  # every request leaving top_p out: 502
+        ({"temperature": 0.0}, None),  # starts: a request that leaves the temperature out decodes greedily, as vLLM's
+    ],
+)
+def test_a_model_file_every_request_would_fail_on_is_refused_at_start(tiny_server, tmp_path, entries, expected):
+    import json
+    import shutil
+
+    from src.pipeline import build_pipeline
+    from src.serve.engine import ChatTokenizer, EdgeEngine, Options
+    from src.utils import TriadicError
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_server[1], folder)
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, **entries}))
+    pipeline = build_pipeline(str(folder), *TINY_SETS, codec_name="none", seed=3)
+    if expected is None:
+        assert not EdgeEngine(pipeline, "tiny", ChatTokenizer(pipeline.tokenizer)).sampling(Options(4)).do_sample
+        return
+    with pytest.raises(TriadicError) as caught:
+        EdgeEngine(pipeline, "tiny", ChatTokenizer(pipeline.tokenizer))
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_bad_flags_exit_2_with_one_line(capsys):
     """In this process: the flags are checked before anything loads, and argparse's own errors exit the same way."""
     from src.serve.edge_server import main

@@ -315,6 +315,10 @@ def create_app(models: Models, config: ServerConfig) -> FastAPI:
             )
         options = Options(max_tokens, chat.stop, chat.temperature, chat.top_p, chat.seed, config.time_limit,
                           chat.top_k, chat.min_p, chat.repetition_penalty)
+        try:  # the options with the model file's: refused here with 400, not after a stream has begun
+            engine.sampling(options)
+        except TriadicError as error:
+            raise ApiError(400, str(error)) from None
         ticket = admission.admit()
         job = Job(models, name, prompt, options, ticket)
         reply = Reply(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), name, chat.include_usage)

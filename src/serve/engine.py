@@ -33,10 +33,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from ..cli import eos_token_ids
 from ..link import protocol
 from ..pipeline import Pipeline
-from ..sampling import MIN_TEMPERATURE, SEED_LIMIT, SamplingConfig, TextStream, model_generation_defaults
+from ..sampling import MIN_TEMPERATURE, SEED_LIMIT, Sampler, SamplingConfig, TextStream, model_generation_defaults
 from ..utils import ALPACA_TEMPLATE, StopSignal, Stopped, TriadicError, apply_chat_template
 
 logger = logging.getLogger(__name__)
@@ -215,9 +217,19 @@ class EdgeEngine:
             self.edge.link = self.link
         self.session = self.edge.session()  # one conversation's caches, kept between requests, on both sides
         self.generation_defaults = model_generation_defaults(pipeline.model_dir)
-        # an entry the split cannot apply, or a malformed one, is refused at start, not in every request
-        SamplingConfig().resolved(self.generation_defaults).check_vocabulary(int(pipeline.config.vocab_size))
         self.eos = eos_token_ids(chat.tokenizer, pipeline.config, self.generation_defaults)
+        self._check_decoding(int(pipeline.config.vocab_size))
+
+    def _check_decoding(self, vocab_size: int) -> None:
+        """The model file's options as a request that leaves them out gets them, greedy and sampled, refused at start
+        in one line rather than in every request: checked against the vocabulary, then run once on a step of zeros
+        at the first position and at the context's end (where a length decay overflows, and a bad eos id shows)."""
+        for options in (Options(1, temperature=0.0), Options(1)):
+            sampling = self.sampling(options)
+            sampling.check_vocabulary(vocab_size)
+            sampler = Sampler(sampling, "cpu", (0,), self.context_length - 1, self.eos)
+            for length in (1, self.context_length):
+                sampler.choose(torch.zeros(vocab_size), [0] * length)
 
     def describe(self) -> dict:
         """The trace fields that do not change from token to token."""
@@ -240,8 +252,12 @@ class EdgeEngine:
         """OpenAI's options as transformers' (temperature 0: greedy; left out: sampling, the model's generation_config).
 
         A temperature below `MIN_TEMPERATURE` is greedy too, as in vLLM: transformers would divide the
-        logits by it into inf, and OpenAI's API accepts any value in [0, 2]."""
-        if options.temperature is not None and options.temperature < MIN_TEMPERATURE:
+        logits by it into inf, and OpenAI's API accepts any value in [0, 2]. So is a request that leaves the
+        temperature out where the model's file says 0."""
+        temperature = options.temperature
+        if temperature is None:
+            temperature = getattr(self.generation_defaults, "temperature", None)
+        if isinstance(temperature, (int, float)) and temperature < MIN_TEMPERATURE:
             return SamplingConfig(repetition_penalty=options.repetition_penalty).resolved(self.generation_defaults)
         seed = options.seed if options.seed is not None else secrets.randbits(63)
         config = SamplingConfig(True, options.temperature, options.top_k, options.top_p, options.min_p, options.repetition_penalty,
