@@ -189,7 +189,8 @@ def _check_file_option(name: str, value, do_sample: bool, source: str) -> None:
     try:
         SamplingConfig(do_sample=do_sample, **{name: value})
     except TriadicError as error:  # its message names the flag ("--top-p 0: ..."); the value came from the file
-        raise TriadicError(f"{source} sets {name} {value}: {str(error).split(': ', 1)[-1]}") from None
+        raise TriadicError(f"{source} sets {name} {value}: {str(error).split(': ', 1)[-1]}; --{name.replace('_', '-')} "
+                           "overrides it") from None
 
 
 def _model_entries(model_defaults: GenerationConfig, do_sample: bool) -> tuple[tuple[str, object], ...]:

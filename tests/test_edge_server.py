@@ -524,15 +524,16 @@ def test_engine_time_limit_and_cancel(tiny_server):
 
 
 @pytest.mark.parametrize(
-    "entries,expected",
+    "entries,at_start,sampled",
     [
-        ({"eos_token_id": [2, -1], "exponential_decay_length_penalty": [1, 1.5]}, "with this request"),  # every request: 500
-        ({"exponential_decay_length_penalty": [-400, 10.0]}, "choosing the token failed"),  # overflows: every request 502
-        ({"top_p": 0}, "generation_config.json sets top_p 0: must be in (0, 1]"),  # every request leaving top_p out: 502
-        ({"temperature": 0.0}, None),  # starts: a request that leaves the temperature out decodes greedily, as vLLM's
+        ({"eos_token_id": [2, -1], "exponential_decay_length_penalty": [1, 1.5]}, "with this request", None),  # was 500
+        ({"exponential_decay_length_penalty": [-400, 10.0]}, "choosing the token failed", None),  # overflows at once: 502
+        ({"exponential_decay_length_penalty": [1, 1.2]}, None, None),  # overflows only thousands of tokens on, as in generate
+        ({"top_p": 0}, None, "generation_config.json sets top_p 0: must be in (0, 1]"),  # greedy requests still served
+        ({"temperature": 0.0}, None, None),  # a request that leaves the temperature out decodes greedily, as vLLM's
     ],
 )
-def test_a_model_file_every_request_would_fail_on_is_refused_at_start(tiny_server, tmp_path, entries, expected):
+def test_a_model_file_every_request_would_fail_on_is_refused_at_start(tiny_server, tmp_path, entries, at_start, sampled):
     import json
     import shutil
 
@@ -544,12 +545,19 @@ def test_a_model_file_every_request_would_fail_on_is_refused_at_start(tiny_serve
     shutil.copytree(tiny_server[1], folder)
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, **entries}))
     pipeline = build_pipeline(str(folder), *TINY_SETS, codec_name="none", seed=3)
-    if expected is None:
-        assert not EdgeEngine(pipeline, "tiny", ChatTokenizer(pipeline.tokenizer)).sampling(Options(4)).do_sample
+    if at_start is not None:
+        with pytest.raises(TriadicError) as caught:
+            EdgeEngine(pipeline, "tiny", ChatTokenizer(pipeline.tokenizer))
+        assert at_start in str(caught.value) and "\n" not in str(caught.value)
         return
-    with pytest.raises(TriadicError) as caught:
-        EdgeEngine(pipeline, "tiny", ChatTokenizer(pipeline.tokenizer))
-    assert expected in str(caught.value) and "\n" not in str(caught.value)
+    engine = EdgeEngine(pipeline, "tiny", ChatTokenizer(pipeline.tokenizer))
+    prompt = engine.prepare([{"role": "user", "content": "Hi"}])
+    assert len(engine.run(prompt, Options(4, temperature=0), lambda event: None, lambda: False).token_ids) >= 1
+    if sampled is None:
+        assert engine.sampling(Options(4)).do_sample == ("temperature" not in entries)
+    else:  # the app answers 400 with this, before any stream
+        with pytest.raises(TriadicError, match=re.escape(sampled)):
+            engine.sampling(Options(4))
 
 
 def test_bad_flags_exit_2_with_one_line(capsys):

@@ -221,15 +221,20 @@ class EdgeEngine:
         self._check_decoding(int(pipeline.config.vocab_size))
 
     def _check_decoding(self, vocab_size: int) -> None:
-        """The model file's options as a request that leaves them out gets them, greedy and sampled, refused at start
-        in one line rather than in every request: checked against the vocabulary, then run once on a step of zeros
-        at the first position and at the context's end (where a length decay overflows, and a bad eos id shows)."""
+        """The model file's options as a request that leaves them out gets them, run once on a step of zeros at the
+        first position. A file on which greedy requests fail too (an eos id its length decay cannot index, a decay
+        that overflows at once) stops the server in one line; one on which only sampling fails (a top_p of 0) is
+        logged, and each request that samples with it gets the reason (400). Failures deeper into an answer (a mild
+        decay overflows after thousands of tokens) end that request in one line, where generate fails too."""
         for options in (Options(1, temperature=0.0), Options(1)):
-            sampling = self.sampling(options)
-            sampling.check_vocabulary(vocab_size)
-            sampler = Sampler(sampling, "cpu", (0,), self.context_length - 1, self.eos)
-            for length in (1, self.context_length):
-                sampler.choose(torch.zeros(vocab_size), [0] * length)
+            try:
+                sampling = self.sampling(options)
+                sampling.check_vocabulary(vocab_size)
+                Sampler(sampling, "cpu", (0,), self.context_length - 1, self.eos).choose(torch.zeros(vocab_size), [0])
+            except TriadicError as error:
+                if options.temperature == 0:
+                    raise
+                logger.warning("requests that sample with the model file's options will be refused: %s", error)
 
     def describe(self) -> dict:
         """The trace fields that do not change from token to token."""
