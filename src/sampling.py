@@ -142,8 +142,10 @@ class SamplingConfig:
             values["min_p"] = None  # min-p 0 keeps every token: transformers' warper would be a no-op
         values = {name: float(v) if name != "top_k" and v is not None else v for name, v in values.items()}
         if model_defaults is not None:  # transformers' own checks, as generate meets them: the file's values as written
-            trial = dataclasses.replace(self, **{**values, **from_file}, do_sample=True,
-                                        model_entries=_model_entries(model_defaults, do_sample=True))
+            tried = {**values, **from_file} if self.do_sample else {  # greedy: the sampling options play no part
+                **{name: global_defaults.get(name) for name in OPTION_NAMES}, "repetition_penalty": from_file.get(
+                    "repetition_penalty", values["repetition_penalty"])}
+            trial = dataclasses.replace(self, **tried, do_sample=True, model_entries=_model_entries(model_defaults, do_sample=True))
             try:
                 logits_processors(trial, prompt_ids=(0,), eos_token_ids=(0,))
             except (TypeError, ValueError, IndexError, RuntimeError) as error:

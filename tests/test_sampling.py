@@ -180,6 +180,7 @@ def test_the_files_values_are_read_as_generate_reads_them(tiny_tied, tmp_path):
                                                  '"min_new_tokens": 0, "min_length": 30, "eos_token_id": 2}')
     greedy = SamplingConfig().resolved(model_generation_defaults(copy))
     assert greedy.model_entries == () and greedy.temperature == 1.0
+    assert SamplingConfig(temperature=0.0).resolved(model_generation_defaults(copy)).temperature == 0.0  # a greedy flag
     two_part = build_pipeline(str(copy), {1}, {4}, "none", two_part=True, with_tokenizer=False)
     assert two_part.edge.generate(PROMPT, NEW, sampling=greedy).token_ids == hf_greedy(model, PROMPT, NEW)[0]
     with pytest.raises(TriadicError, match=re.escape("the model's generation_config.json sets temperature 0.0: must be at least")):
