@@ -142,10 +142,10 @@ class SamplingConfig:
             values["min_p"] = None  # min-p 0 keeps every token: transformers' warper would be a no-op
         values = {name: float(v) if name != "top_k" and v is not None else v for name, v in values.items()}
         if model_defaults is not None:  # transformers' own checks, as generate meets them: the file's values as written
-            tried = {**values, **from_file} if self.do_sample else {  # greedy: the sampling options play no part
-                **{name: global_defaults.get(name) for name in OPTION_NAMES}, "repetition_penalty": from_file.get(
-                    "repetition_penalty", values["repetition_penalty"])}
-            trial = dataclasses.replace(self, **tried, do_sample=True, model_entries=_model_entries(model_defaults, do_sample=True))
+            base = values if self.do_sample else {name: global_defaults.get(name) for name in OPTION_NAMES}  # greedy: the
+            tried = {**base, "repetition_penalty": values["repetition_penalty"], **from_file}  # sampling options play no part
+            every_entry = entries if self.do_sample else _model_entries(model_defaults, do_sample=True)
+            trial = dataclasses.replace(self, **tried, do_sample=True, model_entries=every_entry)
             try:
                 logits_processors(trial, prompt_ids=(0,), eos_token_ids=(0,))
             except (TypeError, ValueError, IndexError, RuntimeError) as error:
@@ -183,11 +183,16 @@ def _named(model_defaults) -> str:
     return f"the model's {getattr(model_defaults, 'triadic_source', 'generation_config.json')}"
 
 
+def _check_kind(name: str, kind: str, value, source: str) -> None:
+    """A value of the model's file against the kind of value its entry must hold (`_KINDS`)."""
+    described, holds = _KINDS[kind]
+    if not holds(value):
+        raise TriadicError(f"{source}: {name} must be {described}, not {value!r:.60}")
+
+
 def _check_file_option(name: str, value, do_sample: bool, source: str) -> None:
     """One of the five options as the model's file gives it: of its kind, and in the range a flag would be."""
-    kind = "count" if name == "top_k" else "number"
-    if not _KINDS[kind][1](value):
-        raise TriadicError(f"{source}: {name} must be {_KINDS[kind][0]}, not {value!r:.60}")
+    _check_kind(name, "count" if name == "top_k" else "number", value, source)
     try:
         SamplingConfig(do_sample=do_sample, **{name: value})
     except TriadicError as error:  # its message names the flag ("--top-p 0: ..."); the value came from the file
@@ -225,9 +230,7 @@ def _model_entries(model_defaults: GenerationConfig, do_sample: bool) -> tuple[t
         value = getattr(model_defaults, name, None)
         if value is None or value == global_defaults.get(name) or (name in SAMPLING_ONLY_ENTRY_NAMES and not do_sample):
             continue
-        described, holds = _KINDS[kind]
-        if not holds(value):
-            raise TriadicError(f"{source}: {name} must be {described}, not {value!r:.60}")
+        _check_kind(name, kind, value, source)
         if _has_effect(name, value, model_defaults):
             entries.append((name, _frozen(value)))
     return tuple(entries)
