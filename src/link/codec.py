@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..utils import ProtocolError, TriadicError
-from . import rice
+from . import rice, rotation
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
@@ -118,92 +118,27 @@ FP16_MAX = torch.finfo(torch.float16).max
 MAX_OUTLIER_SHIFT = 60  # outliers up to 65504 * 2**60: beyond any float32 activation a model should have
 
 
-@functools.lru_cache(maxsize=16)
-def _kronecker_factors(hidden: int) -> tuple[int, int] | None:
-    """Above 1024 channels, (n1, n2) with n1 * n2 = hidden and n1 the largest divisor <= sqrt(hidden) (4096 -> 64 x 64).
-
-    Up to 1024 channels the rotation is one dense matrix (None). Beyond, a dense matrix costs hidden**2
-    per position (2.5 ms on one core at 4096, and 64 MB to keep), so the rotation is the Kronecker product
-    of two smaller ones: still orthogonal and still mixing every channel into every other (A (x) B is
-    dense), at hidden * (n1 + n2) per position. Measured at hidden 4096 on heterogeneous Gaussian
-    states: the same quantization error and Rice size as a dense 4096 rotation, in 19 us instead of 2.5 ms.
-    """
-    if hidden <= 1024:
-        return None
-    n1 = max(d for d in range(1, math.isqrt(hidden) + 1) if hidden % d == 0)
-    return n1, hidden // n1
-
-
-@functools.lru_cache(maxsize=8)
-def rotation(block: int, salt: int = 0) -> torch.Tensor:
-    """A fixed random orthogonal matrix, the same on both sides: computed in float64 from a seeded Gaussian."""
-    generator = torch.Generator().manual_seed(0x7121AD1C + block + (salt << 20))
-    gaussian = torch.randn(block, block, generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(gaussian)
-    return (q * torch.sign(torch.diagonal(r))).to(torch.float32)
-
-
-_rotations: dict[tuple[int, str, int], torch.Tensor] = {}
-_rotations_lock = threading.Lock()
-
-
-def _rotation_on(block: int, device: str, salt: int = 0) -> torch.Tensor:
-    """`rotation(block, salt)` where the states live: copied once per device, not at every message.
-
-    Made once even when a burst of sessions asks for it at once (a server's first clients, each in its
-    own thread): without the lock each thread missed the cache and ran the QR itself, 8 x 27 ms at 576."""
-    key = (block, device, salt)
-    matrix = _rotations.get(key)
-    if matrix is None:
-        with _rotations_lock:
-            matrix = _rotations.get(key)
-            if matrix is None:
-                matrix = _rotations[key] = rotation(block, salt).to(device)
-    return matrix
-
-
-def rotate(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """x times the codec's fixed orthogonal matrix (or its transpose): dense up to 1024 channels, A (x) B beyond."""
-    count, hidden = x.shape
-    device = str(x.device)
-    factors = _kronecker_factors(hidden)
-    if factors is None:
-        matrix = _rotation_on(hidden, device)
-        return (x.reshape(count, 1, hidden) @ (matrix.T if inverse else matrix)).reshape(count, hidden)
-    a, b = _rotation_on(factors[0], device, 1), _rotation_on(factors[1], device, 2)
-    grid = x.reshape(count, *factors)
-    grid = a.T @ grid @ b.T if inverse else a @ grid @ b
-    return grid.reshape(count, hidden)
-
-
 def rotated_with_outliers(x: torch.Tensor, k: int, codec: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The k largest-magnitude channels of each position, and the rest (those zeroed) rotated: as host arrays.
 
     Returns (indices int64, values float32, rotated float32), all [count, ...]. The selection and the
-    rotation run where `x` lives and the results reach the host in one copy: on a GPU, one graph
-    replay (`replayed`) and the encoding's only wait. What follows (the outliers' range, the step, the
-    rounding) is per-value work that numpy does on the host in less time than launches would take.
+    rotation (`rotation.outliers_and_rest`) run where `x` lives and the results reach the host in one
+    copy: on a GPU, one graph replay (`replayed`) and the encoding's only wait; on the host, one call of
+    src/link/rotate.c. What follows (the outliers' range, the step, the rounding) is per-value work that
+    numpy does on the host in less time than launches would take.
     """
     count, hidden = x.shape
     if hidden < k:
         raise TriadicError(f"codec {codec}: {hidden} channels, fewer than its {k} outliers; use --codec none")
     if x.device.type == "cpu":
-        index, values, rotated = (t.numpy() for t in _outliers_and_rest(x, k))
-        return index, values, rotated
+        return rotation.host_outliers_and_rest(x, k)
     joined = replayed(functools.partial(_joined_outliers_and_rest, k=k), x, x.device, count, ("encode", k)).cpu().numpy()
     return parted(joined, count, k, hidden)
 
 
-def _outliers_and_rest(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`rotated_with_outliers`' device work: indices, values, and the rest rotated, where x lives."""
-    x = x.detach().to(torch.float32)
-    top = x.abs().topk(k, dim=-1).indices  # NaN sorts first: the range check sees it
-    return top, x.gather(-1, top), rotate(x.scatter(-1, top, 0.0))
-
-
 def _joined_outliers_and_rest(x: torch.Tensor, k: int) -> torch.Tensor:
-    """`_outliers_and_rest` as the bytes of one tensor, the int64 indices first (so every part starts aligned)."""
-    return torch.cat([t.reshape(-1).view(torch.uint8) for t in _outliers_and_rest(x, k)])
+    """`rotation.outliers_and_rest` as the bytes of one tensor, the int64 indices first (so every part starts aligned)."""
+    return torch.cat([t.reshape(-1).view(torch.uint8) for t in rotation.outliers_and_rest(x, k)])
 
 
 def parted(joined: np.ndarray, count: int, k: int, hidden: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -348,12 +283,12 @@ def finish_decode(device: torch.device | str, scaled: np.ndarray, index: np.ndar
     """The rotated values (the integers times their steps) rotated back, with the outliers (fp16 values times 2**shift) put
     in place; and `peak`, a bound on the result's magnitude (`Codec.decoded`).
 
-    The mirror of `rotated_with_outliers`: the per-value work in numpy on the host, then one copy of
-    the validated arrays' bytes (the int64 indices first, so that every part starts aligned) to
-    `device`, where the rotation and the scatter run. Every input is finite and bounded, so the result
-    is finite. An orthogonal rotation keeps each position's norm, so no value it gives exceeds the norm
-    of the rotated row; twice that covers float32's rounding in the rotation (at most about 2% at
-    hidden 4096)."""
+    The mirror of `rotated_with_outliers`: the per-value work in numpy on the host, then the rotation
+    back and the scatter (`rotation.restored`): on the host in one call of src/link/rotate.c; elsewhere
+    after one copy of the validated arrays' bytes (the int64 indices first, so that every part starts
+    aligned) to `device`, where they run. Every input is finite and bounded, so the result is finite.
+    An orthogonal rotation keeps each position's norm, so no value it gives exceeds the norm of the
+    rotated row; twice that covers float32's rounding in the rotation."""
     count, hidden = scaled.shape
     k = index.shape[1]
     if count == 0:
@@ -361,6 +296,8 @@ def finish_decode(device: torch.device | str, scaled: np.ndarray, index: np.ndar
     outliers = values.astype(np.float32) * np.float32(2.0**shift)
     norm = math.sqrt(float(np.einsum("ij,ij->i", scaled, scaled, dtype=np.float64).max()))  # float64: no square overflows
     peak = max(2.0 * norm, float(np.abs(outliers).max()) if k else 0.0)
+    if torch.device(device).type == "cpu":
+        return rotation.host_restored(scaled, index, outliers), peak
     flat = torch.from_numpy(np.concatenate([part.reshape(-1).view(np.uint8) for part in (index, scaled, outliers)]))
     states = replayed(functools.partial(_restored, count=count, hidden=hidden, k=k), flat, device, count, ("decode", count, hidden, k), fresh=True)
     return states, peak
@@ -371,7 +308,7 @@ def _restored(flat: torch.Tensor, count: int, hidden: int, k: int) -> torch.Tens
     cut = 8 * count * k
     rotated = flat[cut : cut + 4 * count * hidden].view(torch.float32).view(count, hidden)
     outliers = flat[cut + 4 * count * hidden :].view(torch.float32).view(count, k)
-    return rotate(rotated, inverse=True).scatter(-1, flat[:cut].view(torch.int64).view(count, k), outliers)
+    return rotation.restored(rotated, flat[:cut].view(torch.int64).view(count, k), outliers)
 
 
 class RotatedInt8Codec(Codec):
@@ -379,7 +316,7 @@ class RotatedInt8Codec(Codec):
 
     Per position: the `outliers` largest-magnitude channels go as fp16 values with uint16 indices
     (LLM.int8()-style; they hold the massive activations, up to ~25,000 here). The rest is rotated
-    by a fixed random orthogonal matrix, which spreads any remaining heavy tail over all channels so
+    by a fixed orthogonal matrix (`rotation.rotate`), which spreads any remaining heavy tail over all channels so
     that the vector looks Gaussian, and is quantized to int8 with one fp16 absmax scale. Decoding
     rotates back. Bytes per position: hidden + 2 + 4 * outliers (602 at hidden 576), and one byte
     per message, the outliers' power-of-two shift (`outliers_fp16`).
@@ -389,6 +326,9 @@ class RotatedInt8Codec(Codec):
 
     def __init__(self, name: str, codec_id: int, outliers: int):
         self.name, self.codec_id, self.outliers = name, codec_id, outliers
+
+    def prepare(self) -> None:
+        rotation.library()  # rotate.c, compiled on a first run (a fraction of a second), else loaded from the cache
 
     def _parts(self, count: int, hidden: int) -> list[tuple[type, tuple[int, ...]]]:
         k = self.outliers
@@ -423,7 +363,7 @@ class RiceCodec(Codec):
     """Outlier-aware 8-bit transport, entropy coded: the default `int8`.
 
     Per position, as `int8-fixed`: the `outliers` largest channels go as fp16 with uint16 indices,
-    the rest is rotated by the fixed random orthogonal matrix. The rotated values are then rounded
+    the rest is rotated by the same fixed orthogonal matrix. The rotated values are then rounded
     on a step of RMS / `steps_per_rms` (sent as bf16) instead of absmax / 127: the Gaussian-looking
     values become integers with a standard deviation of about `steps_per_rms`, which a Rice code
     with `k` low bits (`rice_encode`) stores in about 8 bits each. An absmax int8 step wastes about
@@ -447,7 +387,8 @@ class RiceCodec(Codec):
         return [(np.uint16, (count, 1)), (np.uint16, (count, self.outliers)), (np.float16, (count, self.outliers))]  # bf16 step bits
 
     def prepare(self) -> None:
-        rice.library()  # rice.c, compiled on a first run (a fraction of a second), else loaded from the cache
+        rice.library()  # rice.c and rotate.c, compiled on a first run (a fraction of a second), else loaded from the cache
+        rotation.library()
 
     def encode(self, x: torch.Tensor, finite: bool = True) -> tuple[bytes, int]:
         index, values, rotated = rotated_with_outliers(x, self.outliers, self.name)

@@ -45,7 +45,7 @@ from ..utils import ProtocolError, TriadicError
 from .codec import CODE_DTYPES, CODECS_BY_ID, Codec
 
 MAGIC = b"TS"
-VERSION = 2  # 2: int8 codecs carry the outliers' shift byte and rotate wide states by a Kronecker product
+VERSION = 3  # 2: int8 codecs carry the outliers' shift byte; 3: they rotate by a randomized Walsh-Hadamard transform
 HEADER = struct.Struct("<2sBBBBHIIII")
 HEADER_SIZE = HEADER.size  # 24
 START_PAYLOAD = struct.Struct("<QII")
