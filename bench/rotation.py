@@ -46,7 +46,7 @@ def model_rows(name: str) -> list[str]:
     rows = []
     for layer in range(1, len(states) - 1, 3):
         x = states[layer].reshape(-1, hidden)
-        top = x.abs().sort(dim=-1, descending=True, stable=True).indices[:, :OUTLIERS]
+        top = rotation.outliers_and_rest(x, OUTLIERS)[0]
         rest = x.scatter(-1, top, 0.0)
         (e_dense, b_dense), (e_structured, b_structured) = coded(rest, rest @ dense), coded(rest, rotation.rotate(rest))
         rows.append(f"| {name} | {hidden} = {' x '.join(map(str, rotation.blocks(hidden)))} | {layer} | {e_dense:.3e} | "

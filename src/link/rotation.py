@@ -118,7 +118,12 @@ def outliers_and_rest(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     """Per position, the k channels of largest magnitude (largest first; among equal ones the earlier), their values,
     and the rest (those zeroed) rotated: where x lives. NaN counts as largest, so the values show it."""
     x = x.detach().to(torch.float32)
-    top = x.abs().sort(dim=-1, descending=True, stable=True).indices[:, :k]
+    hidden = x.shape[-1]
+    # One key per channel, all distinct: the magnitude's bits (non-negative floats order as their bits; NaN's above
+    # Inf's), then the earlier channel. So `topk` has one answer on every device, and a CUDA graph can hold it (a
+    # stable sort may not be captured).
+    earlier = hidden - 1 - torch.arange(hidden, device=x.device)
+    top = ((x.abs().view(torch.int32).to(torch.int64) << 32) | earlier).topk(k, dim=-1).indices
     return top, x.gather(-1, top), rotate(x.scatter(-1, top, 0.0))
 
 
