@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .base import Party
+from .families import context_length
 from .link import protocol
 from .link.codec import Codec
 from .link.local import Link
@@ -136,14 +137,14 @@ class Edge(Party):
         next token is taken from that list instead (teacher forcing, for fidelity measurements);
         `on_logits(step, logits)` sees the edge's logits at every step.
         """
-        context = self.config.max_position_embeddings
+        context, why = context_length(self.config)
         if max_new_tokens < 1:  # else the cloud would mirror positions the edge never ran, and the session's next request fail
             raise TriadicError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
         if not token_ids:
             raise TriadicError("empty prompt")
         if len(token_ids) + max_new_tokens > context:
             raise TriadicError(
-                f"prompt of {len(token_ids)} tokens + {max_new_tokens} new tokens exceeds the model's context of {context}"
+                f"prompt of {len(token_ids)} tokens + {max_new_tokens} new tokens exceeds the model's context of {context}{why}"
             )
         sampling = sampling if sampling is not None else SamplingConfig().resolved()
         if self.third is None and sampling.edge_only:

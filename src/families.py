@@ -98,8 +98,34 @@ def family_for(config: PretrainedConfig, source: str = "") -> Family:
         unsupported = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
         if unsupported:
             raise TriadicError(f"{where}model type {model_type!r} has {unsupported[0]} layers; the split runs full and sliding attention only")
+        window = getattr(config, "sliding_window", None)
+        if "sliding_attention" in layer_types and isinstance(window, int) and window < 2:
+            # transformers' sliding cache keeps window - 1 positions by a slice that keeps them all at 1: its chunks over a
+            # cache (a session's next turn, a moving cut's catch-up) then fail, where generate never runs one
+            raise TriadicError(f"{where}sliding_window {window}: the split runs sliding windows of 2 positions or more")
         return family
     raise TriadicError(f"{where}model type {model_type!r} is not supported: {_why_not(config)}")
+
+
+def context_length(config: PretrainedConfig) -> tuple[int, str]:
+    """The positions the split runs as generate does, and, where they are fewer than the model's, why (for messages).
+
+    A longrope RoPE (Phi-3 128k, Phi-3.5, Phi-4-mini) rotates a call's positions with its short factors while the
+    call's last position is within `original_max_position_embeddings`, with its long ones past it; and Phi-3's
+    generate, on first passing that length, drops its cache and computes the whole sequence again with the long ones.
+    The split computes a step's rotary once for all its chunks (a lagging layer's catch-up included) and keeps its
+    caches, so it runs such a model up to that length, where both always use the short factors."""
+    context = int(config.max_position_embeddings)
+    parameters = getattr(config, "rope_parameters", None) or {}
+    per_type = [parameters] if "rope_type" in parameters else [p for p in parameters.values() if isinstance(p, dict)]
+    originals = [p.get("original_max_position_embeddings") for p in per_type if p.get("rope_type") == "longrope"]
+    if originals:
+        originals.append(getattr(config, "original_max_position_embeddings", None))  # Phi-3's generate reads this one
+        limit = min([context] + [int(n) for n in originals if isinstance(n, int) and n > 0])
+        if limit < context:
+            return limit, (" (its longrope RoPE's original length: past it transformers switches every position to the long"
+                           " factors, which the split does not)")
+    return context, ""
 
 
 def _why_not(config: PretrainedConfig) -> str:

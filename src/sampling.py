@@ -207,7 +207,7 @@ def _model_entries(model_defaults: GenerationConfig, do_sample: bool) -> tuple[t
     import copy
 
     from transformers import GenerationConfig
-    from transformers.generation.configuration_utils import GenerationMode
+    from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS, GenerationMode
 
     source = _named(model_defaults)
     for name in UNSUPPORTED_ENTRY_NAMES:
@@ -215,6 +215,12 @@ def _model_entries(model_defaults: GenerationConfig, do_sample: bool) -> tuple[t
         if value not in (None, False) and not (name == "guidance_scale" and value == 1):
             raise TriadicError(f"{source} sets {name}, which generate applies and the split does not; remove it from the "
                                "file to run without it")
+    cache = getattr(model_defaults, "cache_implementation", None)
+    if (cache in ALL_STATIC_CACHE_IMPLEMENTATIONS and cache != "hybrid") or cache == "quantized":  # a file's "hybrid" generate
+        # drops (`_prepare_generation_config`); "dynamic" and "offloaded" are the split's numerics
+        raise TriadicError(f"{source} sets cache_implementation {cache!r:.30}: generate then attends over another cache, whose "
+                           "sums differ in the last bits (and bf16 tokens at near-ties) from the split's; remove it from the file "
+                           "to run without it")
     if getattr(model_defaults, "num_return_sequences", None) not in (None, 1):
         raise TriadicError(f"{source} sets num_return_sequences {model_defaults.num_return_sequences!r:.20}: generate "
                            "returns that many answers, the split one")

@@ -12,11 +12,12 @@ import sys
 
 import pytest
 import torch
+from transformers import AutoConfig
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from families import FAMILY_CONFIGS, WINDOW, family_config, make_family_checkpoint
+from families import COMMON, FAMILY_CONFIGS, WINDOW, family_config, make_family_checkpoint
 from src.checkpoint import load_config
 from src.families import SUPPORTED_MODEL_TYPES, attention_layer_types
 from src.pipeline import build_pipeline
@@ -260,3 +261,47 @@ def test_gemma3_lossy_link_weighs_channels_by_the_receiving_norm_gain(tmp_path_f
     assert pipeline.edge.generate(PROMPT, NEW).token_ids == reference  # and the tiny model's tokens survive int8
     llama = build_pipeline(str(checkpoint("llama", True, tmp_path_factory)[0]), {1}, {3}, "int8", with_tokenizer=False)
     assert llama.edge.link_gains == {} and llama.cloud.link_gains == {}  # LLaMA's link is unweighted, as before
+
+
+COMMON_SMALL = {**COMMON, "num_attention_heads": 4, "head_dim": 8}
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
+            "short_factor": [1.0, 1.1, 1.2, 1.3], "long_factor": [2.0, 3.0, 5.0, 9.0]}
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "llama"])
+def test_a_longrope_model_runs_to_its_original_length_exactly_and_is_refused_past_it(model_type, tmp_path):
+    """Past `original_max_position_embeddings` transformers rotates every position by the long factors (Phi-3's generate
+    computes its whole cache again there); the split runs such a model up to that length, where generate does not
+    switch, and refuses a request past it in one line, on the edge, the edge server and the cloud server alike."""
+    from transformers import AutoModelForCausalLM
+
+    from src.serve.cloud_server import make_limits, make_parser
+
+    values = {**COMMON_SMALL, "rope_parameters": dict(LONGROPE), "max_position_embeddings": 64, "original_max_position_embeddings": 16}
+    config = AutoConfig.for_model(model_type, **values)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.3)
+    model.save_pretrained(tmp_path)
+    prompt = [1, 5, 9, 33, 17, 80, 3, 41, 7]
+    reference, reference_logits = hf_greedy(model, prompt, 16 - len(prompt))  # the sequence ends at the original length
+    for first, second, seed in (({1}, {3}, 0), ({0, 1, 2}, {2, 3, 4}, 5)):
+        edge = build_pipeline(str(tmp_path), first, second, seed=seed, with_tokenizer=False).edge
+        result = edge.generate(prompt, 16 - len(prompt), keep_logits=True)
+        assert result.token_ids == reference and max_logit_gap(result.logits, reference_logits) < 1e-4
+        with pytest.raises(TriadicError, match="exceeds the model's context of 16 \\(its longrope RoPE's original length"):
+            edge.generate(prompt, 16 - len(prompt) + 1)
+    limits = make_limits(make_parser().parse_args([]), load_config(tmp_path))
+    assert limits.context == 16 and limits.session_positions == 16
+
+
+def test_a_sliding_window_of_one_is_refused_in_one_line(tmp_path):
+    """transformers' sliding cache keeps every position at a window of 1, and a chunk over a cache then fails."""
+    family_config("mistral").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": 1}))
+    with pytest.raises(TriadicError, match="sliding_window 1: the split runs sliding windows of 2 positions or more"):
+        load_config(tmp_path)

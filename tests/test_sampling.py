@@ -147,6 +147,8 @@ def test_the_model_files_other_entries_decide_as_in_generate(tiny_tied, tmp_path
         (dict(bad_words_ids=[[5, 99999]]), "bad_words_ids holds token id 99999, outside the model's vocabulary of 97"),
         (dict(forced_eos_token_id=97), "forced_eos_token_id holds token id 97"),  # transformers: an IndexError at the last step
         (dict(sequence_bias=[[[3, 500], 1.0]]), "sequence_bias holds token id 500"),
+        (dict(cache_implementation="static"), "sets cache_implementation 'static': generate then attends over another cache"),
+        (dict(cache_implementation="quantized"), "sets cache_implementation 'quantized'"),
     ],
 )
 def test_an_entry_the_split_cannot_apply_is_refused_in_one_line(tiny_tied, tmp_path, entry, expected):
@@ -177,7 +179,7 @@ def test_the_files_values_are_read_as_generate_reads_them(tiny_tied, tmp_path):
     copy = tmp_path / "model"
     shutil.copytree(folder, copy)
     (copy / "generation_config.json").write_text('{"temperature": 0.0, "renormalize_logits": false, "suppress_tokens": [], '
-                                                 '"min_new_tokens": 0, "min_length": 30, "eos_token_id": 2}')
+                                                 '"min_new_tokens": 0, "min_length": 30, "eos_token_id": 2, "cache_implementation": "hybrid"}')
     greedy = SamplingConfig().resolved(model_generation_defaults(copy))
     assert greedy.model_entries == () and greedy.temperature == 1.0
     assert SamplingConfig(temperature=0.0).resolved(model_generation_defaults(copy)).temperature == 0.0  # a greedy flag

@@ -73,6 +73,7 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc import aio
 
+from ..families import context_length
 from ..link import protocol
 from ..link.codec import CODECS
 from ..precision import dtype_name
@@ -114,7 +115,7 @@ class Limits:
     request_timeout: float = 120.0  # seconds from a message's arrival to its reply, waiting for a slot included
     session_lifetime: float = 3600.0  # seconds a session may live from its start, however active
     idle_timeout: float = 300.0  # seconds a session may wait for its next message
-    context: int = 8192  # the model's max_position_embeddings: positions beyond it are invalid, not merely too many
+    context: int = 8192  # the positions the split runs the model over (`families.context_length`): beyond them, invalid
 
 
 def rss_bytes() -> int:
@@ -590,8 +591,8 @@ def _check_args(args) -> None:
 
 
 def make_limits(args, config) -> Limits:
-    """The limits from the flags and the model: nothing may exceed the model's context."""
-    context = config.max_position_embeddings
+    """The limits from the flags and the model: nothing may exceed the model's context (as the split runs it)."""
+    context = context_length(config)[0]
     session_positions = min(args.max_session_positions or context, context)
     message_positions = min(args.max_message_positions, session_positions)
     derived_bytes = message_positions * config.hidden_size * BYTES_PER_VALUE + MESSAGE_SLACK

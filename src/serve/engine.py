@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cli import eos_token_ids
+from ..families import context_length
 from ..link import protocol
 from ..pipeline import Pipeline
 from ..sampling import MIN_TEMPERATURE, SEED_LIMIT, Sampler, SamplingConfig, TextStream, model_generation_defaults
@@ -211,7 +212,7 @@ class EdgeEngine:
         self.split = split
         self.edge = pipeline.edge
         self.schedule = pipeline.schedule
-        self.context_length = int(pipeline.config.max_position_embeddings)
+        self.context_length = context_length(pipeline.config)[0]  # fewer than the model's where its RoPE switches (longrope)
         self.link = TracingLink(self.edge.link) if self.edge.link is not None else None
         if self.link is not None:
             self.edge.link = self.link
