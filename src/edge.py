@@ -191,11 +191,23 @@ class Edge(Party):
             keep += 1
         return keep if keep >= self.end or self.can_truncate() else 0
 
+    def planned_keep(self, token_ids: list[int]) -> int:
+        """The positions a request for `token_ids` will keep (`reusable_prefix`), or 0 where it starts the session afresh:
+        what a server reports as cached before the request runs."""
+        keep = self.reusable_prefix(token_ids)
+        return 0 if self._starts_afresh(token_ids, keep) else keep
+
+    def _starts_afresh(self, token_ids: list[int], keep: int) -> bool:
+        """Whether a request keeping `keep` positions starts a new session instead: a sliding-window cache has dropped
+        what truncating to them needs, it keeps less than half the session (another conversation), or the session
+        has sent more than REPLAY_BOUND positions per position of the sequence (see REPLAY_BOUND)."""
+        dropped = keep < self.end and not self.can_truncate()
+        return dropped or 2 * keep < self.end or self.sent_positions > REPLAY_BOUND * len(token_ids)
+
     def _begin(self, token_ids: list[int], sampling: SamplingConfig) -> None:
         """Keep the longest cached prefix of `token_ids` and tell the cloud."""
         keep = self.reusable_prefix(token_ids)
-        dropped = keep < self.end and not self.can_truncate()  # a sliding-window cache has dropped what truncating needs
-        if dropped or 2 * keep < self.end or self.sent_positions > REPLAY_BOUND * len(token_ids):  # see REPLAY_BOUND
+        if self._starts_afresh(token_ids, keep):
             self.reset()
             keep = 0
         if self.link is not None:

@@ -218,6 +218,22 @@ def test_a_session_that_starts_and_never_steps_holds_the_others_back_for_one_win
     assert 0.25 <= _seconds_to_run(batcher, party, 3) < 1.0
 
 
+def test_a_session_slower_than_the_window_is_not_waited_for():
+    """A session that comes back more than a window after its reply (a slow edge, a long round trip, a client stepping
+    once a second) is not waited for: waited for, one session stepping once a second held every other session's step
+    for a whole window (24-29 ms steps took 124-131 ms). Once it keeps pace again, it is waited for again."""
+    import time
+
+    batcher, slow, fast = Batcher(window=0.25, horizon=5.0), _Alone(), _Alone()
+    batcher.run(slow, 0, 1, 1)
+    time.sleep(0.4)  # it comes back later than a window after its reply
+    batcher.run(slow, 0, 1, 2)
+    waits = [_seconds_to_run(batcher, fast, end) for end in range(1, 6)]
+    assert max(waits) < 0.1, waits  # every one of them waited the window before
+    batcher.run(slow, 0, 1, 3)  # at once after its reply: keeping pace, and mid-generation
+    assert 0.2 <= _seconds_to_run(batcher, fast, 6) < 1.0
+
+
 def _sessions(folder, batcher, count):
     """`count` edges over LocalLinks to Clouds that share one packed part and `batcher`."""
     config = load_config(folder)

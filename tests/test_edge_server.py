@@ -685,6 +685,10 @@ def test_without_prefix_reuse_a_request_gets_the_same_answer_whatever_came_befor
     trace(kept, "Name a color. And a fruit?")
     cached, again = trace(kept, "Name a color.")
     assert cached > 0 and [step[1:3] for step in again] != [step[1:3] for step in first[1]]  # the steps ran on: other cuts
+    trace(kept, "Name a color, a fruit, a tree, a river, a city, a song and a number, then three more of each.")
+    assert kept.edge.reusable_prefix(kept.prepare([{"role": "user", "content": "Something else?"}]).token_ids) > 0
+    assert trace(kept, "Something else?")[0] == 0  # another conversation (less than half kept) starts afresh: the
+    # template's common start, which it does not keep, was reported as cached
 
 
 def test_a_request_too_long_for_the_clouds_limits_is_400_not_502():

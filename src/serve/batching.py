@@ -332,11 +332,14 @@ class Batcher:
     """Collects the layer work of concurrent sessions and runs it together on one worker thread.
 
     Window policy: the first step to arrive waits at most `window` seconds for the others; the batch
-    runs as soon as every session that is mid-generation has joined, i.e. every session that sent a
-    step within the last `horizon` seconds, or started (`expect`) within the last window, and has
-    not been `forget`-ten (its stream ended). Edges that got their replies together come back at
-    about the same time, so the sessions stay in step; a session that is slower than the window is
-    not waited for beyond it. Waiting costs no CPU, only latency, at most `window` per step.
+    runs as soon as every session that is mid-generation and keeps pace has joined, i.e. every session
+    that sent a step within the last `horizon` seconds, or started (`expect`) within the last window,
+    has not been `forget`-ten (its stream ended), and sent its last step within a window of getting
+    its previous reply. Edges that got their replies together come back at about the same time, so the
+    sessions stay in step. A session that takes longer than a window to come back (a slow edge, a long
+    round trip, a client stepping once a second) is not waited for: its steps join whatever batch comes
+    next. (Waited for, one session stepping once a second held every other session's step for a whole
+    window: 24-29 ms steps took 124-131 ms.) Waiting costs no CPU, only latency, at most `window` per step.
 
     Size policy: a batch is the step waiting longest, every pending decode step (`is_light`: at most
     SMALL_ROWS rows per layer, its catch-ups included), and the others smallest first while the batch holds
@@ -370,6 +373,8 @@ class Batcher:
         self._seen: dict[int, float] = {}  # id(party) -> when it last sent a step
         self._light: dict[int, bool] = {}  # id(party) -> whether its last step was a decode step (`is_light`)
         self._born: dict[int, float] = {}  # id(party) -> when its first step arrived (sessions of a burst are born together)
+        self._replied: dict[int, float] = {}  # id(party) -> when its last step's layers were done
+        self._late: set[int] = set()  # sessions whose last step came more than a window after their previous reply
         self._started: set[int] = set()  # sessions `expect`-ed that have not stepped since: not waited for again
         self._cond = threading.Condition()
         self._worker: threading.Thread | None = None
@@ -389,6 +394,10 @@ class Batcher:
                 self._worker.start()
             job.first = id(party) not in self._born
             self._born.setdefault(id(party), job.arrived)
+            if job.arrived - self._replied.get(id(party), job.arrived) > self.window:
+                self._late.add(id(party))
+            else:
+                self._late.discard(id(party))
             self._light[id(party)] = is_light(job)
             self._pending.append(job)
             self._seen[id(party)] = job.arrived
@@ -423,6 +432,8 @@ class Batcher:
             self._seen.pop(id(party), None)
             self._light.pop(id(party), None)
             self._born.pop(id(party), None)
+            self._replied.pop(id(party), None)
+            self._late.discard(id(party))
             self._started.discard(id(party))
             self._cond.notify_all()
 
@@ -432,6 +443,13 @@ class Batcher:
         for key in [k for k, seen in self._seen.items() if now - seen > self.horizon]:
             del self._seen[key]
         return len(self._seen)
+
+    def _awaited(self) -> int:
+        """Sessions a batch waits for (call with the lock held): mid-generation (`expected`), keeping pace (not late),
+        and without a step pending."""
+        self.expected()
+        pending = {id(job.party) for job in self._pending}
+        return sum(1 for key in self._seen if key not in pending and key not in self._late)
 
     def _loop(self) -> None:
         adopt_torch_threads()
@@ -444,7 +462,7 @@ class Batcher:
                 # Not while a long step is under way (its session sends nothing meanwhile, and its layers wait),
                 # nor for steps a full batch left behind (they waited their turn already).
                 deadline = max(self._pending[0].arrived if self._pending else 0.0, time.monotonic() - 1e-3) + self.window
-                while not (self._long or self._left_over) and len(self._pending) < min(max(1, self.expected()), self.max_batch):
+                while not (self._long or self._left_over) and len(self._pending) < self.max_batch and self._awaited():
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
@@ -553,7 +571,8 @@ class Batcher:
             if not steps:
                 return
             self.expected()  # drops the sessions not seen within the horizon
-            others = sum(self._light.get(key, False) and settled(key) for key in self._seen)  # decoding, not a prompt's
+            others = sum(self._light.get(key, False) and settled(key) and key not in self._late  # decoding, not a prompt's,
+                         for key in self._seen)  # and keeping pace
             if len(steps) < others and time.monotonic() - steps[0].arrived < self.window:
                 return
             chosen = {id(job) for job in steps}
@@ -564,6 +583,12 @@ class Batcher:
         turn[0] = 2 * time.monotonic() - began
 
     def _count(self, batch: list[Job]) -> None:
+        """Count a finished batch, and note when its sessions got their replies (what their next steps' pace is from)."""
+        now = time.monotonic()
+        with self._cond:
+            for job in batch:
+                if id(job.party) in self._seen:  # not for a session already forgotten
+                    self._replied[id(job.party)] = now
         self.batches += 1
         self.steps += len(batch)
         self.largest = max(self.largest, len(batch))

@@ -276,7 +276,7 @@ class EdgeEngine:
         sampling = self.sampling(options)
         if not self.reuse_prefix:
             self.session.close()  # a new session on both sides: the schedule's steps start at 0 again
-        cached = self.edge.reusable_prefix(ids)
+        cached = self.edge.planned_keep(ids)
         decoding = f"sampling (seed {sampling.seed})" if sampling.do_sample else "greedy"
         head = {**self.describe(), "prompt_tokens": len(ids), "cached_tokens": cached, "prefilled": len(ids) - cached, "decoding": decoding}
         emit(Started(head))
