@@ -315,6 +315,33 @@ def test_idle_session_is_freed(servers, tiny_tied):
         assert "CANCELLED idle for 2 s" in server.log.read_text()
 
 
+def test_a_session_that_only_starts_again_idles_out(servers, tiny_tied):
+    """A START computes nothing, so it does not count as work: a stream sending STARTs every 0.4 s is ended past
+    --idle-timeout (2 s here). Counted, one connection holding every session of the cloud with 40-byte STARTs
+    refused every other client for as long as it liked."""
+    import grpc
+
+    from src.link.grpc_link import SESSION_METHOD
+
+    folder, _ = tiny_tied
+    server, ca = servers["secure"], servers["certs"]["ca.pem"]
+    start, replies = start_message(folder, FIXED), []
+
+    def starts() -> Iterator[bytes]:
+        for _ in range(20):  # 8 s of STARTs, if nothing ends the stream first
+            yield start
+            time.sleep(0.4)
+
+    with GrpcLink(server.url, tls_ca=str(ca), token=TOKEN, timeout=30) as link:
+        began = time.monotonic()
+        call = link.channel.stream_stream(SESSION_METHOD)(starts(), metadata=link.metadata)
+        with pytest.raises(grpc.RpcError) as caught:
+            for reply in call:
+                replies.append(reply)
+        assert caught.value.code() == grpc.StatusCode.CANCELLED and "idle for 2 s (no states to compute)" in caught.value.details()
+        assert 2 <= time.monotonic() - began < 6 and 4 <= len(replies) <= 8
+
+
 def test_a_client_gone_mid_generation_frees_its_session(servers, tiny_tied):
     folder, _ = tiny_tied
     server = servers["plain"]

@@ -114,7 +114,7 @@ class Limits:
     message_bytes: int = 4096 * 576 * BYTES_PER_VALUE + MESSAGE_SLACK  # largest request, from message_positions
     request_timeout: float = 120.0  # seconds from a message's arrival to its reply, waiting for a slot included
     session_lifetime: float = 3600.0  # seconds a session may live from its start, however active
-    idle_timeout: float = 300.0  # seconds a session may wait for its next message
+    idle_timeout: float = 300.0  # seconds a session may go without states to compute (a START computes nothing)
     context: int = 8192  # the positions the split runs the model over (`families.context_length`): beyond them, invalid
 
 
@@ -175,6 +175,7 @@ class _Session:
     peer: str
     opened: float  # time.monotonic()
     expires: float  # opened + the session lifetime
+    worked: float = 0.0  # when it last sent states to compute (HIDDEN), or opened: its idle time counts from there
     cloud: Cloud | None = None  # its Cloud: caches and stored states, dropped as soon as the session ends
     computation: futures.Future | None = None
     closed: bool = False
@@ -279,6 +280,7 @@ class CloudService:
                 self._check_request(request)
                 if _kind(request) == protocol.Kind.HIDDEN:
                     reply = await self._compute(session, request, context)
+                    session.worked = time.monotonic()
                 else:  # START (or a refused kind): no layers run, answered on the loop
                     reply = self._handle(session.cloud, request)
                 await self._write(session, context, reply)
@@ -306,17 +308,21 @@ class CloudService:
     async def _next_request(self, session: _Session, context: aio.ServicerContext):
         """The next message, or EOF; Refusal when the session idles out or outlives its lifetime first.
 
+        Idle counts from the session's last computation (or its opening), not from its last message: a START
+        computes nothing, and one connection that sent a 40-byte START on each of 8 streams every few seconds
+        held every session of the cloud past four idle timeouts, refusing every other client.
+
         Waits use `asyncio.timeout`, never `asyncio.wait_for`: on Python 3.11, `wait_for` swallows a
         cancel that lands as its awaitable finishes, and the server's stop cancels the handlers."""
         now = time.monotonic()
-        wait = min(self.limits.idle_timeout, session.expires - now)
+        wait = min(session.worked + self.limits.idle_timeout - now, session.expires - now)
         try:
             async with asyncio.timeout(max(0.0, wait)):
                 return await context.read()
         except TimeoutError:
             if time.monotonic() >= session.expires:
                 raise self._past_lifetime() from None
-            raise Refusal(grpc.StatusCode.CANCELLED, f"idle for {self.limits.idle_timeout:g} s") from None
+            raise Refusal(grpc.StatusCode.CANCELLED, f"idle for {self.limits.idle_timeout:g} s (no states to compute)") from None
 
     def _past_lifetime(self) -> Refusal:
         return Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, f"{protocol.PAST_LIFETIME} of {self.limits.session_lifetime:g} s")
@@ -435,7 +441,7 @@ class CloudService:
         if len(self._sessions) >= self.limits.max_sessions:
             raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the cloud serves at most {self.limits.max_sessions} sessions at once; try again later")
         now = time.monotonic()
-        session = _Session(next(self._numbers), peer, now, now + self.limits.session_lifetime)
+        session = _Session(next(self._numbers), peer, now, now + self.limits.session_lifetime, worked=now)
         self._sessions[session.number] = session
         self.counters.sessions_total += 1
         logger.info("session %d opened from %s (%d open)", session.number, peer, len(self._sessions))
@@ -551,7 +557,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-message-mb", type=float, default=None, help="a lower byte limit per message, in MiB (default: the one derived from the positions)")
     g.add_argument("--request-timeout", type=float, default=120.0, help="seconds one message may take, waiting included (default 120)")
     g.add_argument("--session-lifetime", type=float, default=3600.0, help="seconds a session may live (default 3600)")
-    g.add_argument("--idle-timeout", type=float, default=300.0, help="seconds a session may wait for its next message (default 300)")
+    g.add_argument("--idle-timeout", type=float, default=300.0, help="seconds a session may go without states to compute, STARTs aside (default 300)")
     g.add_argument("--connection-idle", type=float, default=120.0, help="seconds a connection without streams stays open (default 120)")
     g.add_argument("--max-connections", type=int, default=1024, help="TCP connections at once (default 1024; limits per peer belong in a firewall)")
     g.add_argument("--max-streams-per-connection", type=int, default=16, help="concurrent calls on one connection (default 16)")
