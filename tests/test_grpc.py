@@ -315,6 +315,34 @@ def test_idle_session_is_freed(servers, tiny_tied):
         assert "CANCELLED idle for 2 s" in server.log.read_text()
 
 
+def test_a_replay_to_open_the_session_again_stops_when_its_check_says_so(servers, tiny_tied):
+    """The edge server's time limit and its client's leaving reach the messages a reopening replays (`GrpcLink.watch`):
+    a replay is one round trip per message, and took 16.4 s of a request under --time-limit 4."""
+    folder, _ = tiny_tied
+    server, ca = servers["secure"], servers["certs"]["ca.pem"]
+
+    class Stop(Exception):
+        pass
+
+    seen: list[int] = []
+
+    def check() -> None:
+        seen.append(len(seen))
+        if len(seen) == 2:
+            raise Stop()
+
+    message = protocol.encode_hidden(0, 0, torch.randn(3, 32), get_codec("none"))
+    with GrpcLink(server.url, tls_ca=str(ca), token=TOKEN, timeout=30) as link:
+        link.request(start_message(folder, FIXED))
+        link.request(message)
+        wait_sessions(link, 0, timeout=8)  # --idle-timeout 2: the cloud ended the session
+        link.watch(check)
+        with pytest.raises(Stop):
+            link.request(protocol.encode_hidden(0, 3, torch.randn(1, 32), get_codec("none")))
+        assert seen == [0, 1] and link.failovers == 0  # stopped before its second replayed message
+        link.watch(None)
+
+
 def test_a_session_that_only_starts_again_idles_out(servers, tiny_tied):
     """A START computes nothing, so it does not count as work: a stream sending STARTs every 0.4 s is ended past
     --idle-timeout (2 s here). Counted, one connection holding every session of the cloud with 40-byte STARTs

@@ -28,7 +28,7 @@ import os
 import queue
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
 # gRPC's C core logs a TLS handshake failure on stderr by itself, before our one error line says the
@@ -247,6 +247,13 @@ class GrpcLink:
         self.replayed_bytes = 0  # of the current session
         self.replay_mismatches = 0  # replayed replies whose CRC differs from the first cloud's
         self.cloud_batches = False  # the serving cloud batches sessions together (its stream's metadata says so)
+        self._check: Callable[[], None] | None = None  # run between replayed messages (`watch`)
+
+    def watch(self, check: Callable[[], None] | None) -> None:
+        """Run `check` before each message a failover or a reopening replays (it raises to stop the request); None: no
+        longer. A replay is one round trip per message the session sent (hundreds after a long conversation): an edge
+        server's time limit and its client's leaving must reach it (they did not: 16.4 s under --time-limit 4)."""
+        self._check = check
 
     @property
     def target(self) -> str:
@@ -348,6 +355,8 @@ class GrpcLink:
         """On a new stream to the current cloud: this session's messages again, then `data`; its reply."""
         mismatches = 0
         for i, message in enumerate([*self.replay.messages, data]):
+            if self._check is not None:
+                self._check()
             try:
                 reply = self._send(message, new_stream=i == 0)
             except RejectedError as error:

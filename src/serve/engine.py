@@ -335,7 +335,8 @@ class EdgeEngine:
 
     def _watch_layers(self, check: Callable[[], None] | None) -> None:
         """Install (or, with None, remove) the check run before every layer on the edge and on a cloud in this
-        process (`LocalLink.watch`); a remote cloud is bounded by the link's timeout and its own server's limits."""
+        process (`LocalLink.watch`), and between the messages a remote cloud's link replays to open the session again
+        (`GrpcLink.watch`); a remote cloud's own layers are bounded by the link's timeout and its server's limits."""
         self.edge.on_layer = check
         watch = getattr(self.edge.link, "watch", None)
         if watch is not None:
