@@ -412,8 +412,11 @@ def test_unauthenticated_floods_starve_nobody(guarded, long_model):
             flooder.wait()
     assert len(stats) == 100 and tokens == expected
     assert stats[-1]["refusals"]["UNAUTHENTICATED"] > 500, stats[-1]
-    refusals = [line for line in guarded.log.read_text().splitlines() if "UNAUTHENTICATED" in line]
-    assert "refused ipv4:127.0.0.1:" in refusals[0]  # one line per refusal, naming the peer
+    log = guarded.log.read_text().splitlines()
+    refusals = [line for line in log if "UNAUTHENTICATED" in line]
+    assert "refused ipv4:127.0.0.1:" in refusals[0]  # a line per refusal, naming the peer, up to 20 per host in 10 s;
+    assert len(refusals) <= 20 * 4  # the rest counted (as they were logged one by one, the log outgrew the flood)
+    assert stats[-1]["refusals"]["UNAUTHENTICATED"] > len(refusals) + 400
 
 
 def test_limits_refuse_before_computing(guarded, long_model):
@@ -636,3 +639,25 @@ def test_one_cloud_that_restarts_or_drops_the_session_serves_it_again(talking_mo
     finally:
         link.close()
         server.stop()
+
+
+def test_refusals_are_logged_up_to_a_burst_per_host_and_counted_beyond(caplog, monkeypatch):
+    """A client flooding refused sessions wrote 3 lines a session, 13 times its own bytes: now at most `burst` lines per
+    host in a period, then one line that counts the rest; another host's lines are its own."""
+    import logging
+
+    from src.serve import cloud_server
+
+    now = [100.0]
+    monkeypatch.setattr(cloud_server.time, "monotonic", lambda: now[0])
+    refusals = cloud_server.RefusalLog(burst=3, period=10.0)
+    with caplog.at_level(logging.WARNING, logger=cloud_server.logger.name):
+        for port in range(50):
+            refusals.warning(f"ipv4:10.0.0.1:{port}", "UNAUTHENTICATED", "refused %s", port)
+        refusals.warning("ipv4:10.0.0.2:7", "UNAUTHENTICATED", "refused %s", "other host")
+        refusals.warning("ipv4:10.0.0.1:7", "INVALID_ARGUMENT", "refused %s", "other code")
+        now[0] += 10.0
+        refusals.warning("ipv4:10.0.0.1:99", "UNAUTHENTICATED", "refused %s", "later")
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == ["refused 0", "refused 1", "refused 2", "refused other host", "refused other code",
+                     "47 more UNAUTHENTICATED refusals from ipv4:10.0.0.1 in 10 s, not logged one by one", "refused later"]

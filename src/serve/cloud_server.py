@@ -195,6 +195,33 @@ class Counters:
     refusals: dict[str, int] = field(default_factory=dict)  # status name -> count
 
 
+class RefusalLog:
+    """Refusal lines, at most `burst` per client host and status code in any `period` seconds: the rest are counted
+    (Stats counts them all) and said in one line when that host's next period begins. Logged one by one, a client
+    opening 724 garbage sessions a second wrote 219 KiB of log a second, 13 times its own bytes. Per code, so that a
+    flood of one kind (tokens, say) does not hide another's refusals from the same host."""
+
+    def __init__(self, burst: int = 20, period: float = 10.0, hosts: int = 1024) -> None:
+        self.burst, self.period, self.hosts = burst, period, hosts
+        self._windows: dict[tuple[str, str], list] = {}  # (host, code) -> [when its period began, lines logged, held back]
+
+    def warning(self, peer: str, code: str, message: str, *args) -> None:
+        host = peer.rsplit(":", 1)[0]  # "ipv4:127.0.0.1:54321" -> "ipv4:127.0.0.1": a client's connections together
+        now = time.monotonic()
+        window = self._windows.get((host, code))
+        if window is None or now - window[0] >= self.period:
+            if window is not None and window[2]:
+                logger.warning("%d more %s refusals from %s in %g s, not logged one by one", window[2], code, host, self.period)
+            if window is None and len(self._windows) >= self.hosts:  # many hosts: forget those past their period
+                self._windows = {key: held for key, held in self._windows.items() if now - held[0] < self.period}
+            window = self._windows[(host, code)] = [now, 0, 0]
+        if window[1] < self.burst:
+            window[1] += 1
+            logger.warning(message, *args)
+        else:
+            window[2] += 1
+
+
 class CloudService:
     """Sessions over one loaded cloud part. Handlers run on one asyncio loop; computations in a thread pool."""
 
@@ -210,6 +237,7 @@ class CloudService:
         self._sessions: dict[int, _Session] = {}
         self._numbers = itertools.count(1)
         self.counters = Counters()
+        self.refusal_log = RefusalLog()
         self._counter_lock = threading.Lock()  # computations are counted from their threads
         self._executor = futures.ThreadPoolExecutor(max_workers=limits.max_computations, thread_name_prefix="compute",
                                                     initializer=adopt_torch_threads)
@@ -236,10 +264,10 @@ class CloudService:
         self._slots = asyncio.Semaphore(self.limits.max_computations)
 
     def refuse(self, peer: str, code: grpc.StatusCode, reason: str, session: _Session | None = None) -> None:
-        """Count and log a refusal: one line, with the peer."""
+        """Count and log a refusal: one line, with the peer (`RefusalLog`: a flood of them is counted, not logged each)."""
         self.counters.refusals[code.name] = self.counters.refusals.get(code.name, 0) + 1
         where = f"session {session.number} from {peer}" if session is not None else peer
-        logger.warning("refused %s: %s %s", where, code.name, reason)
+        self.refusal_log.warning(peer, code.name, "refused %s: %s %s", where, code.name, reason)
 
     # -- methods -----------------------------------------------------------------------------
     async def stats(self, request: bytes, context: aio.ServicerContext) -> bytes:
@@ -444,7 +472,7 @@ class CloudService:
         session = _Session(next(self._numbers), peer, now, now + self.limits.session_lifetime, worked=now)
         self._sessions[session.number] = session
         self.counters.sessions_total += 1
-        logger.info("session %d opened from %s (%d open)", session.number, peer, len(self._sessions))
+        logger.debug("session %d opened from %s (%d open)", session.number, peer, len(self._sessions))
         return session
 
     def _close(self, session: _Session, outcome: str) -> None:
@@ -457,7 +485,9 @@ class CloudService:
             return
         session.closed = True
         self._sessions.pop(session.number, None)
-        logger.info("session %d %s (%d open)", session.number, outcome, len(self._sessions))
+        # A refused session's line is its refusal's (`refuse`); the others say how they ended, and from where.
+        level = logging.DEBUG if outcome.startswith("refused") else logging.INFO
+        logger.log(level, "session %d from %s %s (%d open)", session.number, session.peer, outcome, len(self._sessions))
         if session.cloud is not None:
             if self.batcher is not None:
                 self.batcher.forget(session.cloud)
