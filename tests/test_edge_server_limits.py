@@ -295,3 +295,50 @@ def test_a_long_encoding_that_waited_past_the_patience_gets_every_other_turn(pat
         return order
 
     assert asyncio.run(scenario()) == expected.split()
+
+
+def test_a_server_stopped_under_load_answers_every_request(tmp_path):
+    """SIGTERM with a stream decoding and requests waiting: each waiting request gets 503 in OpenAI's shape, the stream an
+    error event and [DONE], and the server exits within its graceful time without a traceback. (uvicorn alone cancelled
+    them past that time: a plain-text 500 for each waiting request, the stream cut short, a traceback each.)"""
+    import signal
+    import threading
+    import urllib.request
+
+    server, url = start_edge(tmp_path / "edge.log", "--no-unsplit", "--max-queue", "4")
+    results: dict = {}
+
+    def stream() -> None:
+        body = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 2000, "temperature": 0, "stream": True}
+        request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            results["stream"] = response.read().decode()
+
+    def waiting(number: int) -> None:
+        results[number] = post(url, SHORT, key=None)
+
+    try:
+        threads = [threading.Thread(target=stream)] + [threading.Thread(target=waiting, args=(n,)) for n in range(2)]
+        threads[0].start()
+        time.sleep(2.0)  # its first tokens are out (the embedded model: 30 or so a second)
+        for thread in threads[1:]:
+            thread.start()
+        time.sleep(1.0)
+        began = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(timeout=30)
+        server.process.wait(timeout=30)
+        seconds = time.monotonic() - began
+    finally:
+        server.stop()
+    log = (tmp_path / "edge.log").read_text()
+    # uvicorn raises the signal again once it has stopped, so that the exit status says what ended the process
+    assert seconds < 5 and server.process.returncode == -signal.SIGTERM and "Traceback" not in log, log[-3000:]
+    for number in range(2):
+        status, body = results[number]
+        assert_openai_error(status, body, 503)
+        assert "shutting down" in body["error"]["message"] and body["error"]["code"] == "server_shutting_down"
+    events = [line for line in results["stream"].splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and "the answer was cut short" in events[-2] and len(events) > 3

@@ -75,8 +75,18 @@ class Ticket:
         self.state = "waiting"
 
     async def acquire(self) -> None:
-        await self.admission.lock.acquire()
-        self.state = "holding"
+        """Wait for the model; ApiError 503 where the server begins to stop first."""
+        locking = asyncio.ensure_future(self.admission.lock.acquire())
+        stopping = asyncio.ensure_future(self.admission.stopping.wait())
+        try:
+            await asyncio.wait({locking, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not locking.done():
+                locking.cancel()  # asyncio.Lock hands a grant it can no longer deliver to the next waiter
+        if locking.done() and not locking.cancelled():
+            self.state = "holding"
+        self.admission.check_running()
 
     def release(self, by_worker: bool = False) -> None:
         if self.state == "done" or (self.state == "running" and not by_worker):
@@ -94,8 +104,20 @@ class Admission:
         self.lock = asyncio.Lock()  # FIFO: waiters are woken in arrival order
         self.limit = 1 + max_queue
         self.admitted = 0
+        self.stopping = asyncio.Event()  # set as the server begins to stop (`stop`)
+
+    def stop(self) -> None:
+        """The server begins to stop: new and waiting requests get 503, the one decoding ends with an error (its stream
+        with an error event and [DONE]), all within the server's graceful time, so that nothing is cut off unanswered."""
+        self.stopping.set()
+
+    def check_running(self) -> None:
+        if self.stopping.is_set():
+            raise ApiError(503, "the server is shutting down; retry elsewhere or later", None, "server_shutting_down",
+                           "server_error")
 
     def check(self) -> None:
+        self.check_running()
         if self.admitted >= self.limit:
             raise ApiError(
                 429, f"server busy: 1 request decoding and {self.limit - 1} waiting (the queue's limit); retry later",
@@ -247,6 +269,7 @@ class Models:
 def create_app(models: Models, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="triadic-split edge", docs_url=None, redoc_url=None, openapi_url=None)
     admission = Admission(config.max_queue)
+    app.state.admission = admission  # the server stops it (`Admission.stop`) as it begins to stop
     encodings = ShortestFirst()
     expected_auth = f"Bearer {config.api_key}".encode() if config.api_key else None
     engine = models.split
@@ -441,7 +464,7 @@ class Job:
         try:
             while True:
                 try:
-                    async with asyncio.timeout(1.0):
+                    async with asyncio.timeout(0.25 if self.ticket.admission.stopping.is_set() else 1.0):
                         item = await queue.get()
                 except TimeoutError:
                     item = None
@@ -450,6 +473,10 @@ class Job:
                     if await request.is_disconnected():
                         logger.info("client went away; stopping its generation")
                         return
+                if self.ticket.admission.stopping.is_set():
+                    logger.info("the server is stopping: ending the generation under way")
+                    raise ApiError(503, "the server is shutting down: the answer was cut short", None, "server_shutting_down",
+                                   "server_error")
                 if item is None:
                     continue
                 if isinstance(item, Cancelled):

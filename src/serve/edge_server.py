@@ -143,6 +143,31 @@ def header_deadline_protocol(seconds: float) -> type:
     return HeaderDeadline
 
 
+def _stopping_server_class():
+    """uvicorn's Server, which first tells the app that it stops (`Admission.stop`) when a signal asks it to."""
+    import asyncio
+
+    import uvicorn
+
+    class StoppingServer(uvicorn.Server):
+        """On SIGINT/SIGTERM the requests waiting get 503 and the one decoding ends with an error event, within the graceful
+        time: uvicorn alone cancelled them past it, which answered a plain-text 500 to each waiting request, cut the
+        stream under way without an error or [DONE], and logged a traceback for each."""
+
+        _loop: asyncio.AbstractEventLoop | None = None
+
+        async def serve(self, sockets=None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig, frame) -> None:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self.config.app.state.admission.stop)
+            super().handle_exit(sig, frame)
+
+    return StoppingServer
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     sock = None
@@ -161,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
+    StoppingServer = _stopping_server_class()
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     described = split.describe()
@@ -168,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 described["codec"], args.cloud or "in this process")
     # limit_concurrency bounds the connections (idle, sending, waiting) that hold a socket and a task each;
     # the protocol bounds the time a request's headers take, as the app bounds its body's.
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="info", timeout_graceful_shutdown=5,
+    server = StoppingServer(uvicorn.Config(app, log_config=None, log_level="info", timeout_graceful_shutdown=5,
                                            limit_concurrency=args.max_connections,
                                            http=header_deadline_protocol(args.body_timeout)))
     logger.info("listening on http://%s:%d", shown, port)
