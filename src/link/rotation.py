@@ -10,9 +10,11 @@ a the largest power of two dividing it (576 = 9 x 64, 640 = 5 x 128, 4096 = 1 x 
 random signs s, a Walsh-Hadamard transform H_a of each block of a channels, and a seeded random
 orthogonal Q_m mixing the m blocks. It mixes every channel into every other, costs hidden * (log2 a + m)
 operations per position instead of hidden**2, and has no matrix to read: a dense 576 x 576 one is 1.3 MB,
-which a message found cold in memory after the layers had streamed their weights (211 us against 136 for
-the whole of this in torch, 23 us in C). On SmolLM2's and Gemma 3's states it gives the dense rotation's
-rounding error and Rice size (2.29-2.35e-5 and 8.03 bits per value at every layer measured, both).
+which a message found cold in memory after the layers had streamed their weights. One position's outlier
+selection and rotation at 576, warm / cold: the dense product 42 / 174 us, this in C 15 / 74 (in torch
+182 / 329: many small operations). On SmolLM2's and Gemma 3's states it gives the dense rotation's rounding
+error and Rice size (2.25-2.39e-5 and 8.03 bits per value at every layer measured, both;
+`python -m bench.rotation`, results/rotation.md).
 
 Each step is a product, a sum or a difference of two values, in a fixed order (the blocks are mixed as
 a running sum, not a matrix product, whose order of addition is the library's), so torch on any device
