@@ -661,3 +661,13 @@ def test_refusals_are_logged_up_to_a_burst_per_host_and_counted_beyond(caplog, m
     lines = [record.getMessage() for record in caplog.records]
     assert lines == ["refused 0", "refused 1", "refused 2", "refused other host", "refused other code",
                      "47 more UNAUTHENTICATED refusals from ipv4:10.0.0.1 in 10 s, not logged one by one", "refused later"]
+    caplog.clear()
+    many = cloud_server.RefusalLog(burst=3, period=10.0, total=5)  # many addresses, a line or two each
+    with caplog.at_level(logging.WARNING, logger=cloud_server.logger.name):
+        for address in range(40):
+            many.warning(f"ipv6:[2001:db8::{address}]:5", "UNAUTHENTICATED", "refused %s", address)
+        now[0] += 10.0
+        many.warning("ipv6:[2001:db8::99]:5", "UNAUTHENTICATED", "refused %s", "later")
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == [f"refused {n}" for n in range(5)] + [
+        "35 more refusals in 10 s, not logged one by one (past 5 lines from all hosts)", "refused later"]

@@ -473,7 +473,7 @@ class Job:
                     if await request.is_disconnected():
                         logger.info("client went away; stopping its generation")
                         return
-                if self.ticket.admission.stopping.is_set():
+                if self.ticket.admission.stopping.is_set() and not isinstance(item, Completion):  # a finished one goes out
                     logger.info("the server is stopping: ending the generation under way")
                     raise ApiError(503, "the server is shutting down: the answer was cut short", None, "server_shutting_down",
                                    "server_error")

@@ -201,25 +201,36 @@ class RefusalLog:
     opening 724 garbage sessions a second wrote 219 KiB of log a second, 13 times its own bytes. Per code, so that a
     flood of one kind (tokens, say) does not hide another's refusals from the same host."""
 
-    def __init__(self, burst: int = 20, period: float = 10.0, hosts: int = 1024) -> None:
-        self.burst, self.period, self.hosts = burst, period, hosts
+    def __init__(self, burst: int = 20, period: float = 10.0, hosts: int = 1024, total: int = 200) -> None:
+        self.burst, self.period, self.hosts, self.total = burst, period, hosts, total
         self._windows: dict[tuple[str, str], list] = {}  # (host, code) -> [when its period began, lines logged, held back]
+        self._all = [0.0, 0, 0]  # the same for all hosts together: at most `total` lines a period (many addresses)
 
     def warning(self, peer: str, code: str, message: str, *args) -> None:
         host = peer.rsplit(":", 1)[0]  # "ipv4:127.0.0.1:54321" -> "ipv4:127.0.0.1": a client's connections together
         now = time.monotonic()
+        if now - self._all[0] >= self.period:
+            if self._all[2]:
+                logger.warning("%d more refusals in %g s, not logged one by one (past %d lines from all hosts)", self._all[2],
+                               self.period, self.total)
+            self._all = [now, 0, 0]
         window = self._windows.get((host, code))
         if window is None or now - window[0] >= self.period:
             if window is not None and window[2]:
                 logger.warning("%d more %s refusals from %s in %g s, not logged one by one", window[2], code, host, self.period)
             if window is None and len(self._windows) >= self.hosts:  # many hosts: forget those past their period
                 self._windows = {key: held for key, held in self._windows.items() if now - held[0] < self.period}
-            window = self._windows[(host, code)] = [now, 0, 0]
-        if window[1] < self.burst:
-            window[1] += 1
-            logger.warning(message, *args)
-        else:
+            window = [now, 0, 0]
+            if len(self._windows) < self.hosts:  # else counted for all hosts together only
+                self._windows[(host, code)] = window
+        if window[1] >= self.burst:
             window[2] += 1
+        elif self._all[1] >= self.total:
+            self._all[2] += 1
+        else:
+            window[1] += 1
+            self._all[1] += 1
+            logger.warning(message, *args)
 
 
 class CloudService:
