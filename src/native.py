@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -88,3 +89,26 @@ def _loaded(data: bytes, folder: Path, prepare: Callable[[ctypes.CDLL], None]) -
         library = ctypes.CDLL(copy.name)
     prepare(library)
     return library
+
+
+class OptionalLibrary:
+    """A kernel built on first use, once however many threads ask at once (a server's first sessions come in a burst),
+    or None where it cannot be: the reason is logged once, and the caller's own path serves."""
+
+    def __init__(self, source: Path, flags: Sequence[str], prepare: Callable[[ctypes.CDLL], None], label: str,
+                 instead: str, log: logging.Logger) -> None:
+        self.source, self.flags, self.prepare, self.label, self.instead, self.log = source, flags, prepare, label, instead, log
+        self.library: ctypes.CDLL | None = None
+        self.problem: str | None = None  # why it could not be built, once tried
+        self._lock = threading.Lock()
+
+    def get(self) -> ctypes.CDLL | None:
+        if self.library is None and self.problem is None:
+            with self._lock:
+                if self.library is None and self.problem is None:
+                    try:
+                        self.library = compiled(self.source, (self.flags,), self.prepare, self.label, self.log)
+                    except Exception as error:  # noqa: BLE001 (whatever fails, the caller's path serves and the reason is said)
+                        self.problem = f"the {self.label} could not be built: {error}".splitlines()[0]
+                        self.log.info("%s; %s", self.problem, self.instead)
+        return self.library

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -93,23 +92,9 @@ def rice_decode(buffer: memoryview, n: int, k: int, codec: str) -> np.ndarray:
     return (z >> 1) ^ -(z & 1)
 
 
-_library: ctypes.CDLL | None = None
-_problem: str | None = None
-_lock = threading.Lock()  # a server's first sessions come in a burst: one build
-
-
 def library() -> ctypes.CDLL | None:
     """rice.c's library, built on first use; None where it cannot be (the reason is logged once, numpy serves)."""
-    global _library, _problem
-    if _library is None and _problem is None:
-        with _lock:
-            if _library is None and _problem is None:
-                try:
-                    _library = native.compiled(SOURCE, (FLAGS,), _prepare, "Rice code", logger)
-                except Exception as error:  # noqa: BLE001 (whatever fails, numpy's path serves and the reason is said)
-                    _problem = f"the C Rice code could not be built: {error}".splitlines()[0]
-                    logger.info("%s; numpy codes the int8 messages", _problem)
-    return _library
+    return _kernel.get()
 
 
 def _prepare(lib: ctypes.CDLL) -> None:
@@ -188,3 +173,6 @@ def decode_scale(buffer: memoryview, count: int, hidden: int, k: int, step: np.n
         return decoded
     # No library, or a code the library refused: the definition decodes it or says what is wrong.
     return rice_decode(buffer, count * hidden, k, codec).astype(np.float32).reshape(count, hidden) * step
+
+
+_kernel = native.OptionalLibrary(SOURCE, FLAGS, _prepare, "C Rice code", "numpy codes the int8 messages", logger)

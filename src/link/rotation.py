@@ -136,23 +136,9 @@ def restored(rotated: torch.Tensor, index: torch.Tensor, outliers: torch.Tensor)
 
 # The host's path: rotate.c, built on first use (native.compiled), else torch's.
 
-_library: ctypes.CDLL | None = None
-_problem: str | None = None
-_lock = threading.Lock()
-
-
 def library() -> ctypes.CDLL | None:
     """rotate.c's library, built on first use; None where it cannot be (the reason is logged once, torch serves)."""
-    global _library, _problem
-    if _library is None and _problem is None:
-        with _lock:
-            if _library is None and _problem is None:
-                try:
-                    _library = native.compiled(SOURCE, (FLAGS,), _prepare, "codec rotation", logger)
-                except Exception as error:  # noqa: BLE001 (whatever fails, torch's path serves and the reason is said)
-                    _problem = f"the C rotation could not be built: {error}".splitlines()[0]
-                    logger.info("%s; torch rotates the int8 messages", _problem)
-    return _library
+    return _kernel.get()
 
 
 def _prepare(lib: ctypes.CDLL) -> None:
@@ -231,3 +217,6 @@ def host_restored(rotated: np.ndarray, index: np.ndarray, values: np.ndarray) ->
     if out is None:
         return restored(torch.from_numpy(rotated), torch.from_numpy(index), torch.from_numpy(values))
     return torch.from_numpy(out)
+
+
+_kernel = native.OptionalLibrary(SOURCE, FLAGS, _prepare, "C rotation", "torch rotates the int8 messages", logger)
