@@ -671,3 +671,18 @@ def test_refusals_are_logged_up_to_a_burst_per_host_and_counted_beyond(caplog, m
     lines = [record.getMessage() for record in caplog.records]
     assert lines == [f"refused {n}" for n in range(5)] + [
         "35 more refusals in 10 s, not logged one by one (past 5 lines from all hosts)", "refused later"]
+    caplog.clear()
+    quiet = cloud_server.RefusalLog(burst=3, period=10.0)  # a flood that stops: its count is said all the same
+    with caplog.at_level(logging.WARNING, logger=cloud_server.logger.name):
+        for port in range(10):
+            quiet.warning(f"ipv4:10.0.0.1:{port}", "UNAUTHENTICATED", "refused %s", port)
+        now[0] += 10.0
+        quiet.warning("ipv4:10.0.0.2:5", "INVALID_ARGUMENT", "refused %s", "elsewhere")  # any refusal, a second on
+        quiet.warning("ipv4:10.0.0.2:5", "INVALID_ARGUMENT", "refused %s", "elsewhere")
+        for port in range(5):
+            quiet.warning(f"ipv4:10.0.0.3:{port}", "UNAUTHENTICATED", "refused %s", port)
+        quiet.flush()  # the server stops
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == ["refused 0", "refused 1", "refused 2", "7 more UNAUTHENTICATED refusals from ipv4:10.0.0.1 in 10 s, "
+                     "not logged one by one", "refused elsewhere", "refused elsewhere", "refused 0", "refused 1", "refused 2",
+                     "2 more UNAUTHENTICATED refusals from ipv4:10.0.0.3 in 10 s, not logged one by one"]

@@ -343,6 +343,37 @@ def test_a_replay_to_open_the_session_again_stops_when_its_check_says_so(servers
         link.watch(None)
 
 
+def test_a_pause_before_a_turn_and_its_prefill_do_not_add_up_to_idle(servers, tiny_tied):
+    """A later request's TURN counts as work once (--idle-timeout 2 here): 1.3 s of the user's pause before it and 1.3 s
+    of the edge's prefill after it are no idle session (counted from the last computation alone, the cloud ended the
+    session between the TURN it had accepted and that turn's states)."""
+    folder, _ = tiny_tied
+    server, ca = servers["secure"], servers["certs"]["ca.pem"]
+
+    class Pausing:
+        """The link, with 1.3 s before a TURN and 1.3 s after it."""
+
+        def __init__(self, link) -> None:
+            self.link = link
+
+        def __getattr__(self, name: str):
+            return getattr(self.link, name)
+
+        def request(self, data: bytes) -> bytes:
+            turn = protocol.decode(data, 32).kind is protocol.Kind.TURN
+            time.sleep(1.3 if turn else 0.0)
+            reply = self.link.request(data)
+            time.sleep(1.3 if turn else 0.0)
+            return reply
+
+    with GrpcLink(server.url, tls_ca=str(ca), token=TOKEN, timeout=30) as link:
+        edge = remote_edge(folder, FIXED, 0, Pausing(link))
+        first = [1, 5, 9, 33, 17, 80, 3, 41]
+        answer = edge.continue_with(first, 2).token_ids
+        edge.continue_with(first + answer + [11, 12], 2)
+        assert link.failovers == 0
+
+
 def test_a_session_that_only_starts_again_idles_out(servers, tiny_tied):
     """A START computes nothing, so it does not count as work: a stream sending STARTs every 0.4 s is ended past
     --idle-timeout (2 s here). Counted, one connection holding every session of the cloud with 40-byte STARTs

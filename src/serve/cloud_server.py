@@ -175,7 +175,8 @@ class _Session:
     peer: str
     opened: float  # time.monotonic()
     expires: float  # opened + the session lifetime
-    worked: float = 0.0  # when it last sent states to compute (HIDDEN), or opened: its idle time counts from there
+    worked: float = 0.0  # when it last sent states to compute (HIDDEN), began a request (TURN), or opened: idle counts from there
+    turned: bool = False  # a TURN has counted as work since its last computation (so TURNs alone cannot keep it)
     cloud: Cloud | None = None  # its Cloud: caches and stored states, dropped as soon as the session ends
     computation: futures.Future | None = None
     closed: bool = False
@@ -205,10 +206,25 @@ class RefusalLog:
         self.burst, self.period, self.hosts, self.total = burst, period, hosts, total
         self._windows: dict[tuple[str, str], list] = {}  # (host, code) -> [when its period began, lines logged, held back]
         self._all = [0.0, 0, 0]  # the same for all hosts together: at most `total` lines a period (many addresses)
+        self._flushed = 0.0  # when ended periods' held-back counts were last said
+
+    def flush(self, now: float | None = None) -> None:
+        """Say what was held back in every period that has ended (all of them where `now` is None: the server stops)."""
+        for (host, code), window in list(self._windows.items()):
+            if window[2] and (now is None or now - window[0] >= self.period):
+                logger.warning("%d more %s refusals from %s in %g s, not logged one by one", window[2], code, host, self.period)
+                window[2] = 0
+        if self._all[2] and (now is None or now - self._all[0] >= self.period):
+            logger.warning("%d more refusals in %g s, not logged one by one (past %d lines from all hosts)", self._all[2],
+                           self.period, self.total)
+            self._all[2] = 0
 
     def warning(self, peer: str, code: str, message: str, *args) -> None:
         host = peer.rsplit(":", 1)[0]  # "ipv4:127.0.0.1:54321" -> "ipv4:127.0.0.1": a client's connections together
         now = time.monotonic()
+        if now - self._flushed >= 1.0:  # a host that stopped refusing still has its held-back count said
+            self._flushed = now
+            self.flush(now)
         if now - self._all[0] >= self.period:
             if self._all[2]:
                 logger.warning("%d more refusals in %g s, not logged one by one (past %d lines from all hosts)", self._all[2],
@@ -317,11 +333,14 @@ class CloudService:
                 if request is aio.EOF:
                     break
                 self._check_request(request)
-                if _kind(request) == protocol.Kind.HIDDEN:
+                kind = _kind(request)
+                if kind == protocol.Kind.HIDDEN:
                     reply = await self._compute(session, request, context)
-                    session.worked = time.monotonic()
-                else:  # START (or a refused kind): no layers run, answered on the loop
+                    session.worked, session.turned = time.monotonic(), False
+                else:  # START, TURN (or a refused kind): no layers run, answered on the loop
                     reply = self._handle(session.cloud, request)
+                    if kind == protocol.Kind.TURN and not session.turned:  # a new request's first message: the user's pause
+                        session.worked, session.turned = time.monotonic(), True  # ends here (once per computation)
                 await self._write(session, context, reply)
         except Refusal as error:
             refusal = error
@@ -496,8 +515,9 @@ class CloudService:
             return
         session.closed = True
         self._sessions.pop(session.number, None)
-        # A refused session's line is its refusal's (`refuse`); the others say how they ended, and from where.
-        level = logging.DEBUG if outcome.startswith("refused") else logging.INFO
+        # A refused session's line is its refusal's (`refuse`); the others that computed say how they ended, and from where
+        # (a session that computed nothing is a debug line: a client opening and closing streams in a loop wrote 40 KB/s).
+        level = logging.DEBUG if outcome.startswith("refused") or session.computation is None else logging.INFO
         logger.log(level, "session %d from %s %s (%d open)", session.number, session.peer, outcome, len(self._sessions))
         if session.cloud is not None:
             if self.batcher is not None:
@@ -513,6 +533,7 @@ class CloudService:
 
     def stop(self) -> None:
         self._stopping = True
+        self.refusal_log.flush()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def end_sessions(self, wait: float) -> None:

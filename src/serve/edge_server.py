@@ -198,11 +198,15 @@ def main(argv: list[str] | None = None) -> int:
                                            limit_concurrency=args.max_connections,
                                            http=header_deadline_protocol(args.body_timeout)))
     logger.info("listening on http://%s:%d", shown, port)
-    server.run(sockets=[sock])
+    status = 0
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn raises SIGINT again once it has stopped: the exit status says so, not a traceback
+        status = 130
     close = getattr(split.edge.link, "close", None)
     if close is not None:
         close()
-    return 0
+    return status
 
 
 if __name__ == "__main__":
