@@ -198,7 +198,8 @@ class Counters:
 
 class RefusalLog:
     """Refusal lines, at most `burst` per client host and status code in any `period` seconds: the rest are counted
-    (Stats counts them all) and said in one line when that host's next period begins. Logged one by one, a client
+    (Stats counts them all) and said in one line once the period has ended (`flush`, at the next refusal from any host, or as
+    the server stops). Logged one by one, a client
     opening 724 garbage sessions a second wrote 219 KiB of log a second, 13 times its own bytes. Per code, so that a
     flood of one kind (tokens, say) does not hide another's refusals from the same host."""
 
@@ -222,18 +223,14 @@ class RefusalLog:
     def warning(self, peer: str, code: str, message: str, *args) -> None:
         host = peer.rsplit(":", 1)[0]  # "ipv4:127.0.0.1:54321" -> "ipv4:127.0.0.1": a client's connections together
         now = time.monotonic()
-        if now - self._flushed >= 1.0:  # a host that stopped refusing still has its held-back count said
-            self._flushed = now
+        window = self._windows.get((host, code))
+        held = [w for w in (window, self._all) if w is not None and w[2] and now - w[0] >= self.period]
+        if held or now - self._flushed >= 1.0:  # a period that ends has its count said before the next begins, and a
+            self._flushed = now  # host that stopped refusing has it said within a second of any other refusal
             self.flush(now)
         if now - self._all[0] >= self.period:
-            if self._all[2]:
-                logger.warning("%d more refusals in %g s, not logged one by one (past %d lines from all hosts)", self._all[2],
-                               self.period, self.total)
             self._all = [now, 0, 0]
-        window = self._windows.get((host, code))
         if window is None or now - window[0] >= self.period:
-            if window is not None and window[2]:
-                logger.warning("%d more %s refusals from %s in %g s, not logged one by one", window[2], code, host, self.period)
             if window is None and len(self._windows) >= self.hosts:  # many hosts: forget those past their period
                 self._windows = {key: held for key, held in self._windows.items() if now - held[0] < self.period}
             window = [now, 0, 0]
